@@ -1,0 +1,245 @@
+"""The bundle: the one artifact the device consumes.
+
+A bundle is a directory with ``manifest.json`` and the files it lists (ONNX variants, calibration
+cache, Q/DQ model, reference data). The manifest records the sha256 and size of every file, the
+input/preprocessing contract and the output meaning. Writers go through ``write_new_bundle``
+(whole bundle: temp dir + rename) or ``add_files`` (files first, manifest last, each renamed into
+place), so a reader never sees a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+from device.errors import JetyoloError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_KEYS = ("schema_version", "name", "class_names", "preprocess", "postprocess", "variants", "files")
+REQUIRED_VARIANT_KEYS = ("file", "input", "outputs")
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path) -> Dict[str, Any]:
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@dataclass
+class Bundle:
+    """A loaded (and by default hash-verified) bundle."""
+
+    root: Path
+    manifest: Dict[str, Any]
+
+    @classmethod
+    def load(cls, root: Union[str, Path], verify: bool = True) -> Bundle:
+        root = Path(root)
+        manifest = read_manifest(root)
+        bundle = cls(root, manifest)
+        if verify:
+            problems = verify_files(root, manifest)
+            if problems:
+                raise JetyoloError(
+                    f"bundle {root} fails verification: {problems[0]}"
+                    + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                    + "; re-create it with `jetyolo export` or restore the original files"
+                )
+        return bundle
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def input_size(self) -> Tuple[int, int]:
+        height, width = self.manifest["preprocess"]["size"]
+        return int(height), int(width)
+
+    def variant(self, name: str) -> Dict[str, Any]:
+        variants = self.manifest["variants"]
+        if name not in variants:
+            raise JetyoloError(
+                f"bundle {self.root} has no variant {name!r}; it has {sorted(variants)}"
+                + ("; add it with `jetyolo calibrate`" if name.startswith("int8") else "")
+            )
+        return dict(variants[name])
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def model_path(self, variant: str = "fp32") -> Path:
+        return self.path(self.variant(variant)["file"])
+
+    def model_sha256(self, variant: str = "fp32") -> str:
+        return str(self.manifest["files"][self.variant(variant)["file"]]["sha256"])
+
+    @property
+    def model_id(self) -> str:
+        """Bundle name + ONNX sha256 prefix: what messages and engine caches call this model."""
+        return f"{self.name}@{self.model_sha256('fp32')[:12]}"
+
+
+def read_manifest(root: Path) -> Dict[str, Any]:
+    manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise JetyoloError(f"bundle {root} is not a directory; pass the folder `jetyolo export --out` made")
+    if not manifest_path.is_file():
+        raise JetyoloError(f"bundle {root} has no {MANIFEST}; pass the folder `jetyolo export --out` made")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise JetyoloError(f"{manifest_path} is not valid JSON ({exc}); re-create the bundle") from exc
+    problems = check_schema(manifest)
+    if problems:
+        raise JetyoloError(f"{manifest_path}: {problems[0]}; re-create the bundle with `jetyolo export`")
+    return dict(manifest)
+
+
+def check_schema(manifest: Mapping[str, Any]) -> List[str]:
+    """Problems with the manifest's structure, empty when it is well formed."""
+    if not isinstance(manifest, Mapping):
+        return ["manifest is not a JSON object"]
+    problems = [f"missing key {key!r}" for key in REQUIRED_KEYS if key not in manifest]
+    if problems:
+        return problems
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        problems.append(
+            f"schema_version {manifest['schema_version']!r} is not {SCHEMA_VERSION} (this jetyolo)"
+        )
+    if "fp32" not in manifest["variants"]:
+        problems.append("variants has no 'fp32' entry")
+    for name, variant in manifest["variants"].items():
+        for key in REQUIRED_VARIANT_KEYS:
+            if key not in variant:
+                problems.append(f"variant {name!r} misses key {key!r}")
+        if variant.get("file") not in manifest["files"]:
+            problems.append(f"variant {name!r} names {variant.get('file')!r}, which files does not list")
+    size = manifest["preprocess"].get("size")
+    if not (isinstance(size, list) and len(size) == 2):
+        problems.append("preprocess.size must be [height, width]")
+    return problems
+
+
+def verify_files(root: Path, manifest: Mapping[str, Any]) -> List[str]:
+    """Every listed file exists with its recorded size and sha256; empty list when all match."""
+    problems = []
+    for relative, entry in manifest["files"].items():
+        path = root / relative
+        if not path.is_file():
+            problems.append(f"{relative} is missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{relative} has {path.stat().st_size} bytes, manifest says {entry['size']}")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{relative} sha256 does not match the manifest")
+    return problems
+
+
+def prepare_output_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an existing non-empty or unwritable output directory unless ``force``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise JetyoloError(f"output {out_dir} exists and is not a directory; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise JetyoloError(f"output {out_dir} exists and is not empty; choose another --out or pass --force")
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise JetyoloError(f"cannot write into {parent}; choose a writable --out")
+
+
+def write_new_bundle(
+    out_dir: Union[str, Path],
+    files: Mapping[str, Path],
+    manifest: Dict[str, Any],
+    force: bool = False,
+) -> Bundle:
+    """Create a whole bundle atomically: copy ``files`` (bundle-relative name -> source path) and a
+    manifest with their hashes into a temp dir beside ``out_dir``, then rename it into place."""
+    out_dir = Path(out_dir)
+    prepare_output_dir(out_dir, force)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.resolve().parent))
+    try:
+        manifest = dict(manifest, files={})
+        for relative, source in files.items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            manifest["files"][relative] = file_entry(target)
+        problems = check_schema(manifest)
+        if problems:
+            raise ValueError(f"refusing to write a malformed manifest: {problems}")
+        atomic_write_json(staging / MANIFEST, manifest)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Bundle(out_dir, manifest)
+
+
+def add_files(
+    bundle: Bundle,
+    files: Mapping[str, Union[Path, bytes]],
+    manifest_updates: Optional[Mapping[str, Any]] = None,
+) -> Bundle:
+    """Add or replace files in an existing bundle and merge ``manifest_updates`` (top-level keys;
+    ``variants`` is merged per variant). Each file is renamed into place, the manifest last."""
+    manifest = json.loads(json.dumps(bundle.manifest))
+    for relative, source in files.items():
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        atomic_write_bytes(bundle.root / relative, data)
+        manifest["files"][relative] = file_entry(bundle.root / relative)
+    for key, value in (manifest_updates or {}).items():
+        if key == "variants":
+            manifest["variants"].update(value)
+        else:
+            manifest[key] = value
+    problems = check_schema(manifest)
+    if problems:
+        raise ValueError(f"refusing to write a malformed manifest: {problems}")
+    atomic_write_json(bundle.root / MANIFEST, manifest)
+    return Bundle(bundle.root, manifest)

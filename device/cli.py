@@ -1,0 +1,89 @@
+"""``jetyolo``: one command, many verbs.
+
+Each verb is a module with a docstring (its help), ``add_arguments(parser)`` and ``run(args)``.
+Device verbs are listed here; host verbs plug in through the ``jetyolo.verbs`` entry-point group
+(see pyproject.toml), so the device runtime never imports ``host`` and a device verb loads only
+its own module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from importlib import metadata
+from types import ModuleType
+from typing import Dict, List, Optional, Sequence
+
+from device.errors import JetyoloError
+
+DEVICE_VERBS: Dict[str, str] = {
+    "run": "device.run",
+    "build": "device.build",
+    "verify": "device.verify",
+    "doctor": "device.doctor",
+    "bundle.verify": "device.bundle_verify",
+}
+ENTRY_POINT_GROUP = "jetyolo.verbs"
+
+
+def host_verbs() -> Dict[str, metadata.EntryPoint]:
+    return {entry.name: entry for entry in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _split_verb(argv: List[str], known: Sequence[str]) -> tuple:
+    """``["data", "check", "x"]`` -> ``("data.check", ["x"])``; ``["run", ...]`` -> ``("run", [...])``."""
+    if len(argv) >= 2 and f"{argv[0]}.{argv[1]}" in known:
+        return f"{argv[0]}.{argv[1]}", argv[2:]
+    return argv[0], argv[1:]
+
+
+def _load_verb(verb: str) -> ModuleType:
+    if verb in DEVICE_VERBS:
+        return importlib.import_module(DEVICE_VERBS[verb])
+    entry = host_verbs()[verb]
+    return entry.load()  # type: ignore[no-any-return]
+
+
+def _usage(known: Sequence[str]) -> str:
+    lines = ["usage: jetyolo VERB [options]   (jetyolo VERB --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {name.replace('.', ' ')}" for name in sorted(known)]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    known = list(DEVICE_VERBS)
+    first_two = ".".join(argv[:2])
+    if not argv or (argv[0] not in DEVICE_VERBS and first_two not in DEVICE_VERBS):
+        known += list(host_verbs())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(known))
+        return 0
+    verb, rest = _split_verb(argv, known)
+    if verb not in known:
+        print(_usage(known), file=sys.stderr)
+        print(f"jetyolo: error: unknown verb {' '.join(argv[:2])!r}", file=sys.stderr)
+        return 2
+    try:
+        module = _load_verb(verb)
+        parser = argparse.ArgumentParser(
+            prog=f"jetyolo {verb.replace('.', ' ')}",
+            description=(module.__doc__ or "").strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        return int(module.run(args) or 0)
+    except JetyoloError as exc:
+        print(f"jetyolo: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("jetyolo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

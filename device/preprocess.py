@@ -1,0 +1,126 @@
+"""Letterbox a BGR frame into the model's input tensor, the way ultralytics does it.
+
+The geometry (scale, rounding of the padding) matches ultralytics' ``LetterBox(auto=False)`` so
+that host parity checks compare like with like. ``Preprocessor`` writes into one preallocated,
+C-contiguous buffer (which may be page-locked memory owned by the TensorRT backend), so the hot
+loop allocates nothing per frame once the frame size is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+PAD_VALUE = 114
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a frame of ``frame_size`` (w, h) maps into the model input of ``input_size`` (h, w)."""
+
+    frame_size: Tuple[int, int]
+    input_size: Tuple[int, int]
+    scale: float
+    resized: Tuple[int, int]  # (w, h) of the frame after scaling
+    pad_left: int
+    pad_top: int
+
+    @classmethod
+    def fit(cls, frame_size: Tuple[int, int], input_size: Tuple[int, int]) -> Letterbox:
+        frame_w, frame_h = frame_size
+        input_h, input_w = input_size
+        scale = min(input_h / frame_h, input_w / frame_w)
+        resized = (round(frame_w * scale), round(frame_h * scale))
+        pad_w = (input_w - resized[0]) / 2
+        pad_h = (input_h - resized[1]) / 2
+        # ultralytics rounds the two sides with a -0.1/+0.1 nudge; copy it for identical pixels.
+        return cls(frame_size, input_size, scale, resized, round(pad_w - 0.1), round(pad_h - 0.1))
+
+    def to_frame(self, xyxy: np.ndarray) -> np.ndarray:
+        """Map boxes from input pixels back to frame pixels, clipped to the frame."""
+        boxes = np.asarray(xyxy, dtype=np.float32).copy()
+        boxes[:, [0, 2]] -= self.pad_left
+        boxes[:, [1, 3]] -= self.pad_top
+        boxes /= self.scale
+        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, self.frame_size[0])
+        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, self.frame_size[1])
+        return boxes
+
+    def to_input(self, xyxy: np.ndarray) -> np.ndarray:
+        """Map boxes from frame pixels into input pixels (the inverse of ``to_frame``)."""
+        boxes = np.asarray(xyxy, dtype=np.float32) * self.scale
+        boxes[:, [0, 2]] += self.pad_left
+        boxes[:, [1, 3]] += self.pad_top
+        return boxes
+
+
+def letterbox_image(frame: np.ndarray, input_size: Tuple[int, int]) -> Tuple[np.ndarray, Letterbox]:
+    """Return the padded uint8 BGR image (h, w, 3) and its geometry. Allocates; see Preprocessor."""
+    geometry = Letterbox.fit((frame.shape[1], frame.shape[0]), input_size)
+    canvas = np.full((input_size[0], input_size[1], 3), PAD_VALUE, dtype=np.uint8)
+    _paste_resized(frame, geometry, canvas)
+    return canvas, geometry
+
+
+def _paste_resized(frame: np.ndarray, geometry: Letterbox, canvas: np.ndarray) -> None:
+    resized_w, resized_h = geometry.resized
+    top, left = geometry.pad_top, geometry.pad_left
+    target = canvas[top : top + resized_h, left : left + resized_w]
+    if (frame.shape[1], frame.shape[0]) == geometry.resized:
+        target[...] = frame
+    else:
+        target[...] = cv2.resize(frame, geometry.resized, interpolation=cv2.INTER_LINEAR)
+
+
+class Preprocessor:
+    """BGR frame -> model input, written in place into ``self.buffer``.
+
+    ``input_dtype`` float32 gives NCHW RGB scaled to [0, 1]; uint8 gives NHWC RGB (for bundles
+    whose graph casts, scales and transposes itself, the ``--uint8-input`` export).
+    """
+
+    def __init__(
+        self,
+        input_size: Tuple[int, int],
+        input_dtype: str = "float32",
+        buffer: Optional[np.ndarray] = None,
+    ) -> None:
+        self.input_size = input_size
+        self.input_dtype = np.dtype(input_dtype)
+        shape = self.input_shape(input_size, input_dtype)
+        if buffer is None:
+            buffer = np.empty(shape, dtype=self.input_dtype)
+        if buffer.shape != shape or buffer.dtype != self.input_dtype or not buffer.flags.c_contiguous:
+            raise ValueError(
+                f"preprocess buffer must be C-contiguous {shape} {self.input_dtype}, "
+                f"got {buffer.shape} {buffer.dtype} contiguous={buffer.flags.c_contiguous}"
+            )
+        self.buffer = buffer
+        self._canvas = np.full((input_size[0], input_size[1], 3), PAD_VALUE, dtype=np.uint8)
+        self._geometry: Optional[Letterbox] = None
+
+    @staticmethod
+    def input_shape(input_size: Tuple[int, int], input_dtype: str) -> Tuple[int, ...]:
+        height, width = input_size
+        return (1, height, width, 3) if np.dtype(input_dtype) == np.uint8 else (1, 3, height, width)
+
+    def __call__(self, frame: np.ndarray) -> Letterbox:
+        frame_size = (frame.shape[1], frame.shape[0])
+        if self._geometry is None or self._geometry.frame_size != frame_size:
+            self._geometry = Letterbox.fit(frame_size, self.input_size)
+            self._canvas[...] = PAD_VALUE  # padding changes only with the frame size
+        _paste_resized(frame, self._geometry, self._canvas)
+        if self.input_dtype == np.uint8:
+            cv2.cvtColor(self._canvas, cv2.COLOR_BGR2RGB, dst=self.buffer[0])
+        else:
+            # BGR->RGB and HWC->CHW as a strided read, scaled into the contiguous buffer.
+            np.multiply(
+                self._canvas[:, :, ::-1].transpose(2, 0, 1),
+                np.float32(1.0 / 255.0),
+                out=self.buffer[0],
+                casting="unsafe",
+            )
+        return self._geometry

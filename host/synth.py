@@ -1,0 +1,279 @@
+"""Write a deterministic synthetic detection dataset (YOLO format) and, optionally, a video.
+
+Each class is one shape in one colour, drawn on varied backgrounds (gradients, noise, grey
+clutter), several objects per image, some overlapping, sizes from small to large. Easy enough for
+yolo11n to learn in a few CPU epochs, varied enough that a model must actually learn it.
+``--video`` writes an MP4 of the same objects moving (default 1920x1080) with a ground-truth
+sidecar ``<video>.json`` (boxes per frame, frame pixels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import cv2
+import numpy as np
+import yaml
+
+from device.bundle import atomic_write_json, prepare_output_dir
+from device.errors import JetyoloError
+
+log = logging.getLogger(__name__)
+
+# (name, BGR colour, shape): colour and shape both differ between classes.
+CLASSES: List[Tuple[str, Tuple[int, int, int], str]] = [
+    ("red_circle", (40, 40, 220), "circle"),
+    ("green_square", (60, 190, 40), "square"),
+    ("blue_triangle", (220, 90, 30), "triangle"),
+    ("yellow_star", (30, 220, 230), "star"),
+    ("magenta_cross", (200, 40, 200), "cross"),
+    ("cyan_ring", (220, 220, 40), "ring"),
+    ("orange_diamond", (20, 130, 250), "diamond"),
+    ("white_hexagon", (245, 245, 245), "hexagon"),
+]
+MAX_CLASSES = len(CLASSES)
+
+
+@dataclass
+class SynthObject:
+    class_id: int
+    center: Tuple[float, float]
+    size: float  # side of the bounding square, pixels
+
+
+def _polygon(shape: str, center: Tuple[float, float], size: float) -> np.ndarray:
+    cx, cy = center
+    half = size / 2
+    if shape in ("square",):
+        angles = np.deg2rad([45, 135, 225, 315])
+        radius = half * np.sqrt(2)
+    elif shape == "triangle":
+        angles = np.deg2rad([-90, 30, 150])
+        radius = half
+    elif shape == "diamond":
+        angles = np.deg2rad([-90, 0, 90, 180])
+        radius = half
+    elif shape == "hexagon":
+        angles = np.deg2rad(np.arange(0, 360, 60))
+        radius = half
+    elif shape == "star":
+        angles = np.deg2rad(np.arange(-90, 270, 36))
+        radius = np.where(np.arange(10) % 2 == 0, half, half * 0.45)
+    else:
+        raise ValueError(shape)
+    points = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1)
+    if shape == "square":
+        points = np.clip(points, [cx - half, cy - half], [cx + half, cy + half])
+    return points.astype(np.int32)
+
+
+def draw_object(image: np.ndarray, obj: SynthObject) -> Tuple[float, float, float, float]:
+    """Draw ``obj`` and return its box (x1, y1, x2, y2) clipped to the image."""
+    _, colour, shape = CLASSES[obj.class_id]
+    cx, cy = obj.center
+    half = obj.size / 2
+    centre_int = (round(cx), round(cy))
+    if shape == "circle":
+        cv2.circle(image, centre_int, round(half), colour, -1, cv2.LINE_AA)
+    elif shape == "ring":
+        thickness = max(2, round(obj.size * 0.18))
+        cv2.circle(image, centre_int, round(half - thickness / 2), colour, thickness, cv2.LINE_AA)
+    elif shape == "cross":
+        arm = max(2, round(obj.size * 0.15))
+        cv2.rectangle(image, (round(cx - half), round(cy - arm)), (round(cx + half), round(cy + arm)), colour, -1)
+        cv2.rectangle(image, (round(cx - arm), round(cy - half)), (round(cx + arm), round(cy + half)), colour, -1)
+    else:
+        points = _polygon(shape, obj.center, obj.size)
+        cv2.fillPoly(image, [points], colour, cv2.LINE_AA)
+        (left, top), (right, bottom) = points.min(axis=0), points.max(axis=0)
+        return _clip_box((float(left), float(top), float(right), float(bottom)), image)
+    return _clip_box((cx - half, cy - half, cx + half, cy + half), image)
+
+
+def _clip_box(box: Tuple[float, float, float, float], image: np.ndarray) -> Tuple[float, float, float, float]:
+    height, width = image.shape[:2]
+    x1, y1, x2, y2 = box
+    return (max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2))
+
+
+def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A varied background: a two-colour gradient, noise and grey clutter (never class colours)."""
+    start, end = rng.integers(30, 200, size=(2, 3))
+    ramp = np.linspace(0, 1, width if rng.random() < 0.5 else height, dtype=np.float32)
+    if len(ramp) == width:
+        ramp2d = np.tile(ramp, (height, 1))
+    else:
+        ramp2d = np.tile(ramp[:, None], (1, width))
+    image = start + (end - start) * ramp2d[..., None]
+    image += rng.normal(0, rng.uniform(2, 12), size=image.shape)
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    for _ in range(rng.integers(0, 6)):
+        grey = int(rng.integers(40, 200))
+        p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        p2 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        cv2.line(image, p1, p2, (grey, grey, grey), int(rng.integers(1, max(2, width // 80))))
+    return image
+
+
+def random_objects(rng: np.random.Generator, classes: int, width: int, height: int) -> List[SynthObject]:
+    """1-6 objects, sizes 8-35% of the short side; overlaps allowed up to about a third."""
+    objects: List[SynthObject] = []
+    short = min(width, height)
+    for _ in range(int(rng.integers(1, 7))):
+        for _attempt in range(20):
+            size = float(rng.uniform(0.08, 0.35) * short)
+            center = (float(rng.uniform(size / 2, width - size / 2)), float(rng.uniform(size / 2, height - size / 2)))
+            candidate = SynthObject(int(rng.integers(0, classes)), center, size)
+            if all(_overlap(candidate, other) < 0.35 for other in objects):
+                objects.append(candidate)
+                break
+    return objects
+
+
+def _overlap(a: SynthObject, b: SynthObject) -> float:
+    """Intersection over the smaller box's area."""
+    ax1, ay1, ax2, ay2 = a.center[0] - a.size / 2, a.center[1] - a.size / 2, a.center[0] + a.size / 2, a.center[1] + a.size / 2
+    bx1, by1, bx2, by2 = b.center[0] - b.size / 2, b.center[1] - b.size / 2, b.center[0] + b.size / 2, b.center[1] + b.size / 2
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    return inter / min(a.size**2, b.size**2)
+
+
+def render(rng: np.random.Generator, classes: int, width: int, height: int) -> Tuple[np.ndarray, List[Tuple[int, Tuple[float, float, float, float]]]]:
+    image = background(rng, width, height)
+    labelled = []
+    for obj in random_objects(rng, classes, width, height):
+        labelled.append((obj.class_id, draw_object(image, obj)))
+    return image, labelled
+
+
+def _yolo_line(class_id: int, box: Sequence[float], width: int, height: int) -> str:
+    x1, y1, x2, y2 = box
+    return (
+        f"{class_id} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
+        f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f}"
+    )
+
+
+def write_split(root: Path, split: str, count: int, classes: int, imgsz: int, rng: np.random.Generator) -> None:
+    images, labels = root / split / "images", root / split / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for index in range(count):
+        image, labelled = render(rng, classes, imgsz, imgsz)
+        stem = f"{split}_{index:05d}"
+        cv2.imwrite(str(images / f"{stem}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        lines = [_yolo_line(cls, box, imgsz, imgsz) for cls, box in labelled]
+        (labels / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+
+
+def make_dataset(out: Path, classes: int, train: int, val: int, imgsz: int, seed: int, force: bool = False) -> Path:
+    """Write the dataset into ``out`` atomically and return the path of its data.yaml."""
+    if not 1 <= classes <= MAX_CLASSES:
+        raise JetyoloError(f"--classes must be between 1 and {MAX_CLASSES}, got {classes}")
+    if train < 1 or val < 1 or imgsz < 32:
+        raise JetyoloError("--train and --val must be >= 1 and --imgsz >= 32")
+    prepare_output_dir(out, force)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    try:
+        rng = np.random.default_rng(seed)
+        write_split(staging, "train", train, classes, imgsz, rng)
+        write_split(staging, "valid", val, classes, imgsz, rng)
+        data = {
+            "train": "train/images",
+            "val": "valid/images",
+            "nc": classes,
+            "names": [name for name, _, _ in CLASSES[:classes]],
+        }
+        (staging / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out / "data.yaml"
+
+
+def make_video(path: Path, classes: int, size: Tuple[int, int], frames: int, seed: int, fps: int = 30) -> Path:
+    """Write an MP4 of objects moving and bouncing, plus ``<path>.json`` with the boxes per frame."""
+    width, height = size
+    rng = np.random.default_rng(seed + 7919)
+    scene = background(rng, width, height)
+    objects = random_objects(rng, classes, width, height)
+    speeds = rng.uniform(-0.012, 0.012, size=(len(objects), 2)) * np.array([width, height])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_video = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        raise JetyoloError(f"OpenCV cannot write MP4 to {path}: its build lacks an mp4v encoder")
+    truth = []
+    try:
+        for index in range(frames):
+            frame = scene.copy()
+            boxes = []
+            for obj, speed in zip(objects, speeds):
+                box = draw_object(frame, obj)
+                boxes.append([round(v, 1) for v in box] + [obj.class_id])
+                _move(obj, speed, width, height)
+            writer.write(frame)
+            truth.append({"index": index, "boxes": boxes})
+    finally:
+        writer.release()
+    os.replace(tmp_video, path)
+    names = [name for name, _, _ in CLASSES[:classes]]
+    atomic_write_json(
+        path.with_suffix(".json"),
+        {"video": path.name, "size": [width, height], "fps": fps, "class_names": names,
+         "box_format": "x1,y1,x2,y2,class_id (frame pixels)", "frames": truth},
+    )
+    return path
+
+
+def _move(obj: SynthObject, speed: np.ndarray, width: int, height: int) -> None:
+    half = obj.size / 2
+    x, y = obj.center[0] + speed[0], obj.center[1] + speed[1]
+    if not half <= x <= width - half:
+        speed[0] = -speed[0]
+        x = min(max(x, half), width - half)
+    if not half <= y <= height - half:
+        speed[1] = -speed[1]
+        y = min(max(y, half), height - half)
+    obj.center = (x, y)
+
+
+def _parse_size(text: str) -> Tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise JetyoloError(f"--video-size must look like 1920x1080, got {text!r}") from None
+    return width, height
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", type=Path, help="output directory (created; must be empty unless --force)")
+    parser.add_argument("--classes", type=int, default=4, help=f"number of classes, 1..{MAX_CLASSES}")
+    parser.add_argument("--train", type=int, default=200, help="training images")
+    parser.add_argument("--val", type=int, default=50, help="validation images")
+    parser.add_argument("--imgsz", type=int, default=320, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--video", type=Path, help="also write an MP4 here (+ .json ground truth)")
+    parser.add_argument("--video-size", default="1920x1080", help="WxH of the video")
+    parser.add_argument("--frames", type=int, default=150, help="frames in the video")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    data_yaml = make_dataset(args.out, args.classes, args.train, args.val, args.imgsz, args.seed, args.force)
+    print(f"dataset: {data_yaml} ({args.train} train, {args.val} val, {args.classes} classes, {args.imgsz}px)")
+    if args.video:
+        video = make_video(args.video, args.classes, _parse_size(args.video_size), args.frames, args.seed)
+        print(f"video: {video} ({args.frames} frames, {args.video_size}) + {video.with_suffix('.json').name}")
+    return 0

@@ -1,0 +1,119 @@
+"""Train YOLO11 with ultralytics: from a .pt (transfer learning) or a model yaml (from scratch).
+
+Checks the dataset first (the same code as `jetyolo data check`), resumes an interrupted run from
+its last.pt with --resume, and ends by printing precision, recall, mAP50 and mAP50-95 and where
+best.pt, results.csv and the plots are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from device.errors import JetyoloError
+from host._env import ultralytics_offline
+
+log = logging.getLogger(__name__)
+METRIC_KEYS = {
+    "precision": "metrics/precision(B)",
+    "recall": "metrics/recall(B)",
+    "mAP50": "metrics/mAP50(B)",
+    "mAP50-95": "metrics/mAP50-95(B)",
+}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best: Path
+    last: Path
+    metrics: Dict[str, float]
+
+
+def load_detect_model(model: str, verb: str = "train") -> Any:
+    """A ultralytics YOLO detect model from a .pt or a model yaml, or a clear error."""
+    ultralytics = ultralytics_offline(verb)
+    is_yaml = model.endswith((".yaml", ".yml"))
+    if not is_yaml and not Path(model).is_file():
+        raise JetyoloError(f"model {model} does not exist; pass a .pt you trained or a yaml such as yolo11n.yaml")
+    try:
+        yolo = ultralytics.YOLO(model)
+    except Exception as exc:  # ultralytics raises many types for a bad file
+        raise JetyoloError(f"{model} is not an ultralytics model ({type(exc).__name__}: {exc})") from exc
+    if yolo.task != "detect":
+        raise JetyoloError(f"{model} is a {yolo.task!r} model; jetyolo needs a YOLO detect model")
+    return yolo
+
+
+def train(
+    data: Path,
+    model: str = "yolo11n.yaml",
+    epochs: int = 50,
+    imgsz: int = 640,
+    batch: int = 16,
+    freeze: Optional[int] = None,
+    device: str = "cpu",
+    name: str = "train",
+    project: Path = Path("runs"),
+    resume: bool = False,
+    seed: int = 0,
+) -> TrainResult:
+    data = checked_data_yaml(data)
+    run_dir = project.resolve() / name
+    last = run_dir / "weights" / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise JetyoloError(f"--resume: no {last} to resume from; drop --resume to start run {name!r}")
+        yolo = load_detect_model(str(last))
+        yolo.train(resume=True)
+    else:
+        yolo = load_detect_model(model)
+        yolo.train(
+            data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, freeze=freeze, device=device,
+            project=str(project.resolve()), name=name, exist_ok=True, seed=seed, deterministic=True,
+            workers=0 if device == "cpu" else 8, amp=device != "cpu", plots=True,
+        )
+    trainer = yolo.trainer
+    run_dir = Path(trainer.save_dir)
+    metrics = {short: float(trainer.metrics.get(key, float("nan"))) for short, key in METRIC_KEYS.items()}
+    return TrainResult(run_dir, run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt", metrics)
+
+
+def checked_data_yaml(data: Path) -> Path:
+    """The data.yaml to train on: checked, and the repaired copy when paths had to be fixed."""
+    from host.dataset import check_dataset
+
+    report = check_dataset(data)
+    report.raise_if_errors()
+    return report.data_yaml
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="dataset data.yaml")
+    parser.add_argument("--model", default="yolo11n.yaml", help="start from this .pt or model yaml")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--freeze", type=int, default=None, help="freeze the first N layers")
+    parser.add_argument("--device", default="cpu", help="cpu, or a CUDA index such as 0")
+    parser.add_argument("--name", default="train", help="run name under --project")
+    parser.add_argument("--project", type=Path, default=Path("runs"), help="where runs are written")
+    parser.add_argument("--resume", action="store_true", help="resume run --name from its last.pt")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = train(
+        args.data, args.model, args.epochs, args.imgsz, args.batch, args.freeze, args.device,
+        args.name, args.project, args.resume, args.seed,
+    )
+    print("training finished:")
+    for key, value in result.metrics.items():
+        print(f"  {key:<10} {value:.4f}")
+    print(f"  best.pt     {result.best}")
+    print(f"  results.csv {result.run_dir / 'results.csv'}")
+    print(f"  plots       {result.run_dir}/*.png")
+    return 0
