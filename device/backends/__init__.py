@@ -1,0 +1,130 @@
+"""Inference backends behind one interface (``device.backends.base.Backend``).
+
+``open_backend`` picks one. ``tensorrt`` lives in ``device.backends.tensorrt`` and is imported
+only when asked for (or tried by ``auto``), so hosts without TensorRT never touch it. That module
+provides ``open_tensorrt(bundle, precision=..., variant=..., engine_cache_dir=..., int8_from=...)
+-> Backend``, which loads the cached engine or builds it, and raises ``JetyoloError`` when it
+cannot.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Optional, Tuple
+
+from device.backends.base import Backend, TensorSpec
+from device.bundle import Bundle
+from device.errors import JetyoloError
+
+LOG = logging.getLogger(__name__)
+
+BACKEND_KINDS = ("auto", "tensorrt", "onnxruntime")
+PRECISIONS = ("fp32", "fp16", "int8")
+TENSORRT_PACKAGE_HINT = (
+    "install JetPack's TensorRT Python bindings (`sudo apt install python3-libnvinfer`) and "
+    "pycuda, and use a venv made with --system-site-packages; `jetyolo doctor` lists what is "
+    "missing"
+)
+
+__all__ = ["BACKEND_KINDS", "PRECISIONS", "Backend", "TensorSpec", "open_backend"]
+
+
+def tensorrt_missing() -> Optional[str]:
+    """Why TensorRT cannot be used here, or None when its Python modules are importable."""
+    for module in ("tensorrt", "pycuda"):
+        if importlib.util.find_spec(module) is None:
+            return f"Python module {module!r} is not installed"
+    return None
+
+
+def _open_tensorrt(
+    bundle: Bundle,
+    precision: Optional[str],
+    variant: Optional[str],
+    engine_cache_dir: Optional[Path],
+    int8_from: Optional[str],
+) -> Backend:
+    try:
+        module = importlib.import_module("device.backends.tensorrt")
+    except ImportError as exc:
+        raise JetyoloError(
+            f"TensorRT backend cannot load ({exc}); {TENSORRT_PACKAGE_HINT}"
+        ) from exc
+    backend: Backend = module.open_tensorrt(
+        bundle,
+        precision=precision or "fp16",
+        variant=variant,
+        engine_cache_dir=engine_cache_dir,
+        int8_from=int8_from,
+    )
+    return backend
+
+
+def _onnxruntime_variant(bundle: Bundle, precision: Optional[str], variant: Optional[str]) -> str:
+    if variant is not None:
+        bundle.variant(variant)  # names the variants the bundle has when it lacks this one
+        return variant
+    if precision not in (None, "fp32"):
+        LOG.warning(
+            "backend: --precision %s applies to TensorRT engines; ONNX Runtime runs the "
+            "bundle's fp32 model (pick another graph with --variant)", precision
+        )
+    return "fp32"
+
+
+def open_backend(
+    kind: str,
+    bundle: Bundle,
+    precision: Optional[str] = None,
+    variant: Optional[str] = None,
+    threads: Optional[int] = None,
+    engine_cache_dir: Optional[Path] = None,
+    int8_from: Optional[str] = None,
+) -> Backend:
+    """The backend for ``kind`` (not yet activated). ``auto`` prefers TensorRT and says why not.
+
+    ``precision`` None means fp16 on TensorRT and the fp32 graph on ONNX Runtime; ``variant``
+    names a bundle graph (``fp32``, ``uint8``, ``nms``, ``int8-qdq``).
+    """
+    if kind not in BACKEND_KINDS:
+        raise JetyoloError(f"backend {kind!r} is not one of {', '.join(BACKEND_KINDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise JetyoloError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if kind == "tensorrt":
+        missing = tensorrt_missing()
+        if missing:
+            raise JetyoloError(f"--backend tensorrt: {missing}; {TENSORRT_PACKAGE_HINT}")
+        backend = _open_tensorrt(bundle, precision, variant, engine_cache_dir, int8_from)
+        LOG.info("backend: tensorrt (%s)", backend.name)
+        return backend
+    reason = "asked for" if kind == "onnxruntime" else None
+    if kind == "auto":
+        found, reason = _try_tensorrt(bundle, precision, variant, engine_cache_dir, int8_from)
+        if found is not None:
+            LOG.info("backend: tensorrt (auto: %s)", found.name)
+            return found
+    from device.backends.onnxruntime import OnnxRuntimeBackend
+
+    chosen = _onnxruntime_variant(bundle, precision, variant)
+    LOG.info("backend: onnxruntime on the CPU, variant %s (%s)", chosen,
+             reason if kind == "onnxruntime" else f"auto: {reason}")
+    return OnnxRuntimeBackend(bundle.model_path(chosen), threads=threads)
+
+
+def _try_tensorrt(
+    bundle: Bundle,
+    precision: Optional[str],
+    variant: Optional[str],
+    engine_cache_dir: Optional[Path],
+    int8_from: Optional[str],
+) -> Tuple[Optional[Backend], str]:
+    missing = tensorrt_missing()
+    if missing:
+        return None, f"TensorRT unavailable: {missing}"
+    try:
+        return _open_tensorrt(bundle, precision, variant, engine_cache_dir, int8_from), ""
+    except JetyoloError as exc:
+        return None, f"TensorRT engine could not be built or loaded: {exc}"

@@ -1,0 +1,216 @@
+"""One inference interface for every backend (Polygraphy's runner shape).
+
+A backend is constructed cheaply, then::
+
+    with backend:                                    # activate() ... deactivate()
+        slots = backend.allocate_inputs(3)           # C-contiguous buffers the Preprocessor fills
+        out = backend.allocate_outputs()             # optional: arrays infer() writes into
+        result = backend.infer({backend.input_spec.name: slots[0]}, out=out)
+
+Subclasses implement the ``*_impl`` hooks; the base class does the checking, so every backend
+refuses ``infer`` before ``activate`` and refuses feeds with a wrong name, shape, dtype or
+memory layout, saying which.
+
+Thread contract (CUDA contexts are per thread): the pipeline calls ``activate``,
+``allocate_inputs``, ``allocate_outputs``, ``infer`` and ``deactivate`` from one thread, its
+inference thread. Buffers may be *filled* by any thread.
+
+Output ownership: without ``out`` the returned arrays belong to the backend and stay valid only
+until the next ``infer`` call. With ``out`` (a dict from ``allocate_outputs``) results are written
+into those arrays, which the caller owns; the pipeline keeps a small ring of them so
+postprocessing of frame k overlaps inference of frame k+1 without copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from device.errors import JetyoloError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, static shape and dtype of one model input or output."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+
+    def describe(self) -> str:
+        return f"{self.name} {list(self.shape)} {np.dtype(self.dtype).name}"
+
+
+class Backend:
+    """Base class: checks and lifecycle; subclasses supply the ``*_impl`` hooks."""
+
+    kind = "base"  # "onnxruntime", "tensorrt": what logs and summaries call the backend
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.is_active = False
+        self._input_specs: Dict[str, TensorSpec] = {}
+        self._output_specs: Dict[str, TensorSpec] = {}
+        self._input_buffers: List[np.ndarray] = []
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def activate_impl(self) -> None:
+        """Load the model / engine, create sessions, contexts, streams."""
+        raise NotImplementedError
+
+    def input_specs_impl(self) -> Dict[str, TensorSpec]:
+        """Inputs of the active model, by name (static shapes)."""
+        raise NotImplementedError
+
+    def output_specs_impl(self) -> Dict[str, TensorSpec]:
+        """Outputs of the active model, by name (static shapes)."""
+        raise NotImplementedError
+
+    def infer_impl(
+        self, feed: Mapping[str, np.ndarray], out: Optional[Dict[str, np.ndarray]]
+    ) -> Dict[str, np.ndarray]:
+        """Run once. ``feed`` is checked already; write into ``out`` when given."""
+        raise NotImplementedError
+
+    def deactivate_impl(self) -> None:
+        """Free what ``activate_impl`` acquired."""
+        raise NotImplementedError
+
+    def allocate_impl(self, spec: TensorSpec) -> np.ndarray:
+        """A C-contiguous host array for ``spec``. TensorRT overrides it with page-locked memory."""
+        return np.empty(spec.shape, dtype=spec.dtype)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def activate(self) -> Backend:
+        if self.is_active:
+            return self
+        self.activate_impl()
+        self._input_specs = dict(self.input_specs_impl())
+        self._output_specs = dict(self.output_specs_impl())
+        self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if not self.is_active:
+            return
+        self._input_buffers = []
+        self.is_active = False
+        self.deactivate_impl()
+
+    def __enter__(self) -> Backend:
+        return self.activate()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    # ---- metadata and buffers -----------------------------------------------------------------
+    def _require_active(self, what: str) -> None:
+        if not self.is_active:
+            raise JetyoloError(
+                f"backend {self.name!r}: {what} before activate(); use `with backend:` "
+                "or call backend.activate() first"
+            )
+
+    @property
+    def input_specs(self) -> Dict[str, TensorSpec]:
+        self._require_active("input_specs")
+        return dict(self._input_specs)
+
+    @property
+    def input_spec(self) -> TensorSpec:
+        """The single input of a detector (jetyolo bundles have exactly one)."""
+        specs = self.input_specs
+        if len(specs) != 1:
+            raise JetyoloError(
+                f"backend {self.name!r}: model has {len(specs)} inputs {sorted(specs)}; "
+                "jetyolo expects exactly one image input"
+            )
+        return next(iter(specs.values()))
+
+    @property
+    def output_specs(self) -> Dict[str, TensorSpec]:
+        self._require_active("output_specs")
+        return dict(self._output_specs)
+
+    @property
+    def outputs(self) -> List[str]:
+        """Output names, in the model's order."""
+        return list(self.output_specs)
+
+    def allocate_inputs(self, count: int) -> List[np.ndarray]:
+        """``count`` input buffers (C-contiguous, ``allocate_impl`` memory); kept by the backend."""
+        spec = self.input_spec
+        while len(self._input_buffers) < count:
+            self._input_buffers.append(self.allocate_impl(spec))
+        return self._input_buffers[:count]
+
+    @property
+    def input_buffer(self) -> np.ndarray:
+        """The first input buffer: what a Preprocessor writes into when one buffer is enough."""
+        return self.allocate_inputs(1)[0]
+
+    def allocate_outputs(self) -> Dict[str, np.ndarray]:
+        """One set of output arrays to pass as ``infer(..., out=)``; owned by the caller."""
+        return {name: self.allocate_impl(spec) for name, spec in self.output_specs.items()}
+
+    # ---- inference ----------------------------------------------------------------------------
+    def infer(
+        self, feed: Mapping[str, np.ndarray], out: Optional[Dict[str, np.ndarray]] = None
+    ) -> Dict[str, np.ndarray]:
+        """Run the model on ``feed`` (input name -> array); returns output name -> array."""
+        self._require_active("infer()")
+        check_feed(self.name, self._input_specs, feed)
+        if out is not None:
+            check_out(self.name, self._output_specs, out)
+        return self.infer_impl(feed, out)
+
+
+def check_feed(
+    backend: str, specs: Mapping[str, TensorSpec], feed: Mapping[str, np.ndarray]
+) -> None:
+    """Refuse a feed whose names, shapes, dtypes or layout differ from the model's inputs."""
+    missing = sorted(set(specs) - set(feed))
+    extra = sorted(set(feed) - set(specs))
+    if missing or extra:
+        raise JetyoloError(
+            f"backend {backend!r}: feed has inputs {sorted(feed)}, model wants {sorted(specs)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unknown {extra})" if extra else "")
+        )
+    for name, spec in specs.items():
+        _check_array(backend, "input", spec, feed[name])
+
+
+def check_out(backend: str, specs: Mapping[str, TensorSpec], out: Mapping[str, np.ndarray]) -> None:
+    if set(out) != set(specs):
+        raise JetyoloError(
+            f"backend {backend!r}: out= has arrays {sorted(out)}, model outputs are "
+            f"{sorted(specs)}; use backend.allocate_outputs()"
+        )
+    for name, spec in specs.items():
+        _check_array(backend, "output", spec, out[name])
+
+
+def _check_array(backend: str, role: str, spec: TensorSpec, array: np.ndarray) -> None:
+    if not isinstance(array, np.ndarray):
+        raise JetyoloError(
+            f"backend {backend!r}: {role} {spec.name!r} is a {type(array).__name__}, "
+            f"expected a numpy array {spec.describe()}"
+        )
+    if tuple(array.shape) != tuple(spec.shape):
+        raise JetyoloError(
+            f"backend {backend!r}: {role} {spec.name!r} has shape {list(array.shape)}, "
+            f"model wants {list(spec.shape)}"
+        )
+    if array.dtype != spec.dtype:
+        raise JetyoloError(
+            f"backend {backend!r}: {role} {spec.name!r} has dtype {array.dtype.name}, "
+            f"model wants {np.dtype(spec.dtype).name}"
+        )
+    if not array.flags.c_contiguous:
+        raise JetyoloError(
+            f"backend {backend!r}: {role} {spec.name!r} is not C-contiguous; "
+            "pass np.ascontiguousarray(x) or a buffer from allocate_inputs()"
+        )

@@ -1,0 +1,114 @@
+"""ONNX Runtime on the CPU: the backend for hosts without a GPU and for CI.
+
+Same I/O contract as TensorRT. With ``out=`` the outputs are bound to caller-owned arrays
+through an ``IOBinding`` (ORT writes straight into them); without it ``session.run`` returns
+fresh arrays. docs/BENCHMARKS.md records what the binding buys.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
+
+from device.backends.base import Backend, TensorSpec
+from device.errors import JetyoloError
+
+LOG = logging.getLogger(__name__)
+
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _spec(node: Any) -> TensorSpec:
+    shape = tuple(node.shape)
+    if not all(isinstance(dim, int) and dim > 0 for dim in shape):
+        raise JetyoloError(
+            f"ONNX tensor {node.name!r} has dynamic shape {list(shape)}; jetyolo bundles are "
+            "exported with static shapes (`jetyolo export` without --dynamic)"
+        )
+    if node.type not in ORT_DTYPES:
+        raise JetyoloError(f"ONNX tensor {node.name!r} has unsupported type {node.type}")
+    return TensorSpec(node.name, shape, np.dtype(ORT_DTYPES[node.type]))
+
+
+class OnnxRuntimeBackend(Backend):
+    """CPU inference with ``onnxruntime.InferenceSession``."""
+
+    kind = "onnxruntime"
+
+    def __init__(
+        self, model_path: Union[str, Path], threads: Optional[int] = None, io_binding: bool = True
+    ) -> None:
+        super().__init__(f"onnxruntime:{Path(model_path).name}")
+        self.model_path = Path(model_path)
+        self.threads = threads  # None: ONNX Runtime's default (one per core)
+        self.io_binding = io_binding
+        self._session: Any = None
+        self._binding: Any = None
+
+    def activate_impl(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise JetyoloError(
+                f"onnxruntime is not installed ({exc}); `pip install onnxruntime` "
+                "(or `pip install jetyolo[device]`)"
+            ) from exc
+        if not self.model_path.is_file():
+            raise JetyoloError(f"model {self.model_path} does not exist; check the bundle")
+        options = ort.SessionOptions()
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self._session = ort.InferenceSession(
+                str(self.model_path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise JetyoloError(f"ONNX Runtime cannot load {self.model_path}: {exc}") from exc
+        self._binding = self._session.io_binding() if self.io_binding else None
+
+    def input_specs_impl(self) -> Dict[str, TensorSpec]:
+        return {node.name: _spec(node) for node in self._session.get_inputs()}
+
+    def output_specs_impl(self) -> Dict[str, TensorSpec]:
+        return {node.name: _spec(node) for node in self._session.get_outputs()}
+
+    def infer_impl(
+        self, feed: Mapping[str, np.ndarray], out: Optional[Dict[str, np.ndarray]]
+    ) -> Dict[str, np.ndarray]:
+        if out is None or self._binding is None:
+            results = self._session.run(None, dict(feed))
+            arrays = dict(zip(self.outputs, results))
+            if out is None:
+                return arrays
+            for name, array in arrays.items():
+                out[name][...] = array
+            return out
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        for name, array in out.items():
+            binding.bind_output(
+                name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data
+            )
+        self._session.run_with_iobinding(binding)
+        return out
+
+    def deactivate_impl(self) -> None:
+        self._binding = None
+        self._session = None
