@@ -8,7 +8,8 @@ ONNX Runtime, so a broken rewrite fails at the pass that broke it.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, List, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -36,6 +37,24 @@ def export_model(graph: Graph) -> Any:
     return _gs().export_onnx(graph.cleanup().toposort())
 
 
+def load_onnx(path: Union[str, Path]) -> Any:
+    """Read an ONNX file, or fail with one line saying which file and what is wrong with it."""
+    onnx = _onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise JetyoloError(f"ONNX model {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # protobuf DecodeError, checker ValidationError, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise JetyoloError(
+            f"{path} is not a valid ONNX model ({type(exc).__name__}: {reason}); the file is "
+            "truncated or corrupted: re-create it with `jetyolo export`"
+        ) from exc
+    return model
+
+
 def fold_constants(graph: Graph) -> Graph:
     """Fold constant subgraphs (shape arithmetic of the head) into initializers."""
     return graph.fold_constants().cleanup()
@@ -45,8 +64,9 @@ def remove_identity(graph: Graph) -> Graph:
     """Bypass Identity nodes: connect their consumers to their input."""
     for node in [n for n in graph.nodes if n.op == "Identity"]:
         source, target = node.inputs[0], node.outputs[0]
-        if target in graph.outputs:
+        if target in graph.outputs:  # the input takes over the output's name, dtype and shape
             source.name, target.name = target.name, f"{target.name}__identity_in"
+            source.dtype, source.shape = target.dtype, target.shape
             graph.outputs[graph.outputs.index(target)] = source
         for consumer in list(target.outputs):
             for index, tensor in enumerate(consumer.inputs):
@@ -60,11 +80,15 @@ def find_head_concat(graph: Graph) -> Any:
     """The final Concat joining boxes [B,4,N] and scores [B,nc,N] into YOLO's single output."""
     if len(graph.outputs) != 1:
         names = [t.name for t in graph.outputs]
-        raise JetyoloError(f"expected one YOLO output to split, the graph has {names}; is it a detect model?")
+        raise JetyoloError(
+            f"expected one YOLO output to split, the graph has {names}; is it a detect model?"
+        )
     producer = graph.outputs[0].inputs[0] if graph.outputs[0].inputs else None
     if producer is None or producer.op != "Concat" or len(producer.inputs) != 2:
-        raise JetyoloError("the model's output is not a 2-input Concat of boxes and scores; "
-                           "export a YOLO11/YOLOv8 detect model with ultralytics")
+        raise JetyoloError(
+            "the model's output is not a 2-input Concat of boxes and scores; "
+            "export a YOLO11/YOLOv8 detect model with ultralytics"
+        )
     return producer
 
 
@@ -86,18 +110,149 @@ def split_head(graph: Graph) -> Graph:
     return graph.cleanup()
 
 
+def uint8_input(graph: Graph) -> Graph:
+    """Take ``images`` as uint8 NHWC RGB [B,H,W,3]; the graph does Cast, Transpose and *1/255.
+
+    The input keeps its name; the old float NCHW tensor becomes an internal tensor fed by the new
+    nodes. The Cast comes first: TensorRT accepts a uint8 network input only when a Cast consumes
+    it. ``float32(1/255)`` is the constant the device's float path multiplies by, so both inputs
+    give bit-identical tensors.
+    """
+    gs = _gs()
+    if len(graph.inputs) != 1:
+        raise JetyoloError(
+            f"--uint8-input needs a model with one input, this one has "
+            f"{[t.name for t in graph.inputs]}"
+        )
+    images = graph.inputs[0]
+    shape = list(images.shape or [])
+    if len(shape) != 4 or shape[1] != 3 or np.dtype(images.dtype) != np.float32:
+        raise JetyoloError(
+            f"--uint8-input needs a float32 [B,3,H,W] input, {images.name!r} is "
+            f"{images.dtype} {shape}; export with a static --imgsz"
+        )
+    batch, channels, height, width = shape
+    name = images.name
+    images.name = f"{name}_float_nchw"
+    raw = gs.Variable(name, dtype=np.uint8, shape=[batch, height, width, channels])
+    as_float = gs.Variable(
+        f"{name}_float_nhwc", dtype=np.float32, shape=[batch, height, width, channels]
+    )
+    unscaled = gs.Variable(f"{name}_unscaled_nchw", dtype=np.float32, shape=shape)
+    scale = gs.Constant(f"{name}_scale", np.array(1.0 / 255.0, dtype=np.float32))
+    graph.nodes += [
+        gs.Node(
+            "Cast",
+            f"/{name}/Cast",
+            attrs={"to": _onnx().TensorProto.FLOAT},
+            inputs=[raw],
+            outputs=[as_float],
+        ),
+        gs.Node(
+            "Transpose",
+            f"/{name}/Transpose",
+            attrs={"perm": [0, 3, 1, 2]},
+            inputs=[as_float],
+            outputs=[unscaled],
+        ),
+        gs.Node("Mul", f"/{name}/Scale", inputs=[unscaled, scale], outputs=[images]),
+    ]
+    graph.inputs = [raw]
+    return graph
+
+
+NMS_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
+
+
+def efficient_nms(score_threshold: float, iou_threshold: float, max_output_boxes: int) -> GraphPass:
+    """A pass appending TensorRT's ``EfficientNMS_TRT`` to a split-head graph.
+
+    Boxes [B,4,N] and scores [B,nc,N] are transposed to the plugin's [B,N,4] and [B,N,nc]; the
+    outputs become ``num_dets`` [B,1] int32, ``det_boxes`` [B,M,4] float32 (x1,y1,x2,y2 input
+    pixels), ``det_scores`` [B,M] float32 and ``det_classes`` [B,M] int32, M = max_output_boxes.
+    The node lives in the ``TRT`` domain so ``onnx.checker`` accepts it; TensorRT's ONNX parser
+    resolves it from the plugin registry by op type. ONNX Runtime cannot run it.
+    """
+
+    def efficient_nms(graph: Graph) -> Graph:
+        gs = _gs()
+        boxes, scores = _split_outputs(graph)
+        batch, _, anchors = boxes.shape
+        classes = scores.shape[1]
+        boxes_t = gs.Variable("boxes_bn4", dtype=np.float32, shape=[batch, anchors, 4])
+        scores_t = gs.Variable("scores_bnc", dtype=np.float32, shape=[batch, anchors, classes])
+        outputs = [
+            gs.Variable("num_dets", dtype=np.int32, shape=[batch, 1]),
+            gs.Variable("det_boxes", dtype=np.float32, shape=[batch, max_output_boxes, 4]),
+            gs.Variable("det_scores", dtype=np.float32, shape=[batch, max_output_boxes]),
+            gs.Variable("det_classes", dtype=np.int32, shape=[batch, max_output_boxes]),
+        ]
+        attrs = {
+            "plugin_version": "1",
+            "background_class": -1,
+            "max_output_boxes": max_output_boxes,
+            "score_threshold": float(score_threshold),
+            "iou_threshold": float(iou_threshold),
+            "score_activation": 0,
+            "class_agnostic": 0,
+            "box_coding": 1,
+        }
+        graph.nodes += [
+            gs.Node(
+                "Transpose",
+                "/nms/TransposeBoxes",
+                attrs={"perm": [0, 2, 1]},
+                inputs=[boxes],
+                outputs=[boxes_t],
+            ),
+            gs.Node(
+                "Transpose",
+                "/nms/TransposeScores",
+                attrs={"perm": [0, 2, 1]},
+                inputs=[scores],
+                outputs=[scores_t],
+            ),
+            gs.Node(
+                "EfficientNMS_TRT",
+                "/nms/EfficientNMS_TRT",
+                attrs=attrs,
+                inputs=[boxes_t, scores_t],
+                outputs=outputs,
+                domain="TRT",
+            ),
+        ]
+        graph.outputs = outputs
+        return graph
+
+    return efficient_nms
+
+
+def _split_outputs(graph: Graph) -> Tuple[Any, Any]:
+    by_name = {t.name: t for t in graph.outputs}
+    if set(by_name) != {"boxes", "scores"}:
+        raise JetyoloError(
+            f"--nms needs the split head (outputs boxes, scores), the graph has "
+            f"{sorted(by_name)}; run split_head first"
+        )
+    return by_name["boxes"], by_name["scores"]
+
+
 def head_postprocess_nodes(graph: Graph) -> List[str]:
     """Names of the head's post-processing nodes (DFL, sigmoid, box decode): everything in the
     Detect module except its cv2/cv3 convolution branches. INT8 must not touch these."""
     prefix = _detect_prefix(graph)
     branches = (f"{prefix}cv2", f"{prefix}cv3", f"{prefix}one2one")
-    return [n.name for n in graph.nodes if n.name.startswith(prefix) and not n.name.startswith(branches)]
+    return [
+        n.name for n in graph.nodes if n.name.startswith(prefix) and not n.name.startswith(branches)
+    ]
 
 
 def _detect_prefix(graph: Graph) -> str:
     producers = [t.inputs[0] for t in graph.outputs if t.inputs]
     if not producers or "/" not in producers[0].name.strip("/"):
-        raise JetyoloError("cannot find the Detect module in the graph (node names are not ultralytics')")
+        raise JetyoloError(
+            "cannot find the Detect module in the graph (node names are not ultralytics')"
+        )
     module = producers[0].name.strip("/").split("/")[0]
     return f"/{module}/"
 
@@ -112,7 +267,10 @@ def check_model(model: Any, stage: str) -> Any:
         raise JetyoloError(f"graph check failed after {stage}: {exc}") from exc
     if not _uses_trt_plugins(model):
         ort = require("onnxruntime", "export")
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise JetyoloError(f"ONNX Runtime cannot load the graph after {stage}: {exc}") from exc
     return inferred
 
 
