@@ -1,0 +1,244 @@
+"""``SinkSet``: the one object the runtime publishes to, and ``open_sinks`` that builds it.
+
+The inference loop calls ``publish_frame``: a report-policy check and a ``put_nowait``, nothing
+else. A dispatcher thread numbers each message (``seq``), builds and serialises it once, and puts
+it on every sink's own queue. Each sink sends from its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from device.detections import FrameResult
+from device.errors import JetyoloError
+from device.message import (
+    available_topic,
+    build_frame_message,
+    build_stats_message,
+    detections_topic,
+    encode,
+    stats_topic,
+)
+from device.sinks.base import Outgoing, Sink, SinkOptions
+from device.sinks.files import JsonlSink, StdoutSink
+from device.sinks.sockets import TcpServerSink, UdpSink
+from device.sinks.spool import SeqCounter, SpoolLock, prepare_spool_dir
+from device.sinks.urls import SinkUrl, parse_sink_url
+
+logger = logging.getLogger(__name__)
+
+_Item = Tuple[str, Any, float]  # ("frame", FrameResult, 0) or ("stats", dict, wall time)
+
+
+class ReportPolicy:
+    """Which frames become messages: every frame, frames with detections, or at most N/s.
+
+    "non-empty" also reports the first empty frame after a non-empty one, so a consumer sees
+    objects leave. "max-rate" spaces messages by capture time, per source.
+    """
+
+    def __init__(self, mode: str, max_rate_hz: float = 0.0) -> None:
+        self.mode = mode
+        self._min_gap_s = 1.0 / max_rate_hz if max_rate_hz > 0 else 0.0
+        self._last_sent: Dict[str, float] = {}
+        self._last_nonempty: Dict[str, bool] = {}
+        self._lock = threading.Lock()
+
+    def should_report(self, result: FrameResult) -> bool:
+        if self.mode == "every":
+            return True
+        with self._lock:
+            if self.mode == "non-empty":
+                has_detections = len(result.detections) > 0
+                had_detections = self._last_nonempty.get(result.source, False)
+                self._last_nonempty[result.source] = has_detections
+                return has_detections or had_detections
+            last = self._last_sent.get(result.source)
+            # 1 µs slack so 10 Hz timestamps at exactly 0.1 s spacing are not skipped by rounding
+            if last is not None and 0 <= result.timestamp - last < self._min_gap_s - 1e-6:
+                return False
+            self._last_sent[result.source] = result.timestamp
+            return True
+
+
+class SinkSet:
+    """Sinks behind one non-blocking front. Use as a context manager, or call ``close``."""
+
+    def __init__(
+        self, sinks: List[Sink], options: SinkOptions, seq: SeqCounter, lock: SpoolLock
+    ) -> None:
+        self.sinks = sinks
+        self.options = options
+        self._seq = seq
+        self._lock = lock
+        self._policy = ReportPolicy(options.report, options.max_rate_hz)
+        self._intake: queue.Queue[_Item] = queue.Queue(maxsize=options.queue_size)
+        self._stopping = threading.Event()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="sinks", daemon=True)
+        self._closed = False
+        self.frames_reported = 0
+        self.frames_skipped = 0
+        self.intake_dropped = 0
+
+    # ---- the publishing side (inference loop) ------------------------------------------
+    def publish_frame(self, result: FrameResult) -> None:
+        """Report one frame. Never blocks: a full queue drops the frame and counts it."""
+        if self._closed:
+            return
+        if not self._policy.should_report(result):
+            self.frames_skipped += 1
+            return
+        self._put(("frame", result, 0.0))
+
+    def publish_stats(self, stats: Mapping[str, Any]) -> None:
+        """Send a stats message; the sinks' ``depths()`` are added as ``sinks``."""
+        if not self._closed:
+            self._put(("stats", dict(stats), time.time()))
+
+    def _put(self, item: _Item) -> None:
+        try:
+            self._intake.put_nowait(item)
+        except queue.Full:
+            self.intake_dropped += 1
+
+    def depths(self) -> Dict[str, Any]:
+        """Queue depths, drops and spool depth: what the stats message reports as ``sinks``."""
+        return {
+            "intake": self._intake.qsize(),
+            "intake_dropped": self.intake_dropped,
+            "frames_reported": self.frames_reported,
+            "frames_skipped": self.frames_skipped,
+            "per_sink": {sink.name: sink.depth() for sink in self.sinks},
+        }
+
+    # ---- the dispatcher thread ---------------------------------------------------------
+    def start(self) -> None:
+        for sink in self.sinks:
+            sink.start()
+        self._announce("online")
+        self._dispatcher.start()
+
+    def _announce(self, state: str) -> None:
+        """Availability for the line sinks (the MQTT sink has its own, with a last will)."""
+        topic = available_topic(self.options.prefix, self.options.device_id)
+        message = Outgoing(topic, state.encode(), retain=True, json_payload=False)
+        for sink in self.sinks:
+            if not sink.handles_availability:
+                sink.submit(message)
+
+    def _dispatch(self) -> None:
+        while True:
+            try:
+                item = self._intake.get(timeout=0.05)
+            except queue.Empty:
+                if self._stopping.is_set():
+                    return
+                continue
+            try:
+                message = self._build(item)
+            except Exception:
+                self.intake_dropped += 1
+                logger.exception("could not build a %s message", item[0])
+                continue
+            for sink in self.sinks:
+                sink.submit(message)
+
+    def _build(self, item: _Item) -> Outgoing:
+        kind, value, now = item
+        options = self.options
+        seq = self._seq.next()
+        if kind == "frame":
+            body = build_frame_message(value, seq, options)
+            topic = detections_topic(options.prefix, options.device_id, value.source)
+            self.frames_reported += 1
+        else:
+            stats = dict(value, sinks=self.depths())
+            body = build_stats_message(stats, seq, options, now)
+            topic = stats_topic(options.prefix, options.device_id)
+        return Outgoing(topic, encode(body), seq)
+
+    # ---- shutdown ----------------------------------------------------------------------
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (MQTT: until acknowledged) for up to ``timeout`` s, then stop.
+
+        MQTT messages not acknowledged by then stay in the spool and go out at the next start.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        self._stopping.set()
+        self._dispatcher.join(max(0.0, deadline - time.monotonic()))
+        dispatcher_done = not self._dispatcher.is_alive()
+        self._announce("offline")
+        for sink in self.sinks:
+            sink.request_stop(deadline)
+        stuck = [sink.name for sink in self.sinks if not sink.join(deadline)]
+        if stuck:
+            logger.warning("sinks still busy after %.1f s, left behind: %s", timeout, stuck)
+        if dispatcher_done:
+            self._seq.close()
+        self._lock.release()
+
+    def __enter__(self) -> SinkSet:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+def _open_sink(url: SinkUrl, options: SinkOptions, spool_path: Path) -> Sink:
+    if url.kind == "mqtt":
+        from device.sinks.mqtt import MqttSink  # paho is imported only when MQTT is used
+
+        return MqttSink(url, options, spool_path)
+    if url.kind == "tcp":
+        return TcpServerSink(url, options)
+    if url.kind == "udp":
+        return UdpSink(url, options)
+    if url.kind == "jsonl":
+        return JsonlSink(url, options)
+    return StdoutSink(url.name, options.queue_size)
+
+
+def _check_urls(parsed: Sequence[SinkUrl], options: SinkOptions) -> None:
+    names = [url.name for url in parsed]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise JetyoloError(f"--sink given twice: {', '.join(repeated)}; give each sink once")
+    tls_files = [options.mqtt_ca, options.mqtt_cert, options.mqtt_key]
+    if any(tls_files) and not any(url.kind == "mqtt" and url.tls for url in parsed):
+        raise JetyoloError(
+            "--mqtt-ca/--mqtt-cert/--mqtt-key apply to TLS brokers only: "
+            "use an mqtts:// sink (or drop those flags)"
+        )
+
+
+def open_sinks(urls: Sequence[str], options: SinkOptions) -> SinkSet:
+    """Parse ``--sink`` URLs, open every sink (or none: JetyoloError) and start their threads."""
+    parsed = [parse_sink_url(url) for url in urls]
+    _check_urls(parsed, options)
+    spool_path = prepare_spool_dir(options.spool_dir)
+    lock = SpoolLock(options.spool_dir)
+    lock.acquire()
+    opened: List[Sink] = []
+    seq: Optional[SeqCounter] = None
+    try:
+        seq = SeqCounter(spool_path)
+        for url in parsed:
+            opened.append(_open_sink(url, options, spool_path))
+    except BaseException:
+        for sink in opened:
+            sink.close()
+        if seq is not None:
+            seq.close()
+        lock.release()
+        raise
+    sinkset = SinkSet(opened, options, seq, lock)
+    sinkset.start()
+    return sinkset
