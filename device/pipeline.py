@@ -1,0 +1,487 @@
+"""The loop: capture -> preprocess -> infer -> postprocess/publish, one thread per stage.
+
+::
+
+    capture thread     preprocess thread        inference thread          main thread
+    source.frames() -> [captured q] -> slot k <- [free input slots] ...
+                                      letterbox into buffer k -> [preprocessed q] ->
+                                                 infer(buffer k, out set j) -> slot k freed
+                                                 -> [inferred q] -> postprocess, publish,
+                                                                    out set j freed, stats
+
+Buffers: the backend allocates ``buffers`` input buffers (a ring; page-locked memory on TensorRT)
+and as many output sets. A buffer travels with its frame and returns to a free list only when
+the stage that reads it is done, so preprocessing frame k+1 never writes into the buffer that
+inference of frame k is reading, and postprocessing of frame k reads outputs that inference of
+frame k+1 does not overwrite. No stage allocates model-sized arrays per frame.
+
+Queues are bounded. A file source blocks when the pipeline is behind (no frame is lost); a live
+source drops the oldest captured frame instead (counted in ``dropped``). ``request_stop`` (wired to
+SIGTERM/SIGINT by ``run_pipeline``) stops capture; the frames already in flight are finished and
+published before ``run`` returns. A second signal aborts without draining.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Dict, List, Mapping, Optional, Protocol
+
+import numpy as np
+
+from device.backends import Backend, open_backend
+from device.bundle import Bundle
+from device.config import RunConfig
+from device.detections import FrameResult
+from device.errors import JetyoloError
+from device.postprocess import PostprocessConfig, postprocess
+from device.preprocess import Letterbox, Preprocessor
+from device.sources import CaptureOptions, Frame, Source, open_source
+from device.stats import RateMeter, RunSummary, StageStats
+
+LOG = logging.getLogger(__name__)
+POLL_S = 0.1  # how often blocked stages look at the stop/abort flags
+JOIN_TIMEOUT_S = 5.0
+
+
+class FrameSink(Protocol):
+    """What the pipeline needs of ``device.sinks.SinkSet``."""
+
+    def publish_frame(self, result: FrameResult) -> Any: ...
+
+    def publish_stats(self, stats: Dict[str, Any]) -> Any: ...
+
+
+class ProgressNotifier(Protocol):
+    """What the pipeline needs of ``device.sdnotify.Notifier``."""
+
+    def ready(self, text: Optional[str] = None) -> bool: ...
+
+    def status(self, text: str) -> bool: ...
+
+    def frame_done(self, count: int = 1) -> bool: ...
+
+    def stopping(self, text: Optional[str] = None) -> bool: ...
+
+
+class _Aborted(Exception):
+    """A stage was told to give up (another stage failed, or a second signal came)."""
+
+
+@dataclass
+class _Work:
+    frame: Frame
+    captured_at: float  # perf_counter when the frame was in hand
+    latency_ms: Dict[str, float]
+    slot: int = -1
+    geometry: Optional[Letterbox] = None
+    outputs: Optional[Dict[str, np.ndarray]] = None
+
+
+@dataclass
+class _Counters:
+    frames: int = 0
+    dropped: int = 0
+    first_capture: Optional[float] = None
+    last_publish: Optional[float] = None
+    errors: List[BaseException] = field(default_factory=list)
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000.0
+
+
+class Pipeline:
+    """One source, one backend, one set of sinks. ``run()`` returns when the source ends, after
+    ``max_frames``, or after ``request_stop``; errors in any stage are re-raised there."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        source: Source,
+        input_size: tuple,
+        postprocess_config: PostprocessConfig,
+        sinks: FrameSink,
+        *,
+        buffers: int = 3,
+        max_frames: Optional[int] = None,
+        stats_interval_s: float = 10.0,
+        notifier: Optional[ProgressNotifier] = None,
+    ) -> None:
+        if buffers < 2:
+            raise ValueError("the pipeline needs at least 2 input buffers to overlap stages")
+        self.backend = backend
+        self.source = source
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.postprocess_config = postprocess_config
+        self.sinks = sinks
+        self.buffers = buffers
+        self.max_frames = max_frames
+        self.stats_interval_s = stats_interval_s
+        self.notifier = notifier
+        self.stats = StageStats()
+        self.stopped_by = "end of source"
+        self._stop = threading.Event()
+        self._abort = threading.Event()
+        self._ready = threading.Event()
+        self._post_done = threading.Event()
+        self._captured: queue.Queue = queue.Queue(maxsize=2)
+        self._preprocessed: queue.Queue = queue.Queue(maxsize=buffers)
+        self._inferred: queue.Queue = queue.Queue(maxsize=buffers)
+        self._free_inputs: queue.Queue = queue.Queue()
+        self._free_outputs: queue.Queue = queue.Queue()
+        self._input_buffers: List[np.ndarray] = []
+        self._preprocessors: List[Preprocessor] = []
+        self._input_name = ""
+        self._counters = _Counters()
+        self._lock = threading.Lock()
+
+    # ---- control -------------------------------------------------------------------------------
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Stop capturing; what is in flight is finished. A second call aborts at once."""
+        if self._stop.is_set():
+            LOG.warning("pipeline: %s again; aborting without draining", reason)
+            self._abort.set()
+            return
+        LOG.info("pipeline: %s; draining the frames in flight", reason)
+        self.stopped_by = reason
+        self._stop.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._counters.errors.append(exc)
+        self._stop.set()
+        self._abort.set()
+
+    def _get(self, source: queue.Queue) -> Any:
+        while True:
+            if self._abort.is_set():
+                raise _Aborted
+            try:
+                return source.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+
+    def _put(self, target: queue.Queue, item: Any) -> None:
+        while True:
+            if self._abort.is_set():
+                raise _Aborted
+            try:
+                target.put(item, timeout=POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _put_dropping_oldest(self, item: _Work) -> None:
+        while True:
+            try:
+                self._captured.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    self._captured.get_nowait()
+                    self._counters.dropped += 1
+                except queue.Empty:
+                    pass
+
+    def _stage(self, name: str, body: Any) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                body()
+            except _Aborted:
+                pass
+            except BaseException as exc:  # handed to run(), which re-raises it
+                LOG.debug("pipeline: %s stage failed", name, exc_info=True)
+                self._fail(exc)
+
+        thread = threading.Thread(target=guarded, name=f"jetyolo-{name}", daemon=True)
+        thread.start()
+        return thread
+
+    # ---- stages --------------------------------------------------------------------------------
+    def _capture_loop(self) -> None:
+        frames = self.source.frames(self._stop)
+        captured = 0
+        while True:
+            if self.max_frames is not None and captured >= self.max_frames:
+                self.stopped_by = "max frames"
+                break
+            started = time.perf_counter()
+            frame = next(frames, None)
+            if frame is None:
+                break
+            work = _Work(frame, time.perf_counter(), {"capture": _ms(started)})
+            if self._counters.first_capture is None:
+                self._counters.first_capture = started
+            captured += 1
+            if self.source.live:
+                self._put_dropping_oldest(work)
+            else:
+                self._put(self._captured, work)
+        self._put(self._captured, None)
+
+    def _preprocess_loop(self) -> None:
+        while True:
+            work = self._get(self._captured)
+            if work is None:
+                self._put(self._preprocessed, None)
+                return
+            slot = self._get(self._free_inputs)
+            started = time.perf_counter()
+            work.geometry = self._preprocessors[slot](work.frame.image)
+            work.latency_ms["preprocess"] = _ms(started)
+            work.slot = slot
+            self._put(self._preprocessed, work)
+
+    def _infer_loop(self) -> None:
+        self.backend.activate()
+        try:
+            self._allocate()
+            self._ready.set()
+            while True:
+                work = self._get(self._preprocessed)
+                if work is None:
+                    self._put(self._inferred, None)
+                    break
+                outputs = self._get(self._free_outputs)
+                started = time.perf_counter()
+                self.backend.infer({self._input_name: self._input_buffers[work.slot]}, out=outputs)
+                work.latency_ms["infer"] = _ms(started)
+                self._free_inputs.put(work.slot)
+                work.outputs = outputs
+                self._put(self._inferred, work)
+            while not self._post_done.wait(POLL_S) and not self._abort.is_set():
+                pass  # output arrays may be backend memory: keep it alive until they are read
+        finally:
+            self.backend.deactivate()
+
+    def _allocate(self) -> None:
+        spec = self.backend.input_spec
+        expected = Preprocessor.input_shape(self.input_size, spec.dtype.name)
+        if tuple(spec.shape) != expected:
+            raise JetyoloError(
+                f"model input {spec.describe()} does not fit the bundle's preprocess size "
+                f"{list(self.input_size)} (expected {list(expected)}); re-export the bundle"
+            )
+        self._input_name = spec.name
+        self._input_buffers = self.backend.allocate_inputs(self.buffers)
+        self._preprocessors = [
+            Preprocessor(self.input_size, spec.dtype.name, buffer=buffer)
+            for buffer in self._input_buffers
+        ]
+        for slot in range(self.buffers):
+            self._free_inputs.put(slot)
+            self._free_outputs.put(self.backend.allocate_outputs())
+
+    def _publish(self, work: _Work) -> None:
+        started = time.perf_counter()
+        outputs = work.outputs if work.outputs is not None else {}
+        geometry = work.geometry
+        if geometry is None:
+            raise RuntimeError("frame reached postprocess without letterbox geometry")
+        detections = postprocess(outputs, geometry, self.postprocess_config)
+        self._free_outputs.put(outputs)
+        image = work.frame.image
+        result = FrameResult(
+            source=self.source.name,
+            frame_index=work.frame.index,
+            timestamp=work.frame.timestamp,
+            frame_size=(int(image.shape[1]), int(image.shape[0])),
+            detections=detections,
+            latency_ms=work.latency_ms,
+        )
+        work.latency_ms["postprocess"] = _ms(started)
+        work.latency_ms["total"] = _ms(work.captured_at)
+        self.sinks.publish_frame(result)
+        self.stats.record(work.latency_ms)
+        self._counters.frames += 1
+        self._counters.last_publish = time.perf_counter()
+
+    # ---- main ----------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        """Run to the end; returns the summary or raises the first stage error."""
+        started = time.monotonic()
+        infer_thread = self._stage("infer", self._infer_loop)
+        while not self._ready.wait(POLL_S):
+            if self._abort.is_set() or not infer_thread.is_alive():
+                infer_thread.join()
+                self._raise_errors()
+                raise RuntimeError("inference thread ended before it was ready")
+        LOG.info("pipeline: %s ready after %.1f s; reading %s", self.backend.name,
+                 time.monotonic() - started, self.source.name)
+        threads = [self._stage("capture", self._capture_loop),
+                   self._stage("preprocess", self._preprocess_loop), infer_thread]
+        try:
+            self._publish_loop()
+        except _Aborted:
+            pass
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._post_done.set()
+            for thread in threads:
+                thread.join(JOIN_TIMEOUT_S)
+            self.source.close()
+            if self.notifier is not None:
+                self.notifier.stopping(f"stopped: {self.stopped_by}")
+        self._raise_errors()
+        return self.summary()
+
+    def _publish_loop(self) -> None:
+        rate = RateMeter()
+        next_stats = time.monotonic() + self.stats_interval_s
+        while True:
+            try:
+                work = self._inferred.get(timeout=POLL_S)
+            except queue.Empty:
+                work = False
+            if self._abort.is_set():
+                raise _Aborted
+            if work is None:
+                break
+            if work is not False:
+                self._publish(work)
+                self._notify_progress()
+            if time.monotonic() >= next_stats:
+                self.sinks.publish_stats(self.stats_message(rate.tick(self._counters.frames)))
+                next_stats = time.monotonic() + self.stats_interval_s
+
+    def _notify_progress(self) -> None:
+        if self.notifier is None:
+            return
+        if self._counters.frames == 1:
+            self.notifier.ready(f"running: {self.backend.kind} on {self.source.name}")
+        self.notifier.frame_done()
+
+    def _raise_errors(self) -> None:
+        if self._counters.errors:
+            raise self._counters.errors[0]
+
+    def stats_message(self, fps: float) -> Dict[str, Any]:
+        """The periodic stats dict handed to ``sinks.publish_stats``."""
+        return {
+            "fps": round(fps, 2),
+            "frames": self._counters.frames,
+            "dropped_frames": self._counters.dropped,
+            "decode_errors": self.source.decode_errors,
+            "reconnects": self.source.reconnects,
+            "backend": self.backend.kind,
+            "source": self.source.name,
+            "latency_ms": self.stats.percentiles(last=max(1, int(fps * self.stats_interval_s))),
+        }
+
+    def summary(self) -> RunSummary:
+        counters = self._counters
+        seconds = 0.0
+        if counters.first_capture is not None and counters.last_publish is not None:
+            seconds = counters.last_publish - counters.first_capture
+        return RunSummary(
+            frames=counters.frames,
+            seconds=seconds,
+            fps=counters.frames / seconds if seconds > 0 else 0.0,
+            latency_ms=self.stats.percentiles(),
+            dropped=counters.dropped,
+            decode_errors=self.source.decode_errors,
+            reconnects=self.source.reconnects,
+            backend=self.backend.kind,
+            source=self.source.name,
+            stopped_by=self.stopped_by,
+        )
+
+
+# ---- from a RunConfig ---------------------------------------------------------------------------
+
+
+def postprocess_config(config: RunConfig, bundle: Bundle) -> PostprocessConfig:
+    """Thresholds: the config's, else the bundle manifest's."""
+    defaults: Mapping[str, Any] = bundle.manifest.get("postprocess", {})
+    fallback = PostprocessConfig()
+    return PostprocessConfig(
+        conf=config.conf if config.conf is not None else float(defaults.get("conf", fallback.conf)),
+        iou=config.iou if config.iou is not None else float(defaults.get("iou", fallback.iou)),
+        max_det=config.max_det if config.max_det is not None
+        else int(defaults.get("max_det", fallback.max_det)),
+    )
+
+
+def capture_options(config: RunConfig) -> CaptureOptions:
+    return CaptureOptions(
+        width=config.capture_width, height=config.capture_height, fps=config.capture_fps,
+        rtsp_latency_ms=config.rtsp_latency_ms, reconnect_max_s=config.reconnect_max_s,
+    )
+
+
+def _default_notifier() -> ProgressNotifier:
+    from device.sdnotify import Notifier
+
+    return Notifier.from_env()
+
+
+def run_pipeline(
+    config: RunConfig,
+    sinks: FrameSink,
+    max_frames: Optional[int] = None,
+    *,
+    bundle: Optional[Bundle] = None,
+    notifier: Optional[ProgressNotifier] = None,
+    handle_signals: bool = True,
+) -> RunSummary:
+    """Open the bundle, source and backend that ``config`` names and run until the source ends,
+    ``max_frames`` (else ``config.max_frames``) frames are done, or SIGTERM/SIGINT.
+
+    ``jetyolo run`` and ``jetyolo bench`` both call this. Signals are handled only when called
+    from the main thread.
+    """
+    bundle = bundle or Bundle.load(config.bundle)
+    source = open_source(config.source, capture_options(config))
+    try:
+        backend = open_backend(
+            config.backend, bundle, precision=config.precision, variant=config.variant,
+            threads=config.threads, engine_cache_dir=_optional_path(config.engine_cache_dir),
+            int8_from=config.int8_from,
+        )
+    except BaseException:
+        source.close()
+        raise
+    pipeline = Pipeline(
+        backend, source, bundle.input_size, postprocess_config(config, bundle), sinks,
+        buffers=config.buffers,
+        max_frames=max_frames if max_frames is not None else config.max_frames,
+        stats_interval_s=config.stats_interval_s,
+        notifier=notifier if notifier is not None else _default_notifier(),
+    )
+    with _signals_stop(pipeline, handle_signals):
+        return pipeline.run()
+
+
+def _optional_path(value: Optional[str]) -> Optional[Path]:
+    return Path(value).expanduser() if value else None
+
+
+class _signals_stop:
+    """Route SIGTERM/SIGINT to ``pipeline.request_stop`` while the pipeline runs."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, pipeline: Pipeline, enabled: bool) -> None:
+        self.pipeline = pipeline
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.previous: Dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Optional[FrameType]) -> None:
+        self.pipeline.request_stop(f"signal {signal.Signals(signum).name}")
+
+    def __enter__(self) -> None:
+        if self.enabled:
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)

@@ -1,0 +1,330 @@
+"""Where frames come from: video files, image folders/globs, V4L2 and CSI cameras, RTSP, raw
+GStreamer pipelines.
+
+``open_source(text, options)`` classifies ``text`` (``parse_source``), opens it (raising
+``JetyoloError`` when it cannot) and returns a ``Source`` whose ``frames(stop)`` yields ``Frame``
+values (index, capture timestamp, BGR image) until the source ends or ``stop`` is set.
+
+- Files end cleanly. A frame that fails to decode mid-file is skipped and counted
+  (``decode_errors``); its index is consumed, so indices stay positions in the file.
+- Live sources (cameras, RTSP, pipelines) reconnect with exponential back-off after a failed
+  read (``reconnects``); the first open must succeed, so a wrong URL fails at start-up.
+- The GStreamer strings for CSI cameras and Jetson RTSP decoding are pure functions
+  (``csi_pipeline``, ``rtsp_pipeline``).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import cv2
+import numpy as np
+
+from device.errors import JetyoloError
+
+LOG = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SOURCE_KINDS = ("file", "images", "v4l2", "csi", "rtsp", "stream", "gstreamer")
+LIVE_KINDS = ("v4l2", "csi", "rtsp", "stream", "gstreamer")
+APPSINK = "appsink drop=true max-buffers=1 sync=false"
+MAX_CONSECUTIVE_DECODE_ERRORS = 30  # a file that fails this often in a row is over or broken
+JETSON_RELEASE_FILE = Path("/etc/nv_tegra_release")
+
+
+@dataclass
+class Frame:
+    index: int
+    timestamp: float  # capture time, seconds since the epoch
+    image: np.ndarray  # BGR, (h, w, 3) uint8
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str  # one of SOURCE_KINDS
+    location: str  # path, glob, device, URL or pipeline
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """Camera and stream settings; None means the device's default."""
+
+    width: Optional[int] = None
+    height: Optional[int] = None
+    fps: Optional[int] = None
+    rtsp_latency_ms: int = 200
+    reconnect_max_s: float = 30.0
+    jetson: Optional[bool] = None  # None: detect (/etc/nv_tegra_release)
+
+
+# ---- classification and pipeline strings (pure) --------------------------------------------------
+
+
+def parse_source(text: str) -> SourceSpec:
+    """Classify a ``--source`` value. Does not touch the device, only the filesystem."""
+    text = text.strip()
+    if not text:
+        raise JetyoloError("--source is empty; pass a video file, image folder, /dev/videoN, "
+                           "csi://N, rtsp://URL or a GStreamer pipeline")
+    if text.startswith("csi://"):
+        sensor = text[len("csi://"):]
+        if not sensor.isdigit():
+            raise JetyoloError(f"source {text!r}: CSI sensor id must be a number, e.g. csi://0")
+        return SourceSpec("csi", sensor)
+    if re.match(r"^rtsps?://", text):
+        return SourceSpec("rtsp", text)
+    if re.match(r"^(https?|rtmp)://", text):
+        return SourceSpec("stream", text)
+    if re.fullmatch(r"/dev/video\d+", text) or text.isdigit():
+        return SourceSpec("v4l2", text if text.startswith("/dev/") else f"/dev/video{text}")
+    if " ! " in text:
+        return SourceSpec("gstreamer", text)
+    if any(char in text for char in "*?["):
+        return SourceSpec("images", text)
+    path = Path(text)
+    if path.is_dir():
+        return SourceSpec("images", text)
+    if not path.exists():
+        raise JetyoloError(f"source {text!r} does not exist; pass a video file, image folder or "
+                           "glob, /dev/videoN, csi://N, rtsp://URL or a GStreamer pipeline")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return SourceSpec("images", text)
+    return SourceSpec("file", text)
+
+
+def csi_pipeline(sensor_id: int, width: int = 1920, height: int = 1080, fps: int = 30,
+                 flip_method: int = 0) -> str:
+    """GStreamer pipeline for a Jetson CSI camera (Argus): NVMM NV12 -> BGR appsink."""
+    return (
+        f"nvarguscamerasrc sensor-id={sensor_id} ! "
+        f"video/x-raw(memory:NVMM),width={width},height={height},framerate={fps}/1,format=NV12 ! "
+        f"nvvidconv flip-method={flip_method} ! video/x-raw,format=BGRx ! "
+        f"videoconvert ! video/x-raw,format=BGR ! {APPSINK}"
+    )
+
+
+def rtsp_pipeline(url: str, latency_ms: int = 200) -> str:
+    """GStreamer pipeline for RTSP on a Jetson: the hardware decoder (picked by decodebin) and
+    nvvidconv out of NVMM memory. Codec-agnostic (H.264/H.265)."""
+    quoted = '"' + url.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return (
+        f"rtspsrc location={quoted} latency={latency_ms} ! decodebin ! "
+        f"nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! {APPSINK}"
+    )
+
+
+def with_appsink(pipeline: str) -> str:
+    """A user pipeline ending in a BGR appsink (added when the user left it out)."""
+    if "appsink" in pipeline:
+        return pipeline
+    head = pipeline.rstrip().rstrip("!").rstrip()
+    return f"{head} ! videoconvert ! video/x-raw,format=BGR ! {APPSINK}"
+
+
+def is_jetson() -> bool:
+    return JETSON_RELEASE_FILE.exists()
+
+
+def opencv_has_gstreamer() -> bool:
+    return bool(re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()))
+
+
+def list_images(pattern: str) -> List[Path]:
+    """Image files of a folder, glob or single file, sorted by name."""
+    path = Path(pattern)
+    if path.is_dir():
+        candidates = sorted(path.iterdir())
+    elif path.is_file():
+        candidates = [path]
+    else:
+        candidates = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    return [p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+# ---- sources -----------------------------------------------------------------------------------
+
+
+class Source:
+    """Base: a name, whether it is live, counters, and ``frames(stop)``."""
+
+    live = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.decode_errors = 0
+        self.reconnects = 0
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the device or file; ``frames`` must not be used afterwards."""
+
+
+class ImageSource(Source):
+    """Still images in name order; an unreadable image is skipped and counted."""
+
+    def __init__(self, name: str, paths: List[Path]) -> None:
+        super().__init__(name)
+        self.paths = paths
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        for index, path in enumerate(self.paths):
+            if stop.is_set():
+                return
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                self.decode_errors += 1
+                LOG.warning("source: %s cannot be decoded; skipped", path)
+                continue
+            yield Frame(index, time.time(), image)
+
+
+class VideoFileSource(Source):
+    """A video file through OpenCV (FFmpeg); ends at the end of the file."""
+
+    def __init__(self, name: str, capture: cv2.VideoCapture) -> None:
+        super().__init__(name)
+        self._capture = capture
+        self.frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        index = 0
+        failures_in_row = 0
+        while not stop.is_set():
+            ok, image = self._capture.read()
+            if ok and image is not None:
+                failures_in_row = 0
+                yield Frame(index, time.time(), image)
+            elif index >= self.frame_count or failures_in_row >= MAX_CONSECUTIVE_DECODE_ERRORS:
+                return
+            else:
+                failures_in_row += 1
+                self.decode_errors += 1
+                LOG.warning("source: %s frame %d cannot be decoded; skipped", self.name, index)
+            index += 1
+
+    def close(self) -> None:
+        self._capture.release()
+
+
+class LiveSource(Source):
+    """A camera or stream: reconnects with exponential back-off after a failed read."""
+
+    live = True
+
+    def __init__(self, name: str, opener: Callable[[], cv2.VideoCapture],
+                 reconnect_max_s: float = 30.0) -> None:
+        super().__init__(name)
+        self._opener = opener
+        self._capture: Optional[cv2.VideoCapture] = _checked_open(name, opener)
+        self.reconnect_max_s = reconnect_max_s
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        index = 0
+        delay = 0.5
+        while not stop.is_set():
+            if self._capture is None:
+                self._capture = self._reopen(stop, delay)
+                delay = min(delay * 2, self.reconnect_max_s)
+                continue
+            ok, image = self._capture.read()
+            if ok and image is not None:
+                delay = 0.5
+                yield Frame(index, time.time(), image)
+                index += 1
+                continue
+            LOG.warning("source: %s read failed; reconnecting in %.1f s", self.name, delay)
+            self._capture.release()
+            self._capture = None
+            self.reconnects += 1
+
+    def _reopen(self, stop: threading.Event, delay: float) -> Optional[cv2.VideoCapture]:
+        if stop.wait(delay):
+            return None
+        capture = self._opener()
+        if capture.isOpened():
+            LOG.info("source: %s reconnected", self.name)
+            return capture
+        capture.release()
+        LOG.warning("source: %s still unavailable", self.name)
+        return None
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+def _checked_open(name: str, opener: Callable[[], cv2.VideoCapture]) -> cv2.VideoCapture:
+    capture = opener()
+    if not capture.isOpened():
+        capture.release()
+        raise JetyoloError(
+            f"cannot open source {name!r}; check that it exists, is reachable and that this user "
+            "may read it (cameras: the `video` group; `jetyolo doctor` lists cameras)"
+        )
+    return capture
+
+
+def _v4l2_opener(device: str, options: CaptureOptions) -> Callable[[], cv2.VideoCapture]:
+    def open_camera() -> cv2.VideoCapture:
+        capture = cv2.VideoCapture(device, cv2.CAP_V4L2)
+        settings = ((cv2.CAP_PROP_FRAME_WIDTH, options.width),
+                    (cv2.CAP_PROP_FRAME_HEIGHT, options.height), (cv2.CAP_PROP_FPS, options.fps))
+        for prop, value in settings:
+            if value is not None:
+                capture.set(prop, value)
+        capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # newest frame, not a stale queue
+        return capture
+
+    return open_camera
+
+
+def _gstreamer_opener(name: str, pipeline: str) -> Callable[[], cv2.VideoCapture]:
+    if not opencv_has_gstreamer():
+        raise JetyoloError(
+            f"source {name!r} needs OpenCV with GStreamer, and this OpenCV was built without it; "
+            "on a Jetson use JetPack's OpenCV (apt python3-opencv / nvidia-opencv) in a venv "
+            "made with --system-site-packages, not the opencv-python wheel"
+        )
+    return lambda: cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)
+
+
+def live_opener(spec: SourceSpec, options: CaptureOptions) -> Callable[[], cv2.VideoCapture]:
+    """How to (re)open a live source."""
+    jetson = is_jetson() if options.jetson is None else options.jetson
+    if spec.kind == "v4l2":
+        return _v4l2_opener(spec.location, options)
+    if spec.kind == "csi":
+        pipeline = csi_pipeline(int(spec.location), options.width or 1920,
+                                options.height or 1080, options.fps or 30)
+        return _gstreamer_opener(spec.location, pipeline)
+    if spec.kind == "gstreamer":
+        return _gstreamer_opener(spec.location, with_appsink(spec.location))
+    if spec.kind == "rtsp" and jetson and opencv_has_gstreamer():
+        pipeline = rtsp_pipeline(spec.location, options.rtsp_latency_ms)
+        return _gstreamer_opener(spec.location, pipeline)
+    return lambda: cv2.VideoCapture(spec.location, cv2.CAP_FFMPEG)
+
+
+def open_source(text: str, options: Optional[CaptureOptions] = None) -> Source:
+    """Classify and open ``text``; ``JetyoloError`` when it cannot be opened."""
+    options = options or CaptureOptions()
+    spec = parse_source(text)
+    if spec.kind == "images":
+        paths = list_images(spec.location)
+        if not paths:
+            raise JetyoloError(f"source {text!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        return ImageSource(text, paths)
+    if spec.kind == "file":
+        capture = _checked_open(text, lambda: cv2.VideoCapture(spec.location, cv2.CAP_FFMPEG))
+        return VideoFileSource(text, capture)
+    return LiveSource(text, live_opener(spec, options), options.reconnect_max_s)
