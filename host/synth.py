@@ -10,7 +10,6 @@ sidecar ``<video>.json`` (boxes per frame, frame pixels).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -88,8 +87,20 @@ def draw_object(image: np.ndarray, obj: SynthObject) -> Tuple[float, float, floa
         cv2.circle(image, centre_int, round(half - thickness / 2), colour, thickness, cv2.LINE_AA)
     elif shape == "cross":
         arm = max(2, round(obj.size * 0.15))
-        cv2.rectangle(image, (round(cx - half), round(cy - arm)), (round(cx + half), round(cy + arm)), colour, -1)
-        cv2.rectangle(image, (round(cx - arm), round(cy - half)), (round(cx + arm), round(cy + half)), colour, -1)
+        cv2.rectangle(
+            image,
+            (round(cx - half), round(cy - arm)),
+            (round(cx + half), round(cy + arm)),
+            colour,
+            -1,
+        )
+        cv2.rectangle(
+            image,
+            (round(cx - arm), round(cy - half)),
+            (round(cx + arm), round(cy + half)),
+            colour,
+            -1,
+        )
     else:
         points = _polygon(shape, obj.center, obj.size)
         cv2.fillPoly(image, [points], colour, cv2.LINE_AA)
@@ -98,7 +109,9 @@ def draw_object(image: np.ndarray, obj: SynthObject) -> Tuple[float, float, floa
     return _clip_box((cx - half, cy - half, cx + half, cy + half), image)
 
 
-def _clip_box(box: Tuple[float, float, float, float], image: np.ndarray) -> Tuple[float, float, float, float]:
+def _clip_box(
+    box: Tuple[float, float, float, float], image: np.ndarray
+) -> Tuple[float, float, float, float]:
     height, width = image.shape[:2]
     x1, y1, x2, y2 = box
     return (max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2))
@@ -123,14 +136,23 @@ def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     return image
 
 
-def random_objects(rng: np.random.Generator, classes: int, width: int, height: int) -> List[SynthObject]:
-    """1-6 objects, sizes 8-35% of the short side; overlaps allowed up to about a third."""
+def random_objects(
+    rng: np.random.Generator,
+    classes: int,
+    width: int,
+    height: int,
+    sizes: Tuple[float, float] = (0.08, 0.35),
+) -> List[SynthObject]:
+    """1-6 objects, sizes a fraction ``sizes`` of the short side; overlaps up to about a third."""
     objects: List[SynthObject] = []
     short = min(width, height)
     for _ in range(int(rng.integers(1, 7))):
         for _attempt in range(20):
-            size = float(rng.uniform(0.08, 0.35) * short)
-            center = (float(rng.uniform(size / 2, width - size / 2)), float(rng.uniform(size / 2, height - size / 2)))
+            size = float(rng.uniform(*sizes) * short)
+            center = (
+                float(rng.uniform(size / 2, width - size / 2)),
+                float(rng.uniform(size / 2, height - size / 2)),
+            )
             candidate = SynthObject(int(rng.integers(0, classes)), center, size)
             if all(_overlap(candidate, other) < 0.35 for other in objects):
                 objects.append(candidate)
@@ -140,13 +162,25 @@ def random_objects(rng: np.random.Generator, classes: int, width: int, height: i
 
 def _overlap(a: SynthObject, b: SynthObject) -> float:
     """Intersection over the smaller box's area."""
-    ax1, ay1, ax2, ay2 = a.center[0] - a.size / 2, a.center[1] - a.size / 2, a.center[0] + a.size / 2, a.center[1] + a.size / 2
-    bx1, by1, bx2, by2 = b.center[0] - b.size / 2, b.center[1] - b.size / 2, b.center[0] + b.size / 2, b.center[1] + b.size / 2
+    ax1, ay1, ax2, ay2 = (
+        a.center[0] - a.size / 2,
+        a.center[1] - a.size / 2,
+        a.center[0] + a.size / 2,
+        a.center[1] + a.size / 2,
+    )
+    bx1, by1, bx2, by2 = (
+        b.center[0] - b.size / 2,
+        b.center[1] - b.size / 2,
+        b.center[0] + b.size / 2,
+        b.center[1] + b.size / 2,
+    )
     inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
     return inter / min(a.size**2, b.size**2)
 
 
-def render(rng: np.random.Generator, classes: int, width: int, height: int) -> Tuple[np.ndarray, List[Tuple[int, Tuple[float, float, float, float]]]]:
+def render(
+    rng: np.random.Generator, classes: int, width: int, height: int
+) -> Tuple[np.ndarray, List[Tuple[int, Tuple[float, float, float, float]]]]:
     image = background(rng, width, height)
     labelled = []
     for obj in random_objects(rng, classes, width, height):
@@ -162,7 +196,9 @@ def _yolo_line(class_id: int, box: Sequence[float], width: int, height: int) -> 
     )
 
 
-def write_split(root: Path, split: str, count: int, classes: int, imgsz: int, rng: np.random.Generator) -> None:
+def write_split(
+    root: Path, split: str, count: int, classes: int, imgsz: int, rng: np.random.Generator
+) -> None:
     images, labels = root / split / "images", root / split / "labels"
     images.mkdir(parents=True)
     labels.mkdir(parents=True)
@@ -174,7 +210,9 @@ def write_split(root: Path, split: str, count: int, classes: int, imgsz: int, rn
         (labels / f"{stem}.txt").write_text("\n".join(lines) + "\n")
 
 
-def make_dataset(out: Path, classes: int, train: int, val: int, imgsz: int, seed: int, force: bool = False) -> Path:
+def make_dataset(
+    out: Path, classes: int, train: int, val: int, imgsz: int, seed: int, force: bool = False
+) -> Path:
     """Write the dataset into ``out`` atomically and return the path of its data.yaml."""
     if not 1 <= classes <= MAX_CLASSES:
         raise JetyoloError(f"--classes must be between 1 and {MAX_CLASSES}, got {classes}")
@@ -202,16 +240,27 @@ def make_dataset(out: Path, classes: int, train: int, val: int, imgsz: int, seed
     return out / "data.yaml"
 
 
-def make_video(path: Path, classes: int, size: Tuple[int, int], frames: int, seed: int, fps: int = 30) -> Path:
-    """Write an MP4 of objects moving and bouncing, plus ``<path>.json`` with the boxes per frame."""
+def make_video(
+    path: Path, classes: int, size: Tuple[int, int], frames: int, seed: int, fps: int = 30
+) -> Path:
+    """Write an MP4 of objects moving and bouncing, and ``<path>.json``: the boxes per frame."""
     width, height = size
+    if not 1 <= classes <= MAX_CLASSES:
+        raise JetyoloError(f"--classes must be between 1 and {MAX_CLASSES}, got {classes}")
+    if frames < 1 or min(width, height) < 32:
+        raise JetyoloError(
+            f"--frames must be >= 1 and --video-size at least 32x32, "
+            f"got {frames} frames, {width}x{height}"
+        )
     rng = np.random.default_rng(seed + 7919)
     scene = background(rng, width, height)
-    objects = random_objects(rng, classes, width, height)
+    # A 16:9 frame letterboxed to a square model input shrinks objects by width/imgsz; 15% of the
+    # short side keeps the smallest object as large, in model pixels, as the dataset's smallest.
+    objects = random_objects(rng, classes, width, height, sizes=(0.15, 0.35))
     speeds = rng.uniform(-0.012, 0.012, size=(len(objects), 2)) * np.array([width, height])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_video = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height))
     if not writer.isOpened():
         raise JetyoloError(f"OpenCV cannot write MP4 to {path}: its build lacks an mp4v encoder")
     truth = []
@@ -225,14 +274,23 @@ def make_video(path: Path, classes: int, size: Tuple[int, int], frames: int, see
                 _move(obj, speed, width, height)
             writer.write(frame)
             truth.append({"index": index, "boxes": boxes})
-    finally:
+    except BaseException:
         writer.release()
+        tmp_video.unlink(missing_ok=True)
+        raise
+    writer.release()
     os.replace(tmp_video, path)
     names = [name for name, _, _ in CLASSES[:classes]]
     atomic_write_json(
         path.with_suffix(".json"),
-        {"video": path.name, "size": [width, height], "fps": fps, "class_names": names,
-         "box_format": "x1,y1,x2,y2,class_id (frame pixels)", "frames": truth},
+        {
+            "video": path.name,
+            "size": [width, height],
+            "fps": fps,
+            "class_names": names,
+            "box_format": "x1,y1,x2,y2,class_id (frame pixels)",
+            "frames": truth,
+        },
     )
     return path
 
@@ -258,8 +316,12 @@ def _parse_size(text: str) -> Tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", type=Path, help="output directory (created; must be empty unless --force)")
-    parser.add_argument("--classes", type=int, default=4, help=f"number of classes, 1..{MAX_CLASSES}")
+    parser.add_argument(
+        "out", type=Path, help="output directory (created; must be empty unless --force)"
+    )
+    parser.add_argument(
+        "--classes", type=int, default=4, help=f"number of classes, 1..{MAX_CLASSES}"
+    )
     parser.add_argument("--train", type=int, default=200, help="training images")
     parser.add_argument("--val", type=int, default=50, help="validation images")
     parser.add_argument("--imgsz", type=int, default=320, help="image side in pixels")
@@ -271,9 +333,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data_yaml = make_dataset(args.out, args.classes, args.train, args.val, args.imgsz, args.seed, args.force)
-    print(f"dataset: {data_yaml} ({args.train} train, {args.val} val, {args.classes} classes, {args.imgsz}px)")
+    video_size = _parse_size(args.video_size)  # before writing anything
+    data_yaml = make_dataset(
+        args.out, args.classes, args.train, args.val, args.imgsz, args.seed, args.force
+    )
+    print(
+        f"dataset: {data_yaml} ({args.train} train, {args.val} val, {args.classes} classes, "
+        f"{args.imgsz}px)"
+    )
     if args.video:
-        video = make_video(args.video, args.classes, _parse_size(args.video_size), args.frames, args.seed)
-        print(f"video: {video} ({args.frames} frames, {args.video_size}) + {video.with_suffix('.json').name}")
+        video = make_video(args.video, args.classes, video_size, args.frames, args.seed)
+        print(
+            f"video: {video} ({args.frames} frames, {args.video_size}) "
+            f"+ {video.with_suffix('.json').name}"
+        )
     return 0

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from device.errors import JetyoloError
-from host._env import ultralytics_offline
+from host._env import require, ultralytics_offline
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = {
@@ -38,14 +39,26 @@ def load_detect_model(model: str, verb: str = "train") -> Any:
     ultralytics = ultralytics_offline(verb)
     is_yaml = model.endswith((".yaml", ".yml"))
     if not is_yaml and not Path(model).is_file():
-        raise JetyoloError(f"model {model} does not exist; pass a .pt you trained or a yaml such as yolo11n.yaml")
+        raise JetyoloError(
+            f"model {model} does not exist; pass a .pt you trained or a yaml such as yolo11n.yaml"
+        )
     try:
         yolo = ultralytics.YOLO(model)
     except Exception as exc:  # ultralytics raises many types for a bad file
-        raise JetyoloError(f"{model} is not an ultralytics model ({type(exc).__name__}: {exc})") from exc
+        raise JetyoloError(
+            f"{model} is not an ultralytics model ({_first_line(exc)}); pass a .pt saved by "
+            "ultralytics training or a model yaml such as yolo11n.yaml"
+        ) from exc
     if yolo.task != "detect":
         raise JetyoloError(f"{model} is a {yolo.task!r} model; jetyolo needs a YOLO detect model")
     return yolo
+
+
+def _first_line(exc: Exception) -> str:
+    """ultralytics' multi-line messages as one line, without its 'ERROR ❌' prefix."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    text = re.sub(r"^ERROR\W*", "", text)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def train(
@@ -66,20 +79,43 @@ def train(
     last = run_dir / "weights" / "last.pt"
     if resume:
         if not last.is_file():
-            raise JetyoloError(f"--resume: no {last} to resume from; drop --resume to start run {name!r}")
+            raise JetyoloError(
+                f"--resume: no {last} to resume from; drop --resume to start run {name!r}"
+            )
+        _require_unfinished(last, name)
         yolo = load_detect_model(str(last))
         yolo.train(resume=True)
     else:
         yolo = load_detect_model(model)
         yolo.train(
-            data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, freeze=freeze, device=device,
-            project=str(project.resolve()), name=name, exist_ok=True, seed=seed, deterministic=True,
-            workers=0 if device == "cpu" else 8, amp=device != "cpu", plots=True,
+            data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, freeze=freeze,
+            device=device, project=str(project.resolve()), name=name, exist_ok=True, seed=seed,
+            deterministic=True, workers=0 if device == "cpu" else 8, amp=device != "cpu",
+            plots=True,
         )
     trainer = yolo.trainer
     run_dir = Path(trainer.save_dir)
-    metrics = {short: float(trainer.metrics.get(key, float("nan"))) for short, key in METRIC_KEYS.items()}
-    return TrainResult(run_dir, run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt", metrics)
+    metrics = {
+        short: float(trainer.metrics.get(key, float("nan"))) for short, key in METRIC_KEYS.items()
+    }
+    weights = run_dir / "weights"
+    return TrainResult(run_dir, weights / "best.pt", weights / "last.pt", metrics)
+
+
+def _require_unfinished(last: Path, name: str) -> None:
+    """ultralytics asserts deep inside train() when a run already finished; say it up front."""
+    torch = require("torch", "train")
+    try:
+        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle/zip errors of many kinds
+        raise JetyoloError(
+            f"--resume: {last} is not a loadable checkpoint ({_first_line(exc)})"
+        ) from exc
+    if not isinstance(checkpoint, dict) or checkpoint.get("epoch", -1) < 0:
+        raise JetyoloError(
+            f"--resume: run {name!r} finished all its epochs, nothing to resume; start a new run "
+            f"from {last.with_name('best.pt')} (--model) without --resume"
+        )
 
 
 def checked_data_yaml(data: Path) -> Path:
@@ -88,6 +124,13 @@ def checked_data_yaml(data: Path) -> Path:
 
     report = check_dataset(data)
     report.raise_if_errors()
+    for change in report.repairs:
+        log.info("data check: repaired %s", change)
+    if report.data_yaml != data:
+        log.info("data check: training on %s (%s is unchanged)", report.data_yaml, data.name)
+    if report.warnings:
+        log.info("data check: %d warnings (`jetyolo data check %s` lists them)",
+                 len(report.warnings), data)
     return report.data_yaml
 
 
@@ -110,10 +153,11 @@ def run(args: argparse.Namespace) -> int:
         args.data, args.model, args.epochs, args.imgsz, args.batch, args.freeze, args.device,
         args.name, args.project, args.resume, args.seed,
     )
-    print("training finished:")
+    print(f"training finished ({result.run_dir}):")
     for key, value in result.metrics.items():
-        print(f"  {key:<10} {value:.4f}")
-    print(f"  best.pt     {result.best}")
-    print(f"  results.csv {result.run_dir / 'results.csv'}")
-    print(f"  plots       {result.run_dir}/*.png")
+        print(f"  {key:<12} {value:.4f}")
+    print(f"  {'best.pt':<12} {result.best}")
+    print(f"  {'last.pt':<12} {result.last}")
+    print(f"  {'results.csv':<12} {result.run_dir / 'results.csv'}")
+    print(f"  {'plots':<12} {result.run_dir}/*.png")
     return 0

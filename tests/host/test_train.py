@@ -1,0 +1,132 @@
+"""`jetyolo train`: a real 1-epoch run end to end, and the refusals that come before training."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+
+import host.train
+from device.cli import main
+from device.errors import JetyoloError
+from host.synth import make_dataset
+from host.train import METRIC_KEYS, TrainResult, train
+
+IMGSZ = 160
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 train / 8 val images at 160 px: enough for one real epoch in seconds."""
+    return make_dataset(tmp_path_factory.mktemp("train") / "ds", 4, 16, 8, IMGSZ, seed=1)
+
+
+@dataclass
+class CliRun:
+    exit_code: int
+    stdout: str
+    project: Path
+    result: TrainResult  # what train() returned to the CLI
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+    """`jetyolo train` for 1 epoch from yolo11n.yaml (from scratch, nothing downloaded)."""
+    project = tmp_path_factory.mktemp("runs")
+    returned: List[TrainResult] = []
+
+    def keep_result(*args: Any, **kwargs: Any) -> TrainResult:
+        returned.append(train(*args, **kwargs))
+        return returned[-1]
+
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        patch.setattr(host.train, "train", keep_result)
+        code = main(["train", "--data", str(tiny_dataset), "--model", "yolo11n.yaml",
+                     "--epochs", "1", "--imgsz", str(IMGSZ), "--batch", "8",
+                     "--project", str(project), "--name", "tiny"])
+    return CliRun(code, stdout.getvalue(), project, returned[0])
+
+
+@pytest.mark.slow
+def test_one_epoch_writes_weights_results_and_prints_metrics(trained: CliRun) -> None:
+    run_dir = trained.project / "tiny"
+    assert trained.exit_code == 0
+    assert trained.result.run_dir == run_dir
+    assert trained.result.best == run_dir / "weights" / "best.pt"
+    assert set(trained.result.metrics) == {"precision", "recall", "mAP50", "mAP50-95"}
+    for produced in ("weights/best.pt", "weights/last.pt", "results.csv", "results.png"):
+        assert (run_dir / produced).is_file(), produced
+    header = (run_dir / "results.csv").read_text().splitlines()[0]
+    assert all(key in header for key in METRIC_KEYS.values())
+    lines = trained.stdout.splitlines()  # ultralytics logs to stdout too; ours come last
+    printed = lines[lines.index(f"training finished ({run_dir}):"):]
+    for short in METRIC_KEYS:  # each metric printed as a number in [0, 1]
+        line = next(line for line in printed if line.split()[0] == short)
+        assert 0.0 <= float(line.split()[1]) <= 1.0
+    assert f"  best.pt      {run_dir / 'weights' / 'best.pt'}" in printed
+
+
+@pytest.mark.slow
+def test_trained_weights_load_as_a_detect_model(trained: CliRun) -> None:
+    from host.train import load_detect_model
+
+    model = load_detect_model(str(trained.project / "tiny" / "weights" / "best.pt"))
+    assert model.task == "detect"
+    assert list(model.names.values()) == ["red_circle", "green_square", "blue_triangle",
+                                          "yellow_star"]
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_is_refused(trained: CliRun, tiny_dataset: Path) -> None:
+    with pytest.raises(JetyoloError, match="finished all its epochs, nothing to resume"):
+        train(tiny_dataset, project=trained.project, name="tiny", resume=True)
+
+
+def test_resume_without_a_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(JetyoloError) as caught:
+        train(tiny_dataset, project=tmp_path, name="never", resume=True)
+    last = tmp_path.resolve() / "never" / "weights" / "last.pt"
+    assert str(caught.value) == (
+        f"--resume: no {last} to resume from; drop --resume to start run 'never'"
+    )
+
+
+def test_garbage_pt_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    garbage = tmp_path / "model.pt"
+    garbage.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(JetyoloError) as caught:
+        train(tiny_dataset, model=str(garbage), project=tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{garbage} is not an ultralytics model (")
+    assert "\n" not in message
+    assert not (tmp_path / "train").exists()
+
+
+def test_missing_pt_is_refused_not_downloaded(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(JetyoloError, match=re.escape("model yolo11n.pt does not exist")):
+        train(tiny_dataset, model="yolo11n.pt", project=tmp_path)
+
+
+def test_classify_model_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    from host._env import ultralytics_offline
+
+    ultralytics = ultralytics_offline("train")
+    classifier = tmp_path / "cls.pt"
+    ultralytics.YOLO("yolo11n-cls.yaml").save(str(classifier))  # built offline from the yaml
+    with pytest.raises(JetyoloError, match="is a 'classify' model; jetyolo needs a YOLO detect"):
+        train(tiny_dataset, model=str(classifier), project=tmp_path)
+
+
+def test_dataset_errors_stop_training_before_it_starts(tmp_path: Path) -> None:
+    data_yaml = make_dataset(tmp_path / "ds", 2, 2, 1, 64, seed=0)
+    (data_yaml.parent / "valid" / "labels" / "valid_00000.txt").write_text("5 0.5 0.5 0.1 0.1\n")
+    expected = "valid/labels/valid_00000.txt:1: class id 5 >= nc 2"
+    with pytest.raises(JetyoloError, match=re.escape(expected)):
+        train(data_yaml, project=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
