@@ -42,6 +42,7 @@ CONVENTIONAL_DIRS = {
     "val": ("valid/images", "val/images", "validation/images", "images/val", "images/valid"),
     "test": ("test/images", "images/test"),
 }
+NOT_LABELS = {"classes.txt"}  # LabelImg writes the class list beside the labels
 SPLIT_HINTS = {"images", "train", "val", "valid", "validation", "test"}
 # ultralytics accepts coordinates up to 1% outside [0, 1] and drops the whole image beyond that.
 COORD_TOLERANCE = 0.01
@@ -55,7 +56,6 @@ class SplitReport:
     """What one split holds: where it was found and what its labels count."""
 
     name: str
-    key: str  # the yaml key it came from ("val" or "validation")
     sources: List[Path] = field(default_factory=list)
     images: int = 0
     backgrounds: int = 0  # images with no label file or an empty one
@@ -99,9 +99,9 @@ class DatasetReport:
             return
         more = len(self.errors) - 1
         suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-        where = ("the report above lists every problem" if listed_above
-                 else f"run `jetyolo data check {self.source_yaml}` for the full list")
-        raise JetyoloError(f"dataset {self.source_yaml}: {self.errors[0]}{suffix} ({where})")
+        where = ("see the report above" if listed_above
+                 else f"`jetyolo data check {self.source_yaml}` lists them all")
+        raise JetyoloError(f"dataset {self.source_yaml}: {self.errors[0]}{suffix}; {where}")
 
     def format(self) -> str:
         return "\n".join(format_report(self))
@@ -260,7 +260,7 @@ def resolve_splits(data: Dict[str, Any], data_yaml: Path, report: DatasetReport)
                 path, any_repaired = found, True
             sources.append(path)
             new_entries.append(_yaml_relative(path, yaml_dir))
-        report.splits[split] = SplitReport(split, split, sources)
+        report.splits[split] = SplitReport(split, sources)
         if any_repaired:
             changed[split] = new_entries[0] if isinstance(value, str) else new_entries
     return changed
@@ -514,7 +514,7 @@ def _check_orphan_labels(split: SplitReport, images: List[str], report: DatasetR
         if not source.is_dir() or label_dir == source or not label_dir.is_dir():
             continue
         orphans += [_show(label, report) for label in sorted(label_dir.rglob("*.txt"))
-                    if os.path.normpath(label) not in expected]
+                    if os.path.normpath(label) not in expected and label.name not in NOT_LABELS]
     if orphans:
         report.warnings.append(
             f"{split.name}: {len(orphans)} label file(s) without an image, their boxes are not "
@@ -572,7 +572,8 @@ def check_dataset(data_yaml: Path, repair: bool = True) -> DatasetReport:
 
 
 def format_report(report: DatasetReport) -> List[str]:
-    lines = [f"dataset: {report.source_yaml}", f"root:    {report.root}",
+    missing = "" if report.root.exists() else " (does not exist)"
+    lines = [f"dataset: {report.source_yaml}", f"root:    {report.root}{missing}",
              f"classes: {report.nc} ({', '.join(report.names[:10])}"
              f"{', ...' if report.nc > 10 else ''})"]
     if report.repairs:
