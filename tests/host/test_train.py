@@ -130,3 +130,13 @@ def test_dataset_errors_stop_training_before_it_starts(tmp_path: Path) -> None:
     with pytest.raises(JetyoloError, match=re.escape(expected)):
         train(data_yaml, project=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
+
+
+def test_training_uses_the_repaired_copy(tmp_path: Path) -> None:
+    from host.train import checked_data_yaml
+
+    data_yaml = make_dataset(tmp_path / "ds", 2, 2, 1, 64, seed=0)
+    original = data_yaml.read_text().replace("train/images", "/old/machine/ds/train/images")
+    data_yaml.write_text(original)
+    assert checked_data_yaml(data_yaml) == data_yaml.with_name("data.repaired.yaml")
+    assert data_yaml.read_text() == original
