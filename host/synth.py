@@ -304,7 +304,9 @@ def visible_fractions(objects: Sequence[SynthObject], width: int, height: int) -
     Moving objects cross each other; ground truth keeps every box, and evaluations can skip the
     ones mostly hidden. Masks are drawn at quarter resolution: plenty for a fraction.
     """
-    quarter = [SynthObject(o.class_id, (o.center[0] / 4, o.center[1] / 4), o.size / 4) for o in objects]
+    quarter = [
+        SynthObject(o.class_id, (o.center[0] / 4, o.center[1] / 4), o.size / 4) for o in objects
+    ]
     masks = []
     for obj in quarter:
         canvas = np.zeros((height // 4 + 1, width // 4 + 1, 3), np.uint8)

@@ -79,6 +79,10 @@ def test_video_frames_and_ground_truth_inside_the_frame(tmp_path: Path) -> None:
         assert 0 <= x1 < x2 <= 320 and 0 <= y1 < y2 <= 192
         assert class_id in range(3)
     assert truth["frames"][0]["boxes"] != truth["frames"][-1]["boxes"]  # objects move
+    for record in truth["frames"]:  # how visible each box is, one fraction per box
+        assert len(record["visible"]) == len(record["boxes"])
+        assert all(0.0 <= fraction <= 1.0 for fraction in record["visible"])
+    assert record["visible"][-1] > 0.99  # the object drawn last is never hidden
     assert [p.name for p in video.parent.iterdir()] in (["v.mp4", "v.json"], ["v.json", "v.mp4"])
 
 
