@@ -14,25 +14,36 @@ from typing import Any, Dict, List, Optional
 from device.bundle import SCHEMA_VERSION, Bundle, sha256_file, write_new_bundle
 from device.errors import JetyoloError
 from device.postprocess import PostprocessConfig
-from host import surgeon
+from host import parity, surgeon
 from host._env import require
 from host.train import load_detect_model
 
 log = logging.getLogger(__name__)
 BASE_PASSES = (surgeon.fold_constants, surgeon.remove_identity, surgeon.split_head)
+UINT8_ATOL = 1e-6  # the uint8 graph must compute what the fp32 one does on the device's float input
 
 
-def ultralytics_onnx(yolo: Any, weights: Path, workdir: Path, imgsz: int, batch: int, opset: int) -> Path:
+def ultralytics_onnx(
+    yolo: Any, weights: Path, workdir: Path, imgsz: int, batch: int, opset: int
+) -> Path:
     """Plain ultralytics ONNX export (static shape), written in ``workdir``, not beside the .pt."""
     copied = workdir / weights.name
     shutil.copyfile(weights, copied)
     yolo = load_detect_model(str(copied), "export")
-    exported = yolo.export(format="onnx", imgsz=imgsz, batch=batch, opset=opset, dynamic=False, simplify=True)
+    exported = yolo.export(
+        format="onnx", imgsz=imgsz, batch=batch, opset=opset, dynamic=False, simplify=True
+    )
     return Path(exported)
 
 
 def build_manifest(
-    yolo: Any, name: str, imgsz: int, batch: int, head_nodes: List[str], weights: Path, passes: List[str]
+    yolo: Any,
+    name: str,
+    imgsz: int,
+    batch: int,
+    head_nodes: List[str],
+    weights: Path,
+    passes: List[str],
 ) -> Dict[str, Any]:
     torch = require("torch", "export")
     onnx = require("onnx", "export")
@@ -45,14 +56,23 @@ def build_manifest(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "class_names": class_names,
         "preprocess": {
-            "size": [imgsz, imgsz], "stride": int(max(yolo.model.stride)), "pad_value": 114,
-            "color": "RGB", "scale": 1 / 255, "letterbox": "center",
+            "size": [imgsz, imgsz],
+            "stride": int(max(yolo.model.stride)),
+            "pad_value": 114,
+            "color": "RGB",
+            "scale": 1 / 255,
+            "letterbox": "center",
         },
         "postprocess": {"conf": defaults.conf, "iou": defaults.iou, "max_det": defaults.max_det},
         "variants": {
             "fp32": {
                 "file": "model.onnx",
-                "input": {"name": "images", "shape": [batch, 3, imgsz, imgsz], "dtype": "float32", "layout": "NCHW"},
+                "input": {
+                    "name": "images",
+                    "shape": [batch, 3, imgsz, imgsz],
+                    "dtype": "float32",
+                    "layout": "NCHW",
+                },
                 "outputs": {
                     "boxes": "[B,4,N] float32: cx, cy, w, h in input pixels",
                     "scores": f"[B,{len(class_names)},N] float32: per-class scores after sigmoid",
@@ -63,12 +83,90 @@ def build_manifest(
         "head": {"postprocess_nodes": head_nodes},
         "files": {},
         "versions": {
-            "ultralytics": ultralytics.__version__, "torch": torch.__version__,
-            "onnx": onnx.__version__, "opset": None,
+            "ultralytics": ultralytics.__version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "opset": None,
         },
-        "provenance": {"weights": weights.name, "weights_sha256": sha256_file(weights),
-                       "dataset": str(yolo.ckpt.get("train_args", {}).get("data")) if yolo.ckpt else None},
+        "provenance": {
+            "weights": weights.name,
+            "weights_sha256": sha256_file(weights),
+            "dataset": str(yolo.ckpt.get("train_args", {}).get("data")) if yolo.ckpt else None,
+        },
     }
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse a bad ``--out`` before any work: a file, a non-empty folder without ``--force``, or a
+    place this user cannot create files in (probed by creating and removing a temp folder)."""
+    if out.exists() and not out.is_dir():
+        raise JetyoloError(f"output {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise JetyoloError(
+            f"output {out} exists and is not empty; choose another --out or pass --force"
+        )
+    existing = out.resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        Path(tempfile.mkdtemp(prefix=".jetyolo-probe-", dir=existing)).rmdir()
+    except OSError as exc:
+        raise JetyoloError(
+            f"cannot write the bundle {out}: {existing} is not writable "
+            f"({exc.strerror or exc}); choose a writable --out"
+        ) from exc
+
+
+def _load_weights(weights: Path) -> Any:
+    if not weights.is_file():
+        raise JetyoloError(
+            f"weights {weights} do not exist; pass the best.pt `jetyolo train` printed"
+        )
+    try:
+        return load_detect_model(str(weights), "export")
+    except JetyoloError as exc:  # ultralytics/torch errors can span many lines: keep the first
+        raise JetyoloError(str(exc).strip().splitlines()[0]) from exc
+
+
+def uint8_variant(fp32: Dict[str, Any], batch: int, imgsz: int) -> Dict[str, Any]:
+    return dict(
+        fp32,
+        file="model_uint8.onnx",
+        passes=[*fp32["passes"], "uint8_input"],
+        input={
+            "name": "images",
+            "shape": [batch, imgsz, imgsz, 3],
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "color": "RGB",
+            "note": "the graph casts, transposes and scales",
+        },
+    )
+
+
+def nms_variant(fp32: Dict[str, Any], config: PostprocessConfig) -> Dict[str, Any]:
+    m = config.max_det
+    return dict(
+        fp32,
+        file="model_nms.onnx",
+        passes=[*fp32["passes"], "efficient_nms"],
+        outputs={
+            "num_dets": "[B,1] int32: valid detections per image",
+            "det_boxes": f"[B,{m},4] float32: x1, y1, x2, y2 in input pixels",
+            "det_scores": f"[B,{m}] float32: score of each detection",
+            "det_classes": f"[B,{m}] int32: class id of each detection",
+        },
+        nms={
+            "plugin": "EfficientNMS_TRT",
+            "score_threshold": config.conf,
+            "iou_threshold": config.iou,
+            "max_output_boxes": m,
+            "class_agnostic": False,
+        },
+        runtime="TensorRT only (EfficientNMS_TRT plugin); ONNX Runtime cannot run it",
+    )
 
 
 def export_bundle(
@@ -79,24 +177,90 @@ def export_bundle(
     opset: int = 17,
     force: bool = False,
     name: Optional[str] = None,
+    *,
+    uint8_input: bool = False,
+    nms: bool = False,
+    data: Optional[Path] = None,
+    parity_images: int = 8,
+    tolerance: Optional[parity.Tolerance] = None,
 ) -> Bundle:
+    """Export ``weights`` to the bundle ``out``; raises JetyoloError (writing nothing) on bad input
+    or when the ONNX is not at parity with the PyTorch model."""
     weights, out = Path(weights), Path(out)
+    check_output_dir(out, force)
     onnx = require("onnx", "export")
-    yolo = load_detect_model(str(weights), "export")
+    yolo = _load_weights(weights)
+    config = PostprocessConfig()
     with tempfile.TemporaryDirectory(prefix="jetyolo-export-") as tmp:
         workdir = Path(tmp)
-        log.info("export: ultralytics ONNX export of %s at %dx%d, opset %d", weights, imgsz, imgsz, opset)
+        log.info(
+            "export: ultralytics ONNX export of %s at %dx%d, opset %d", weights, imgsz, imgsz, opset
+        )
         raw = onnx.load(str(ultralytics_onnx(yolo, weights, workdir, imgsz, batch, opset)))
         log.info("export: graph-surgeon passes")
         head_nodes = surgeon.head_postprocess_nodes(surgeon.import_graph(raw))
         model, applied = surgeon.apply_passes(raw, BASE_PASSES)
-        model_path = workdir / "model.onnx"
-        onnx.save(model, str(model_path))
-        manifest = build_manifest(yolo, name or out.name, imgsz, batch, head_nodes, weights, applied)
+        files = {"model.onnx": workdir / "model.onnx"}
+        onnx.save(model, str(files["model.onnx"]))
+        manifest = build_manifest(
+            yolo, name or out.name, imgsz, batch, head_nodes, weights, applied
+        )
         manifest["versions"]["opset"] = opset
-        bundle = write_new_bundle(out, {"model.onnx": model_path}, manifest, force=force)
+        log.info("export: parity with the PyTorch model")
+        frames, source = parity.frames_for(data, len(yolo.names), parity_images)
+        report = parity.compare(
+            yolo.model, files["model.onnx"], frames, (imgsz, imgsz), source, tolerance, config
+        )
+        if report.problems:
+            for line in report.lines():
+                log.warning(line)
+        parity.check(report)
+        manifest["parity"] = report.as_manifest()
+        fp32 = manifest["variants"]["fp32"]
+        if uint8_input:
+            files["model_uint8.onnx"] = _save_variant(
+                model, surgeon.uint8_input, workdir / "model_uint8.onnx"
+            )
+            _check_uint8(files, frames, imgsz, manifest)
+            manifest["variants"]["uint8"] = uint8_variant(fp32, batch, imgsz)
+        if nms:
+            nms_pass = surgeon.efficient_nms(config.conf, config.iou, config.max_det)
+            files["model_nms.onnx"] = _save_variant(model, nms_pass, workdir / "model_nms.onnx")
+            manifest["variants"]["nms"] = nms_variant(fp32, config)
+        try:
+            bundle = write_new_bundle(out, files, manifest, force=force)
+        except OSError as exc:
+            raise JetyoloError(
+                f"cannot write the bundle {out} ({exc}); choose a writable --out with free space"
+            ) from exc
     log.info("export: bundle written to %s", out)
     return bundle
+
+
+def _save_variant(model: Any, graph_pass: surgeon.GraphPass, path: Path) -> Path:
+    log.info("export: variant %s", path.name)
+    variant, _ = surgeon.apply_passes(model, [graph_pass])
+    require("onnx", "export").save(variant, str(path))
+    return path
+
+
+def _check_uint8(
+    files: Dict[str, Path], frames: List[Any], imgsz: int, manifest: Dict[str, Any]
+) -> None:
+    worst = parity.uint8_difference(
+        files["model.onnx"], files["model_uint8.onnx"], frames, (imgsz, imgsz)
+    )
+    log.info(
+        "  uint8 input vs fp32 input: boxes max abs %.3g, scores max abs %.3g",
+        worst["boxes"],
+        worst["scores"],
+    )
+    if max(worst.values()) > UINT8_ATOL:
+        raise JetyoloError(
+            f"the uint8-input variant differs from the fp32 model by {max(worst.values()):.3g} "
+            f"(> {UINT8_ATOL:g}); nothing was written"
+        )
+    manifest["parity"]["uint8_vs_fp32"] = worst
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,11 +271,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--name", help="bundle name (default: the --out folder name)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--uint8-input",
+        action="store_true",
+        help="also write model_uint8.onnx: uint8 NHWC RGB input, cast/scale in the graph",
+    )
+    parser.add_argument(
+        "--nms",
+        action="store_true",
+        help="also write model_nms.onnx with TensorRT's EfficientNMS_TRT appended",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="data.yaml whose val images the parity check uses (default: synthetic frames)",
+    )
+    parser.add_argument("--parity-images", type=int, default=8, help="images for the parity check")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.weights.is_file():
-        raise JetyoloError(f"weights {args.weights} do not exist; pass the best.pt `jetyolo train` printed")
-    bundle = export_bundle(args.weights, args.out, args.imgsz, args.batch, args.opset, args.force, args.name)
-    print(f"bundle: {bundle.root} (model {bundle.model_id})")
+    if args.parity_images < 1:
+        raise JetyoloError("--parity-images must be at least 1")
+    bundle = export_bundle(
+        args.weights,
+        args.out,
+        args.imgsz,
+        args.batch,
+        args.opset,
+        args.force,
+        args.name,
+        uint8_input=args.uint8_input,
+        nms=args.nms,
+        data=args.data,
+        parity_images=args.parity_images,
+    )
+    for line in parity.report_lines(bundle.manifest["parity"]):
+        print(line)
+    variants = ", ".join(bundle.manifest["variants"])
+    print(f"bundle: {bundle.root} (model {bundle.model_id}; variants {variants})")
     return 0
