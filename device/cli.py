@@ -43,7 +43,7 @@ def _load_verb(verb: str) -> ModuleType:
     if verb in DEVICE_VERBS:
         return importlib.import_module(DEVICE_VERBS[verb])
     entry = host_verbs()[verb]
-    return entry.load()  # type: ignore[no-any-return]
+    return entry.load()
 
 
 def _usage(known: Sequence[str]) -> str:
