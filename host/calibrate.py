@@ -1,0 +1,468 @@
+"""Calibrate INT8 on the host's CPU and add both INT8 forms to the bundle.
+
+    jetyolo calibrate BUNDLE --images DIR|LIST [--num 500] [--method entropy|minmax|percentile]
+                      [--trt-version 10.3.0 [8.6.2 ...]] [--data DATA.yaml --max-drop 1.0]
+
+One ONNX Runtime calibration pass over the images (through the device's preprocessing) gives the
+per-tensor ranges; from them come a TensorRT calibration cache per --trt-version (implicit INT8,
+TensorRT 8.5-10.x) and a Q/DQ model (explicit INT8, the only form TensorRT 11 takes). The head's
+post-processing (DFL, sigmoid, box decode) stays in float in both. With --data, FP32 and INT8
+mAP are measured on the val split; when the drop exceeds --max-drop, the layers whose INT8 input
+loses most signal (measured) are kept in FP16, a few more at a time, until the drop is within the
+limit, or the command fails with the figures and writes nothing. See docs/calibration.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from device import calibcache
+from device.bundle import Bundle, add_files
+from device.errors import JetyoloError
+from host import quantize
+from host._env import require
+from host.evaluate import EvalResult, evaluate_model, val_image_paths
+
+log = logging.getLogger(__name__)
+
+QDQ_FILE = "model_int8_qdq.onnx"
+REPORT_FILE = "calibration.json"
+CACHE_DIR = "calibration"
+SPLIT_HEAD_OUTPUTS = ("boxes", "scores")
+# Defaults of calibration/default.yaml (a test keeps the two equal). CLI flags override a recipe.
+DEFAULT_RECIPE: Dict[str, Any] = {
+    "method": "entropy",
+    "num": 500,
+    "min_images": 16,
+    "num_bins": 512,
+    "num_quantized_bins": 128,
+    "percentile": 99.999,
+    "trt_versions": ["10.3.0"],
+    "max_drop": 1.0,
+    "max_fp16_layers": 8,
+    "sensitivity_images": 16,
+    "exclude_layers": [],
+}
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+def load_recipe(path: Optional[Path]) -> Dict[str, Any]:
+    recipe = dict(DEFAULT_RECIPE)
+    if path is None:
+        return recipe
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise JetyoloError(f"cannot read recipe {path}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise JetyoloError(f"recipe {path} must be a YAML mapping like calibration/default.yaml")
+    unknown = sorted(set(loaded) - set(DEFAULT_RECIPE))
+    if unknown:
+        raise JetyoloError(
+            f"recipe {path}: unknown key(s) {unknown}; known: {sorted(DEFAULT_RECIPE)}"
+        )
+    recipe.update(loaded)
+    return recipe
+
+
+def apply_flags(recipe: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    flags = {"method": args.method, "num": args.num, "max_drop": args.max_drop,
+             "max_fp16_layers": args.max_fp16_layers, "trt_versions": _versions(args.trt_version),
+             "exclude_layers": args.exclude}
+    merged = dict(recipe)
+    merged.update({key: value for key, value in flags.items() if value is not None})
+    if merged["method"] not in quantize.METHODS:
+        raise JetyoloError(f"--method {merged['method']!r} is not one of {list(quantize.METHODS)}")
+    if float(merged["max_drop"]) < 0 or int(merged["max_fp16_layers"]) < 0:
+        raise JetyoloError("--max-drop and --max-fp16-layers must be >= 0")
+    return merged
+
+
+def _versions(values: Optional[Sequence[str]]) -> Optional[List[str]]:
+    if not values:
+        return None
+    return [part for value in values for part in value.replace(",", " ").split()]
+
+
+def checked_trt_versions(versions: Sequence[str]) -> Dict[str, int]:
+    """Normalised version text -> header int, in order; unknown or TensorRT 11+ versions refused
+    (calibcache says why and points TensorRT 11 to the Q/DQ model)."""
+    if not versions:
+        raise JetyoloError(
+            "no --trt-version given; pass the Jetson's, e.g. 10.3.0 (JetPack 6.1/6.2)"
+        )
+    checked: Dict[str, int] = {}
+    for text in versions:
+        number = calibcache.trt_version_int(text)
+        checked.setdefault(calibcache.version_text(number), number)
+    return checked
+
+
+def split_head_nodes(bundle: Bundle, model: Any) -> List[str]:
+    """The head's post-processing node names present in the graph; refuses a bundle whose fp32
+    graph does not end in the split ``boxes``/``scores`` head."""
+    outputs = [o.name for o in model.graph.output]
+    if sorted(outputs) != sorted(SPLIT_HEAD_OUTPUTS):
+        raise JetyoloError(
+            f"bundle {bundle.root}: the fp32 model's outputs are {outputs}, not the split head "
+            f"{list(SPLIT_HEAD_OUTPUTS)}: INT8 would share one scale between boxes and scores; "
+            "re-export the bundle with `jetyolo export`"
+        )
+    listed = bundle.manifest.get("head", {}).get("postprocess_nodes")
+    if not listed:
+        raise JetyoloError(
+            f"bundle {bundle.root}: manifest has no head.postprocess_nodes (the DFL/sigmoid/decode "
+            "nodes INT8 must not touch); re-export the bundle with `jetyolo export`"
+        )
+    present = {node.name for node in model.graph.node}
+    return [name for name in listed if name in present]
+
+
+# ---- the accuracy gate --------------------------------------------------------------------------
+@dataclass
+class GateStep:
+    fp16_layers: List[str]
+    result: EvalResult
+
+    def drop(self, fp32: EvalResult) -> float:
+        return (fp32.map50_95 - self.result.map50_95) * 100
+
+
+@dataclass
+class Gate:
+    fp32: EvalResult
+    max_drop: float
+    steps: List[GateStep] = field(default_factory=list)
+    sensitivity: List[Tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def final(self) -> GateStep:
+        return self.steps[-1]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.steps) and self.final.drop(self.fp32) <= self.max_drop
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "metric": "mAP50-95 drop in points (FP32 - INT8 Q/DQ on ONNX Runtime, val split)",
+            "max_drop": self.max_drop,
+            "passed": self.passed,
+            "fp32": self.fp32.to_dict(),
+            "int8": self.final.result.to_dict(),
+            "drop": round(self.final.drop(self.fp32), 3),
+            "steps": [{"fp16_layers": len(step.fp16_layers), "drop": round(step.drop(self.fp32), 3),
+                       "map50_95": round(step.result.map50_95, 5)} for step in self.steps],
+            "sensitivity_sqnr_db": [[name, round(db, 2)] for name, db in self.sensitivity],
+        }
+
+    def failure(self) -> str:
+        tried = ", ".join(
+            f"{len(step.fp16_layers)} layers: {step.drop(self.fp32):.2f}" for step in self.steps
+        )
+        worst = ", ".join(f"{name} ({db:.1f} dB)" for name, db in self.sensitivity[:3])
+        return (
+            f"INT8 loses {self.final.drop(self.fp32):.2f} mAP50-95 points (FP32 "
+            f"{self.fp32.map50_95:.4f} -> INT8 {self.final.result.map50_95:.4f}), more than "
+            f"--max-drop {self.max_drop:g}, even with the {len(self.final.fp16_layers)} most "
+            f"sensitive layers in FP16 (drop by FP16 layers: {tried}; most sensitive: "
+            f"{worst or 'not measured'}); try --method percentile or minmax, more and more "
+            "representative --images, a larger --max-fp16-layers, or --exclude LAYER; "
+            "nothing was written to the bundle"
+        )
+
+
+def exclusion_steps(limit: int) -> List[int]:
+    """How many of the most sensitive layers to keep in FP16 per attempt: 1, 2, 4, ... limit."""
+    steps, count = [], 1
+    while count < limit:
+        steps.append(count)
+        count *= 2
+    return [*steps, limit] if limit > 0 else []
+
+
+def run_gate(
+    ctx: Calibration, data_yaml: Path, max_drop: float, max_fp16_layers: int,
+    eval_limit: Optional[int],
+) -> Gate:
+    images, names = val_image_paths(data_yaml)
+    images = images[:eval_limit] if eval_limit else images
+    log.info("calibrate: accuracy gate on %d val images of %s", len(images), data_yaml)
+    fp32 = evaluate_model(ctx.bundle.model_path("fp32"), ctx.bundle, images, names, "fp32")
+    gate = Gate(fp32, max_drop)
+    qdq = ctx.build_qdq([])
+    gate.steps.append(GateStep([], evaluate_model(qdq, ctx.bundle, images, names, "int8-qdq")))
+    _log_step(gate)
+    if gate.passed or max_fp16_layers == 0:
+        return gate
+    gate.sensitivity = quantize.layer_sensitivity(
+        qdq, ctx.input_name, ctx.bundle.input_size, ctx.sensitivity_paths
+    )
+    for count in exclusion_steps(min(max_fp16_layers, len(gate.sensitivity))):
+        layers = [name for name, _ in gate.sensitivity[:count]]
+        qdq = ctx.build_qdq(layers)
+        result = evaluate_model(qdq, ctx.bundle, images, names, "int8-qdq")
+        gate.steps.append(GateStep(layers, result))
+        _log_step(gate)
+        if gate.passed:
+            break
+    return gate
+
+
+def _log_step(gate: Gate) -> None:
+    step = gate.final
+    log.info("calibrate: FP32 %.4f, INT8 %.4f mAP50-95: drop %.2f points with %d layer(s) in FP16",
+             gate.fp32.map50_95, step.result.map50_95, step.drop(gate.fp32), len(step.fp16_layers))
+
+
+# ---- the run ------------------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    """Everything one calibration run holds while it works in ``workdir``."""
+
+    bundle: Bundle
+    model: Any
+    workdir: Path
+    ranges: quantize.Ranges
+    head_nodes: List[str]
+    user_excluded: List[str]
+    sensitivity_paths: List[Path]
+    input_name: str = "images"
+
+    def build_qdq(self, fp16_layers: Sequence[str]) -> Path:
+        excluded = [*self.head_nodes, *self.user_excluded, *fp16_layers]
+        path = self.workdir / QDQ_FILE
+        quantize.build_qdq_model(self.bundle.model_path("fp32"), self.ranges, path, excluded)
+        onnx = require("onnx", "calibrate")
+        qdq = onnx.load(str(path))
+        problems = quantize.qdq_problems(qdq, quantize.head_tensors(self.model, self.head_nodes))
+        if problems:
+            raise JetyoloError(f"the Q/DQ model fails TensorRT's rules: {problems[0]} "
+                               f"(and {len(problems) - 1} more); please report this bundle")
+        return path
+
+
+def calibrate(
+    bundle_root: Path,
+    images: Path,
+    recipe: Mapping[str, Any],
+    data_yaml: Optional[Path] = None,
+    eval_limit: Optional[int] = None,
+) -> Bundle:
+    """Run the whole calibration and add its files to the bundle; nothing is written on failure."""
+    onnx = require("onnx", "calibrate")
+    bundle = Bundle.load(bundle_root)
+    versions = checked_trt_versions(recipe["trt_versions"])
+    model = onnx.load(str(bundle.model_path("fp32")))
+    head_nodes = split_head_nodes(bundle, model)
+    user_excluded = _checked_layers(recipe["exclude_layers"], model)
+    input_name = bundle.variant("fp32")["input"]["name"]
+    if bundle.variant("fp32")["input"].get("dtype", "float32") != "float32":
+        raise JetyoloError(
+            "the fp32 variant's input is not float32; calibrate a bundle with a float input"
+        )
+    chosen = quantize.select_images(Path(images), int(recipe["num"]), int(recipe["min_images"]))
+    ranges = quantize.collect_ranges(bundle.model_path("fp32"), input_name, bundle.input_size,
+                                     chosen.paths, recipe["method"], recipe)
+    with tempfile.TemporaryDirectory(prefix="jetyolo-calibrate-") as tmp:
+        ctx = Calibration(bundle, model, Path(tmp), ranges, head_nodes, user_excluded,
+                          chosen.paths[: int(recipe["sensitivity_images"])], input_name)
+        gate: Optional[Gate] = None
+        if data_yaml is not None:
+            gate = run_gate(ctx, data_yaml, float(recipe["max_drop"]),
+                            int(recipe["max_fp16_layers"]), eval_limit)
+            if not gate.passed:
+                raise JetyoloError(gate.failure())
+        fp16_by_sensitivity = gate.final.fp16_layers if gate else []
+        qdq_path = ctx.build_qdq(fp16_by_sensitivity)
+        files = write_caches(ctx, versions, Path(tmp))
+        files[QDQ_FILE] = qdq_path
+        report = calibration_report(ctx, chosen, Path(images), versions, fp16_by_sensitivity, gate,
+                                    qdq_path, recipe)
+        report_path = Path(tmp) / REPORT_FILE
+        report_path.write_text(_json(report))
+        files[REPORT_FILE] = report_path
+        updated = add_files(bundle, files, manifest_updates(bundle, report))
+    return updated
+
+
+def _checked_layers(names: Sequence[str], model: Any) -> List[str]:
+    present = {node.name for node in model.graph.node}
+    unknown = [name for name in names if name not in present]
+    if unknown:
+        raise JetyoloError(f"--exclude {unknown[0]!r} is not a node of the bundle's ONNX model; "
+                           "use node names as in calibration.json's sensitivity list or Netron")
+    return list(names)
+
+
+def write_caches(ctx: Calibration, versions: Mapping[str, int], workdir: Path) -> Dict[str, Path]:
+    """One TensorRT cache per version (read back and compared before it is accepted)."""
+    entries, _ = quantize.cache_entries(ctx.model, ctx.ranges, ctx.head_nodes)
+    algorithm = quantize.TRT_ALGORITHMS[ctx.ranges.method]
+    files: Dict[str, Path] = {}
+    for text in versions:
+        relative = cache_file(text)
+        path = calibcache.write_cache(workdir / relative, entries, text, algorithm)
+        parsed = calibcache.read_cache(path)
+        if set(parsed.scales) != set(entries):
+            raise JetyoloError(f"{relative} does not read back with the tensors written; "
+                               "please report this bundle")
+        files[relative] = path
+    return files
+
+
+def cache_file(trt_version: str) -> str:
+    return f"{CACHE_DIR}/trt-{trt_version}.cache"
+
+
+def calibration_report(
+    ctx: Calibration,
+    chosen: quantize.CalibrationSet,
+    source: Path,
+    versions: Mapping[str, int],
+    fp16_by_sensitivity: Sequence[str],
+    gate: Optional[Gate],
+    qdq_path: Path,
+    recipe: Mapping[str, Any],
+) -> Dict[str, Any]:
+    entries, left_out = quantize.cache_entries(ctx.model, ctx.ranges, ctx.head_nodes)
+    qdq = require("onnx", "calibrate").load(str(qdq_path))
+    algorithm = quantize.TRT_ALGORITHMS[ctx.ranges.method]
+    return {
+        "schema": 1,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "bundle": ctx.bundle.name,
+        "onnx": ctx.bundle.variant("fp32")["file"],
+        "onnx_sha256": ctx.bundle.model_sha256("fp32"),
+        "method": ctx.ranges.method,
+        "trt_algorithm": algorithm,
+        "recipe": dict(recipe),
+        "images": {
+            "source": str(source),
+            "count": len(chosen.images),
+            "skipped": [{"path": path, "reason": reason} for path, reason in chosen.skipped],
+            "list": [{"path": str(image.path), "sha256": image.sha256} for image in chosen.images],
+        },
+        "timing": {"calibration_s": round(ctx.ranges.seconds, 2),
+                   "images_per_s": round(ctx.ranges.images / max(ctx.ranges.seconds, 1e-9), 2)},
+        "excluded_layers": {
+            "head_postprocess": ctx.head_nodes,
+            "sensitivity": list(fp16_by_sensitivity),
+            "user": ctx.user_excluded,
+        },
+        "fp16_layers": [*ctx.head_nodes, *ctx.user_excluded, *fp16_by_sensitivity],
+        "cache": {
+            "algorithm": algorithm,
+            "files": {text: {"file": cache_file(text), "header": f"TRT-{number}-{algorithm}"}
+                      for text, number in versions.items()},
+            "tensors": len(entries),
+            "left_out_tensors": left_out,
+            "scale": "amax / 127, big-endian float32 hex",
+        },
+        "qdq": {
+            "file": QDQ_FILE,
+            "op_types": list(quantize.QUANTIZED_OP_TYPES),
+            "quantized_layers": len(quantize.quantized_layers(qdq)),
+            "options": quantize.QDQ_EXTRA_OPTIONS,
+        },
+        "ranges": {name: [low, high] for name, (low, high) in ctx.ranges.values.items()},
+        "accuracy": gate.to_dict() if gate else None,
+        "versions": tool_versions(),
+    }
+
+
+def tool_versions() -> Dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("jetyolo", "onnxruntime", "onnx", "numpy", "opencv-python",
+                    "opencv-python-headless", "ultralytics"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def manifest_updates(bundle: Bundle, report: Mapping[str, Any]) -> Dict[str, Any]:
+    fp32 = bundle.variant("fp32")
+    accuracy = report["accuracy"]
+    return {
+        "variants": {"int8-qdq": {
+            "file": QDQ_FILE,
+            "input": fp32["input"],
+            "outputs": fp32["outputs"],
+            "quantization": {"format": "QDQ", "activations": "int8 symmetric per-tensor",
+                             "weights": "int8 symmetric per-channel (axis 0)",
+                             "float_dtype": "float32", "method": report["method"]},
+        }},
+        "calibration": {
+            "file": REPORT_FILE,
+            "method": report["method"],
+            "algorithm": report["trt_algorithm"],
+            "onnx_sha256": report["onnx_sha256"],
+            "images": report["images"]["count"],
+            "caches": report["cache"]["files"],
+            "fp16_layers": report["fp16_layers"],
+            "uncached_tensors": report["cache"]["left_out_tensors"],
+            "accuracy": None if accuracy is None else {
+                "max_drop": accuracy["max_drop"], "passed": accuracy["passed"],
+                "drop": accuracy["drop"], "fp32_map50_95": accuracy["fp32"]["map50_95"],
+                "int8_map50_95": accuracy["int8"]["map50_95"],
+            },
+        },
+    }
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2) + "\n"
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, help="bundle directory (from `jetyolo export`)")
+    parser.add_argument("--images", type=Path, required=True,
+                        help="folder of calibration images (recursive) or a .txt list of paths")
+    parser.add_argument("--num", type=int, help="images to use, first N in sorted order (500)")
+    parser.add_argument("--method", choices=quantize.METHODS, help="range method (entropy)")
+    parser.add_argument("--trt-version", nargs="+", metavar="X.Y.Z",
+                        help="TensorRT version(s) of the Jetson(s), 8.5-10.x: one cache each "
+                             "(10.3.0 = JetPack 6.1/6.2, 8.6.2 = JP 6.0, 8.5.2 = JP 5.1)")
+    parser.add_argument("--data", type=Path, help="data.yaml: gate INT8 on its val split mAP")
+    parser.add_argument("--max-drop", type=float, help="allowed mAP50-95 drop in points (1.0)")
+    parser.add_argument("--max-fp16-layers", type=int,
+                        help="most sensitive layers the gate may keep in FP16 (8; 0 = none)")
+    parser.add_argument("--exclude", nargs="+", metavar="NODE", help="ONNX nodes to keep in FP16")
+    parser.add_argument("--eval-limit", type=int, help="gate on the first N val images only")
+    parser.add_argument("--recipe", type=Path, help="recipe YAML (see calibration/default.yaml)")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = apply_flags(load_recipe(args.recipe), args)
+    if args.data is None and args.max_drop is not None:
+        raise JetyoloError("--max-drop needs --data DATA.yaml (the val split it is measured on)")
+    bundle = calibrate(args.bundle, args.images, recipe, args.data, args.eval_limit)
+    calibration = bundle.manifest["calibration"]
+    print(f"calibration: {calibration['images']} images, method {calibration['method']}, "
+          f"{len(calibration['fp16_layers'])} layer(s) kept in FP16")
+    for version, entry in calibration["caches"].items():
+        print(f"  TensorRT {version}: {bundle.root / entry['file']} ({entry['header']})")
+    print(f"  Q/DQ model: {bundle.root / QDQ_FILE} (variant int8-qdq)")
+    accuracy = calibration["accuracy"]
+    if accuracy:
+        print(f"  mAP50-95 FP32 {accuracy['fp32_map50_95']:.4f}, "
+              f"INT8 {accuracy['int8_map50_95']:.4f} "
+              f"(drop {accuracy['drop']:.2f} <= {accuracy['max_drop']:g} points)")
+    else:
+        print("  accuracy not measured: pass --data DATA.yaml to gate INT8 on the val split")
+    return 0

@@ -1,0 +1,215 @@
+"""Accuracy of a bundle variant on a dataset's val split, the way the device computes detections.
+
+Images go through the device's ``Preprocessor``, the model runs on ONNX Runtime (the device's CPU
+backend), boxes come out of ``device.postprocess`` (class-aware NMS, mapped back to image pixels),
+and ultralytics' own matching (``DetectionValidator.match_predictions``, IoU 0.50:0.95) and metrics
+(``DetMetrics`` / ``ap_per_class``) turn them into mAP50-95 and mAP50. Confidence 0.001, NMS IoU
+0.7 and 300 detections per image are ultralytics' ``val`` defaults, so figures compare with
+``yolo val``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from device.backends.onnxruntime import OnnxRuntimeBackend
+from device.bundle import Bundle
+from device.errors import JetyoloError
+from device.postprocess import PostprocessConfig, postprocess
+from device.preprocess import Preprocessor
+from host._env import ultralytics_offline
+
+log = logging.getLogger(__name__)
+
+EVAL_CONFIG = PostprocessConfig(conf=0.001, iou=0.7, max_det=300)
+
+
+@dataclass(frozen=True)
+class ValImage:
+    image: Path
+    boxes: np.ndarray  # (k, 4) x1, y1, x2, y2 in image pixels
+    classes: np.ndarray  # (k,) int
+
+
+@dataclass
+class EvalResult:
+    variant: str
+    map50_95: float
+    map50: float
+    images: int
+    instances: int
+    seconds: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {key: (round(value, 5) if isinstance(value, float) else value)
+                for key, value in asdict(self).items()}
+
+    def line(self) -> str:
+        return (f"{self.variant}: mAP50-95 {self.map50_95:.4f}  mAP50 {self.map50:.4f}  "
+                f"({self.images} images, {self.instances} boxes, {self.seconds:.1f} s)")
+
+
+# ---- the val split ------------------------------------------------------------------------------
+def val_image_paths(data_yaml: Path) -> Tuple[List[Path], List[str]]:
+    """Val images (resolved the way ultralytics and `jetyolo data check` do) and class names."""
+    from host import dataset
+
+    data_yaml = Path(data_yaml)
+    data = dataset.load_data_yaml(data_yaml)
+    errors: List[str] = []
+    names = dataset.class_names(data, data_yaml, errors)
+    report = dataset.DatasetReport(data_yaml, data_yaml, dataset.dataset_root(data, data_yaml),
+                                   names, errors=errors)
+    dataset.resolve_splits(data, data_yaml, report)
+    split = report.splits.get("val")
+    sources = split.sources if split is not None else []
+    if not sources:
+        report.errors.append("it has no resolvable 'val' split")
+    report.raise_if_errors()
+    images = [Path(p) for source in sources for p in dataset.list_images(source, report)]
+    report.raise_if_errors()
+    if not images:
+        raise JetyoloError(f"dataset {data_yaml}: the val split has no images; "
+                           f"run `jetyolo data check {data_yaml}`")
+    return sorted(images), names
+
+
+def read_labels(image: Path, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """YOLO label file of ``image`` (missing = background image) -> (xyxy pixels, class ids)."""
+    from host.dataset import img2label_path
+
+    label = Path(img2label_path(str(image)))
+    width, height = size
+    rows = []
+    if label.is_file():
+        for number, line in enumerate(label.read_text().splitlines(), 1):
+            values = line.split()
+            if not values:
+                continue
+            if len(values) != 5:
+                raise JetyoloError(f"{label}:{number}: expected 'class x y w h', got {line!r}; "
+                                   f"run `jetyolo data check`")
+            rows.append([float(v) for v in values])
+    if not rows:
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+    table = np.asarray(rows, dtype=np.float32)
+    cx, cy = table[:, 1] * width, table[:, 2] * height
+    w, h = table[:, 3] * width, table[:, 4] * height
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    return boxes, table[:, 0].astype(np.int64)
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+class Metrics:
+    """ultralytics' detection metrics fed one image at a time."""
+
+    def __init__(self, class_names: Sequence[str], workdir: Path) -> None:
+        ultralytics_offline("eval")
+        import torch
+        from ultralytics.models.yolo.detect import DetectionValidator
+        from ultralytics.utils.metrics import DetMetrics, box_iou
+
+        self._torch, self._box_iou = torch, box_iou
+        self._validator = DetectionValidator(save_dir=workdir, args={"plots": False})
+        self.metrics = DetMetrics(names=dict(enumerate(class_names)))
+        self.instances = 0
+
+    def add(self, name: str, boxes: np.ndarray, classes: np.ndarray, pred_xyxy: np.ndarray,
+            pred_conf: np.ndarray, pred_cls: np.ndarray) -> None:
+        torch, niou = self._torch, int(self._validator.niou)
+        self.instances += len(classes)
+        if len(classes) and len(pred_cls):
+            iou = self._box_iou(torch.from_numpy(boxes.astype(np.float32)),
+                                torch.from_numpy(pred_xyxy.astype(np.float32)))
+            tp = self._validator.match_predictions(
+                torch.from_numpy(pred_cls.astype(np.int64)), torch.from_numpy(classes), iou
+            ).numpy()
+        else:
+            tp = np.zeros((len(pred_cls), niou), dtype=bool)
+        self.metrics.update_stats({
+            "tp": tp, "conf": pred_conf.astype(np.float32), "pred_cls": pred_cls.astype(np.int64),
+            "target_cls": classes, "target_img": np.unique(classes), "im_name": name,
+        })
+
+    def result(self) -> Tuple[float, float]:
+        self.metrics.process()
+        return float(self.metrics.box.map), float(self.metrics.box.map50)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+def evaluate_model(
+    model_path: Path,
+    bundle: Bundle,
+    images: Sequence[Path],
+    class_names: Sequence[str],
+    variant: str = "fp32",
+    config: PostprocessConfig = EVAL_CONFIG,
+) -> EvalResult:
+    """mAP of the ONNX model at ``model_path`` (a graph with the bundle's input/output contract)."""
+    if len(class_names) != len(bundle.class_names):
+        raise JetyoloError(f"the dataset has {len(class_names)} classes, the bundle "
+                           f"{len(bundle.class_names)} ({bundle.class_names}); evaluate it on "
+                           "the dataset it was trained on")
+    started = time.perf_counter()
+    backend = OnnxRuntimeBackend(model_path)
+    with tempfile.TemporaryDirectory(prefix="jetyolo-eval-") as tmp, backend:
+        spec = backend.input_spec
+        dtype = "uint8" if spec.dtype == np.uint8 else "float32"
+        preprocessor = Preprocessor(bundle.input_size, dtype, buffer=backend.input_buffer)
+        metrics = Metrics(class_names, Path(tmp))
+        for index, image_path in enumerate(images, 1):
+            frame = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+            if frame is None:
+                raise JetyoloError(f"{image_path}: OpenCV cannot read this val image; "
+                                   "run `jetyolo data check` on the dataset")
+            geometry = preprocessor(frame)
+            detections = postprocess(backend.infer({spec.name: preprocessor.buffer}),
+                                     geometry, config)
+            boxes, classes = read_labels(image_path, (frame.shape[1], frame.shape[0]))
+            metrics.add(image_path.name, boxes, classes, detections.xyxy,
+                        detections.confidence, detections.class_id)
+            if index % 50 == 0:
+                log.info("eval %s: %d/%d images", variant, index, len(images))
+        map50_95, map50 = metrics.result()
+    return EvalResult(variant, map50_95, map50, len(images), metrics.instances,
+                      time.perf_counter() - started)
+
+
+def evaluate_bundle(
+    bundle: Bundle, data_yaml: Path, variant: str = "fp32", limit: Optional[int] = None
+) -> EvalResult:
+    bundle.variant(variant)  # names the bundle's variants when it lacks this one
+    images, names = val_image_paths(data_yaml)
+    if limit is not None:
+        images = images[:limit]
+    return evaluate_model(bundle.model_path(variant), bundle, images, names, variant)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, help="bundle directory (from `jetyolo export`)")
+    parser.add_argument("--data", type=Path, required=True, help="data.yaml; its val split is used")
+    parser.add_argument("--variant", default="fp32",
+                        help="bundle graph to evaluate: fp32 (default), int8-qdq, uint8")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N val images")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    if args.limit is not None and args.limit < 1:
+        raise JetyoloError(f"--limit must be >= 1, got {args.limit}")
+    bundle = Bundle.load(args.bundle)
+    result = evaluate_bundle(bundle, args.data, args.variant, args.limit)
+    print(json.dumps(result.to_dict()) if args.json else result.line())
+    return 0
