@@ -278,7 +278,7 @@ def _set_layer_precisions(trt: Any, network: Any, fp16_layers: Sequence[str]) ->
     return done
 
 
-def _load_timing_cache(config: Any, path: Optional[Path], log: Callable[[str], None]) -> Any:
+def _load_timing_cache(config: Any, path: Optional[Path], log: Callable[[str], None]) -> None:
     data = b""
     if path is not None and path.is_file():
         data = path.read_bytes()
@@ -288,7 +288,6 @@ def _load_timing_cache(config: Any, path: Optional[Path], log: Callable[[str], N
         log(f"engine: timing cache {path} unusable ({exc}); starting an empty one")
         cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    return cache
 
 
 def _configure_dla(trt: Any, builder: Any, config: Any, dla_core: int) -> None:
@@ -335,7 +334,7 @@ def build_engine(
         log_progress(f"engine: {count} head layer(s) constrained to FP16")
     if dla_core is not None:
         _configure_dla(trt, builder, config, dla_core)
-    timing = _load_timing_cache(config, timing_cache_path, log_progress)
+    _load_timing_cache(config, timing_cache_path, log_progress)
     monitor = None
     if hasattr(trt, "IProgressMonitor"):
         monitor = make_progress_monitor(trt, log_progress)
@@ -354,8 +353,8 @@ def build_engine(
             "TensorRT could not build the engine (see its log above); try --workspace with more "
             "MiB, free memory, or --precision fp16"
         )
-    if timing_cache_path is not None:
-        atomic_write_bytes(timing_cache_path, bytes(timing.serialize()))
+    if timing_cache_path is not None:  # the builder added this build's tactic timings
+        atomic_write_bytes(timing_cache_path, bytes(config.get_timing_cache().serialize()))
     del parser  # kept alive until here: it owns the weights the builder reads
     return bytes(serialized)
 
