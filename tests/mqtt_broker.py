@@ -12,6 +12,7 @@ Also runnable: ``python tests/mqtt_broker.py`` starts one and prints its port un
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import shutil
@@ -102,7 +103,10 @@ class MosquittoBroker:
         self._write_config()
 
     def _write_config(self) -> None:
-        lines = [f"listener {self.port} 127.0.0.1", f"log_dest file {self.log}",
+        # As root, mosquitto switches to user "mosquitto", which cannot read a private temp dir:
+        # "user <us>" keeps the current user (and is ignored when not root).
+        lines = [f"user {getpass.getuser()}",
+                 f"listener {self.port} 127.0.0.1", f"log_dest file {self.log}",
                  "log_type error", "log_type warning", "log_type notice", "log_type information",
                  "connection_messages true", "max_queued_messages 100000"]
         if self.users is not None:
@@ -188,7 +192,8 @@ class Subscriber:
     """
 
     def __init__(self, port: int, topic: str = "jetyolo/#", client_id: str = "test-subscriber",
-                 session: bool = False) -> None:
+                 session: bool = False, username: Optional[str] = None,
+                 password: Optional[str] = None, ca: Optional[Path] = None) -> None:
         import paho.mqtt.client as mqtt
 
         self.messages: list = []  # (topic, payload bytes)
@@ -197,6 +202,10 @@ class Subscriber:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   clean_session=not session, protocol=mqtt.MQTTv311)
         self.client.reconnect_delay_set(1, 1)
+        if username:
+            self.client.username_pw_set(username, password)
+        if ca:
+            self.client.tls_set(ca_certs=str(ca))
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
         self.client.on_message = self._on_message

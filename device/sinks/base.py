@@ -131,6 +131,8 @@ class Sink:
         self.name = name
         self.dropped = 0  # queue full (counted by the publishing thread)
         self.failed = 0  # could not be sent (counted by the sink's own thread)
+        self.submitted = 0  # accepted by submit
+        self.handled = 0  # taken off the queue and written/spooled (or failed)
         self._queue: queue.Queue[Outgoing] = queue.Queue(maxsize=queue_size)
         self._stopping = threading.Event()
         self._deadline = float("inf")
@@ -147,6 +149,7 @@ class Sink:
         except queue.Full:
             self.dropped += 1
             return False
+        self.submitted += 1
         return True
 
     def depth(self) -> Dict[str, Any]:
@@ -212,3 +215,5 @@ class Sink:
             # A bug or an unexpected OS error in one sink must not stop the others (or this one).
             self.failed += len(batch)
             logger.exception("%s: could not send %d message(s)", self.name, len(batch))
+        finally:
+            self.handled += len(batch)

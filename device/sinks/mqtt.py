@@ -180,7 +180,7 @@ class MqttSink(Sink):
             return
         self._last_logged = why
         level = logging.ERROR if is_config_error else logging.WARNING
-        logger.log(level, "MQTT %s: %s; messages are kept in the spool %s and retried",
+        logger.log(level, "MQTT %s: %s (messages stay in the spool %s; retrying)",
                    self.name, why, self._spool.path)
 
     # ---- the sink's thread -------------------------------------------------------------

@@ -147,6 +147,8 @@ class SinkSet:
                 continue
             for sink in self.sinks:
                 sink.submit(message)
+            if item[0] == "frame":
+                self.frames_reported += 1  # after the fan-out: then every sink has it queued
 
     def _build(self, item: _Item) -> Outgoing:
         kind, value, now = item
@@ -155,7 +157,6 @@ class SinkSet:
         if kind == "frame":
             body = build_frame_message(value, seq, options)
             topic = detections_topic(options.prefix, options.device_id, value.source)
-            self.frames_reported += 1
         else:
             stats = dict(value, sinks=self.depths())
             body = build_stats_message(stats, seq, options, now)

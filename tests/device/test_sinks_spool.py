@@ -1,0 +1,80 @@
+"""The SQLite outbox and the seq counter on their own (no broker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from device.errors import JetyoloError
+from device.sinks.base import Outgoing
+from device.sinks.spool import SeqCounter, Spool, SpoolLock, prepare_spool_dir
+
+
+def _messages(first_seq: int, count: int) -> list:
+    seqs = range(first_seq, first_seq + count)
+    return [Outgoing(f"t/{seq}", b'{"seq":%d}' % seq, seq) for seq in seqs]
+
+
+def test_append_pending_remove_in_order(tmp_path: Path) -> None:
+    spool = Spool(prepare_spool_dir(tmp_path), "mqtt://a:1883", max_messages=100)
+    spool.append(_messages(1, 5))
+    rows = spool.pending(after_id=0, limit=10)
+    assert [row.seq for row in rows] == [1, 2, 3, 4, 5]
+    assert [row.seq for row in spool.pending(after_id=rows[1].row_id, limit=2)] == [3, 4]
+    spool.remove([rows[0].row_id, rows[2].row_id])
+    assert [row.seq for row in spool.pending(0, 10)] == [2, 4, 5]
+    assert spool.depth == 3
+    spool.remove([rows[0].row_id])  # acknowledged twice: nothing changes
+    assert spool.depth == 3
+
+
+def test_rows_survive_reopening_and_sinks_are_separate(tmp_path: Path) -> None:
+    path = prepare_spool_dir(tmp_path)
+    first = Spool(path, "mqtt://a:1883", 100)
+    first.append(_messages(1, 3))
+    other = Spool(path, "mqtt://b:1883", 100)
+    other.append(_messages(10, 1))
+    first.close()
+    reopened = Spool(path, "mqtt://a:1883", 100)
+    assert reopened.depth == 3
+    assert [row.seq for row in reopened.pending(0, 10)] == [1, 2, 3]
+    assert [row.seq for row in other.pending(0, 10)] == [10]
+
+
+def test_full_spool_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
+    spool = Spool(prepare_spool_dir(tmp_path), "mqtt://a:1883", max_messages=4)
+    assert spool.append(_messages(1, 3)) == 0
+    assert spool.append(_messages(4, 3)) == 2
+    assert [row.seq for row in spool.pending(0, 10)] == [3, 4, 5, 6]
+    assert (spool.depth, spool.dropped) == (4, 2)
+    assert spool.append(_messages(7, 10)) == 10  # a batch larger than the spool keeps its tail
+    assert [row.seq for row in spool.pending(0, 10)] == [13, 14, 15, 16]
+    assert spool.dropped == 12
+
+
+def test_seq_grows_across_restarts_even_without_a_clean_close(tmp_path: Path) -> None:
+    path = prepare_spool_dir(tmp_path)
+    counter = SeqCounter(path, block=10)
+    first_run = [counter.next() for _ in range(15)]
+    assert first_run == list(range(1, 16))
+    # no close(): as after SIGKILL. The next run starts after the last reserved block (20).
+    second = SeqCounter(path, block=10)
+    assert second.next() == 21
+    assert second.next() == 22
+
+
+def test_spool_dir_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(JetyoloError, match=r"not writable.*--spool-dir"):
+        prepare_spool_dir(blocker / "spool")
+
+
+def test_two_processes_cannot_share_a_spool_dir(tmp_path: Path) -> None:
+    first = SpoolLock(tmp_path)
+    first.acquire()
+    with pytest.raises(JetyoloError, match="in use by another jetyolo process"):
+        SpoolLock(tmp_path).acquire()  # a second open file description conflicts like a process
+    first.release()
+    SpoolLock(tmp_path).acquire()
