@@ -172,6 +172,10 @@ class Sink:
     def idle(self) -> None:
         """Called between batches (and when nothing arrived): housekeeping such as accepting."""
 
+    def wait_s(self) -> float:
+        """How long the thread may wait for new messages before it runs ``idle`` again."""
+        return self.idle_wait_s
+
     def finished(self) -> bool:
         """Whether the sink may stop once its queue is empty (the MQTT sink waits for acks)."""
         return True
@@ -195,7 +199,7 @@ class Sink:
     def _main(self) -> None:
         try:
             while True:
-                batch = self.take(self.idle_wait_s)
+                batch = self.take(self.wait_s())
                 if batch:
                     self._write_safely(batch)
                 self.idle()

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 WINDOW = 256  # rows handed to paho and not yet acknowledged
 PAHO_INFLIGHT = 128  # paho sends at most this many before waiting for PUBACKs
+ACK_POLL_S = 0.002  # how often to look for PUBACKs while messages are in flight
 PROBE_TIMEOUT_S = 3.0
 AUTH_REASONS = (134, 135)  # "Bad user name or password", "Not authorized" (MQTT 5 numbering)
 SPOOL_WARN_INTERVAL_S = 30.0
@@ -220,6 +221,13 @@ class MqttSink(Sink):
                 return
             self._inflight[info.mid] = row.row_id
             self._last_handed = row.row_id
+
+    def wait_s(self) -> float:
+        # PUBACKs do not wake this thread: while some are due, or rows wait for room in the
+        # window, look again soon instead of sleeping the full idle wait.
+        if self._connected.is_set() and (self._inflight or self._spool.depth):
+            return ACK_POLL_S
+        return self.idle_wait_s
 
     def finished(self) -> bool:
         return self._spool.depth == 0 and not self._inflight
