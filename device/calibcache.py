@@ -231,12 +231,15 @@ def check_cache_for_device(
     device_trt_version: str,
     network_tensor_names: Iterable[str],
     allowed_missing: Iterable[str] = (),
+    known_tensor_names: Iterable[str] = (),
 ) -> List[str]:
     """Problems that make ``cache`` unusable on this device; empty when it can be used.
 
     ``network_tensor_names`` are the tensors TensorRT calibrates in the parsed network (input and
     float layer outputs); ``allowed_missing`` are the tensors the host left out on purpose (the
-    detection head kept in FP16, recorded in the bundle's calibration metadata).
+    detection head kept in FP16, recorded in the bundle's calibration metadata);
+    ``known_tensor_names`` are other tensors of the network (constants, shape tensors) whose
+    entries TensorRT ignores, so they are not counted as foreign.
     """
     regenerate = "regenerate it on the host with `jetyolo calibrate BUNDLE --trt-version {}`"
     problems: List[str] = []
@@ -258,7 +261,7 @@ def check_cache_for_device(
         )
     network = set(network_tensor_names)
     missing = network - set(cache.scales) - set(allowed_missing)
-    extra = set(cache.scales) - network
+    extra = set(cache.scales) - network - set(known_tensor_names)
     if missing:
         problems.append(
             f"calibration cache {cache.source} lacks {len(missing)} network tensor(s): "

@@ -377,6 +377,15 @@ def calibration_tensor_names(
     return list(dict.fromkeys(names))
 
 
+def all_tensor_names(
+    inputs: Iterable[Tuple[str, str]], layers: Sequence[LayerRecord]
+) -> List[str]:
+    """Every tensor of the parsed network (inputs and all layer outputs, of any type)."""
+    names = [name for name, _ in inputs]
+    names += [name for layer in layers for name, _ in layer.outputs]
+    return list(dict.fromkeys(names))
+
+
 def layers_to_keep_fp16(
     layers: Sequence[LayerRecord], keep_layers: Iterable[str], keep_tensors: Iterable[str]
 ) -> List[str]:
@@ -586,7 +595,7 @@ def ensure_engine(
     cache_bytes: Optional[bytes] = None
     fp16_layers: List[str] = []
     if build.calibrator_from_cache and inputs is not None and inputs.cache is not None:
-        cache_bytes, fp16_layers = _checked_cache(inputs, onnx_path, build, facts, ops, log)
+        cache_bytes, fp16_layers = check_int8_cache(inputs, onnx_path, build, facts, ops, log)
     workspace = request.workspace_bytes or auto_workspace_bytes(facts.free_bytes, facts.total_bytes)
     log(
         f"engine: TensorRT {facts.trt_version} on {facts.gpu_name} (sm {facts.compute_capability})"
@@ -612,7 +621,7 @@ def ensure_engine(
     return EngineResult(plan, key, True, reason, seconds)
 
 
-def _checked_cache(
+def check_int8_cache(
     inputs: Int8Inputs,
     onnx_path: Path,
     build: BuildPlan,
@@ -632,7 +641,10 @@ def _checked_cache(
     keep = layers_to_keep_fp16(layers, inputs.fp16_layers, inputs.fp16_tensors)
     kept_outputs = [name for layer in layers if layer.name in keep for name, _ in layer.outputs]
     allowed_missing = set(inputs.fp16_tensors) | set(kept_outputs)
-    problems = check_cache_for_device(cache, facts.trt_version, tensors, allowed_missing)
+    known = all_tensor_names(network_inputs, layers)
+    problems = check_cache_for_device(
+        cache, facts.trt_version, tensors, allowed_missing, known_tensor_names=known
+    )
     if problems:
         raise JetyoloError(" ; ".join(problems))
     log(

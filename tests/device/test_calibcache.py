@@ -185,6 +185,13 @@ def test_check_cache_for_device(cache, device, network, allowed, expected):
             assert fragment in joined
 
 
+def test_entries_for_known_constant_tensors_are_not_foreign():
+    cache = make_cache([*NETWORK, "(Unnamed Layer* 3) [Constant]_output", "other"])
+    known = ["(Unnamed Layer* 3) [Constant]_output"]
+    problems = check_cache_for_device(cache, "10.3.0", NETWORK, known_tensor_names=known)
+    assert len(problems) == 1 and "'other'" in problems[0] and "Constant" not in problems[0]
+
+
 def test_check_lists_many_names_briefly():
     network = [f"t{i:02d}" for i in range(30)]
     problems = check_cache_for_device(make_cache(["t00"]), "10.3.0", network)

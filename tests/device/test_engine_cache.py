@@ -325,6 +325,11 @@ def test_calibration_tensor_names():
     ]
 
 
+def test_all_tensor_names():
+    names = engine.all_tensor_names([("images", "FLOAT")], LAYERS)
+    assert names[0] == "images" and "/model.23/Shape_output_0" in names and len(names) == 9
+
+
 def test_layers_to_keep_fp16():
     keep = engine.layers_to_keep_fp16(
         LAYERS, ["/model.23/dfl/Softmax", "/model.23/Mul", "/model.23/Shape"], ["scores"]
@@ -437,6 +442,15 @@ def test_int8_cache_missing_unnamed_tensors_is_refused_before_building(tmp_path)
     with pytest.raises(JetyoloError, match=r"lacks 2 network tensor\(s\): 'boxes', 'scores'"):
         ensure_engine(bundle, BuildRequest("int8", "cache", cache_dir=tmp_path), ops)
     assert ops.builds == []
+
+
+def test_int8_cache_entries_for_constants_are_accepted(tmp_path):
+    names = [*NETWORK_TENSORS, "(Unnamed Layer* 3)_o", "/model.23/Shape_output_0"]
+    data = cache_bytes(tmp_path, "10.3.0", names)
+    bundle = make_bundle(tmp_path, {"fp16_tensors": ["scores", "boxes"]}, {"c.cache": data})
+    result = ensure_engine(bundle, BuildRequest("int8", "cache", cache_dir=tmp_path / "e"),
+                           RecordingOps(), lambda line: None)
+    assert result.built
 
 
 def test_int8_cache_of_another_tensorrt_is_refused(tmp_path):
