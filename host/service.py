@@ -29,6 +29,7 @@ import argparse
 import configparser
 import logging
 import os
+import posixpath
 import re
 import shutil
 import subprocess
@@ -55,6 +56,9 @@ TMPFILES = "/usr/lib/tmpfiles.d/jetyolo.conf"
 SERVICE_USER = "jetyolo"
 # Target Python -> the newest glibc of its JetPack (Ubuntu 20.04 / 22.04 / 24.04).
 TARGET_GLIBC = {"3.8": 31, "3.10": 35, "3.12": 39}
+# JetPack 5/6 ship TensorRT bindings and OpenCV built against NumPy 1.x; a NumPy 2 in the venv
+# would shadow the system's and break `import tensorrt` / `import cv2`. PIP_CONSTRAINT adds more.
+TARGET_CONSTRAINTS = {"3.8": ["numpy<2"], "3.10": ["numpy<2"], "3.12": []}
 WHEEL_EPOCH = "315532800"  # SOURCE_DATE_EPOCH: the same sources give the same wheel bytes
 SOURCE_FILES = ("pyproject.toml", "README.md", "LICENSE", "setup.cfg")
 SOURCE_PACKAGES = ("device", "host")
@@ -241,7 +245,9 @@ def check_config(text: str, origin: str, bundle_path: Optional[str]) -> None:
     config = config_from_mapping(values, origin)
     for sink in config.sinks:
         parse_sink_url(sink)
-    if bundle_path is not None and config.bundle != bundle_path:
+    # Relative paths are relative to the config's folder on the device (device.config).
+    staged = posixpath.normpath(posixpath.join(posixpath.dirname(CONFIG), config.bundle))
+    if bundle_path is not None and staged != bundle_path:
         raise JetyoloError(f"{origin}: bundle: is {config.bundle!r} but --bundle is staged at "
                            f"{bundle_path}; set `bundle: {bundle_path}` or leave out --config")
 
@@ -276,17 +282,30 @@ def wheelhouse_entries(source: Path, args: argparse.Namespace, tmp: Path) -> Lis
     else:
         wheels = download_wheelhouse(requirements, args.python_version, tmp / "wheelhouse")
     check_wheelhouse(wheels, requirements)
-    text = "".join(f"{line}\n" for line in requirements)
-    entries = [Entry(f"{WHEELHOUSE}/requirements.txt", data=text.encode())]
+    entries = [Entry(f"{WHEELHOUSE}/requirements.txt", data=lines(requirements)),
+               Entry(f"{WHEELHOUSE}/constraints.txt", data=lines(pins(wheels)))]
     entries += [Entry(f"{WHEELHOUSE}/{wheel.name}", source=wheel)
                 for wheel in [project_wheel, *wheels]]
     return entries
 
 
+def lines(items: Iterable[str]) -> bytes:
+    return "".join(f"{item}\n" for item in items).encode()
+
+
+def pins(wheels: Iterable[Path]) -> List[str]:
+    """``name==version`` for every dependency wheel: the venv ends up with exactly these
+    (upgraded or downgraded), not whatever an older install or the system had."""
+    from packaging.utils import parse_wheel_filename
+
+    parsed = (parse_wheel_filename(wheel.name) for wheel in wheels)
+    return sorted(f"{name}=={version}" for name, version, _, _ in parsed if name != "pip")
+
+
 def build_project_wheel(source: Path, out: Path) -> Path:
     """``pip wheel`` of a clean copy of the sources (no stale build/), reproducibly."""
     LOG.info("building the jetyolo wheel from %s", source)
-    copy = out.parent / "src"
+    copy = out.parent / f"{out.name}-src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for package in SOURCE_PACKAGES:
         shutil.copytree(source / package, copy / package, ignore=ignore)
@@ -324,17 +343,14 @@ def device_requirements(wheel: Path, python_version: str, exclude: Iterable[str]
     for line in metadata.get_all("Requires-Dist") or []:
         requirement = Requirement(line)
         marker = requirement.marker
-        if marker is not None and not marker.evaluate({**target, "extra": "device"}):
-            continue
-        name = canonicalize_name(requirement.name)
-        if name not in dropped:
+        if marker is None or marker.evaluate({**target, "extra": "device"}):
             requirement.marker = None
-            result.setdefault(name, str(requirement))
+            result.setdefault(canonicalize_name(requirement.name), str(requirement))
     unknown = dropped - set(result)
     if unknown:
         raise JetyoloError(f"--exclude {', '.join(sorted(unknown))}: not a device requirement; "
                            f"the requirements are {', '.join(sorted(result))}")
-    return sorted(result.values())
+    return sorted(text for name, text in result.items() if name not in dropped)
 
 
 def prepared_wheelhouse(folder: Path, requirements: List[str]) -> Tuple[List[Path], List[str]]:
@@ -359,7 +375,9 @@ def download_wheelhouse(requirements: List[str], python_version: str, out: Path)
                "--python-version", python_version]
     for platform in platforms:
         command += ["--platform", platform]
-    command += ["pip", *requirements]
+    constraints = out.parent / "constraints.txt"
+    constraints.write_text("".join(f"{line}\n" for line in TARGET_CONSTRAINTS[python_version]))
+    command += ["--constraint", str(constraints), "pip", *requirements]
     LOG.info("downloading wheels for CPython %s aarch64 (glibc 2.%d): %s",
              python_version, glibc, " ".join(requirements))
     done = subprocess.run(command, check=False, stdout=sys.stderr)

@@ -3,6 +3,7 @@ listens on), plus the frame-progress watchdog with a fake clock."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import tempfile
@@ -174,3 +175,135 @@ def test_module_level_functions_use_the_environment(
     assert sdnotify.ready() and sdnotify.watchdog() and sdnotify.status("ok")
     assert sdnotify.notify("STOPPING=1")
     assert received(sock) == ["READY=1", "WATCHDOG=1", "STATUS=ok", "STOPPING=1"]
+
+
+# --- The real loop: `jetyolo run` against a camera stream that the test can stall ----------
+
+try:  # the runtime is another part of the project; these tests need it
+    importlib.import_module("device.run")
+    importlib.import_module("device.pipeline")
+    RUNTIME_MISSING = ""
+except ImportError as exc:
+    RUNTIME_MISSING = f"device.run / device.pipeline not importable yet ({exc})"
+
+
+class MjpegCamera:
+    """An HTTP multipart-JPEG camera on localhost (what many IP cameras serve) that sends
+    frames at ~20 fps while ``flowing`` is set and holds the connection silent otherwise."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(4)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/stream.mjpg"
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.sent = 0
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import time
+
+        import cv2
+        import numpy as np
+
+        self.server.settimeout(0.2)
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\n"
+                         b"Content-Type: multipart/x-mixed-replace; boundary=frame\r\n\r\n")
+            try:
+                while not self.closed.is_set():
+                    if not self.flowing.is_set():
+                        time.sleep(0.02)
+                        continue
+                    image = np.full((240, 320, 3), (self.sent * 9) % 255, np.uint8)
+                    data = cv2.imencode(".jpg", image)[1].tobytes()
+                    conn.sendall(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d"
+                                 b"\r\n\r\n" % len(data) + data + b"\r\n")
+                    self.sent += 1
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.server.close()
+
+
+def collect(sock: socket.socket, seconds: float, log: List[Tuple[float, str]]) -> None:
+    """Append (arrival time, datagram) to ``log`` for ``seconds``."""
+    import time
+
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            log.append((time.monotonic(), sock.recv(4096).decode()))
+        except socket.timeout:
+            break
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(RUNTIME_MISSING), reason=RUNTIME_MISSING or "runtime present")
+def test_run_loop_ready_after_first_frame_pings_while_frames_flow_stops_on_stall(
+    listener: Tuple[socket.socket, str], bundle_dir: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sock, path = listener
+    camera = MjpegCamera()
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}  # ping every 0.5 s
+    command = [sys.executable, "-m", "device.cli", "run", str(bundle_dir), "--source", camera.url,
+               "--backend", "onnxruntime", "--threads", "1",
+               "--sink", f"jsonl:{tmp_path / 'out.jsonl'}"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    log: List[Tuple[float, str]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not any("READY=1" in m for _, m in log) and time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            collect(sock, 0.5, log)
+        ready_at = next(t for t, m in log if "READY=1" in m)
+        assert camera.sent > 0, "READY=1 came before the camera sent a frame"
+        assert not any("WATCHDOG=1" in m for t, m in log if t < ready_at)
+        collect(sock, 3.0, log)  # frames flow
+        flowing_pings = [t for t, m in log if "WATCHDOG=1" in m and t > ready_at]
+        assert len(flowing_pings) >= 4, log
+        assert any("fps" in m for _, m in log), "no STATUS= with the FPS"
+
+        camera.flowing.clear()  # the camera stalls; the process keeps running, blocked on read
+        stalled_at = time.monotonic()
+        collect(sock, 3.5, log)
+        assert process.poll() is None
+        late = [t - stalled_at for t, m in log if "WATCHDOG=1" in m and t > stalled_at + 1.0]
+        assert late == [], f"WATCHDOG=1 kept coming {late} s into the stall"
+
+        camera.flowing.set()  # frames again: pings resume
+        resumed_at = time.monotonic()
+        collect(sock, 3.0, log)
+        assert any("WATCHDOG=1" in m for t, m in log if t > resumed_at)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            camera.close()
+    collect(sock, 0.5, log)
+    assert any("STOPPING=1" in m for _, m in log)
+    assert process.returncode == 0, process.stderr.read() if process.stderr else ""
