@@ -427,11 +427,12 @@ def _names(calibration: Mapping[str, Any], *keys: str) -> Tuple[str, ...]:
 
 
 def _cache_files(bundle: Any) -> List[str]:
-    listed = bundle.manifest.get("calibration", {}).get("caches")
-    if isinstance(listed, Mapping):
-        return [str(name) for name in listed.values()]
-    if isinstance(listed, list):
-        return [str(name) for name in listed]
+    """``calibration.caches`` as written by `jetyolo calibrate` ({version: {"file": ...}}), a
+    version -> file mapping or a list of files; else every ``*.cache`` file of the bundle."""
+    listed = (bundle.manifest.get("calibration") or {}).get("caches")
+    entries = list(listed.values()) if isinstance(listed, Mapping) else listed
+    if isinstance(entries, list):
+        return [str(entry["file"] if isinstance(entry, Mapping) else entry) for entry in entries]
     return sorted(name for name in bundle.manifest["files"] if name.endswith(".cache"))
 
 
@@ -465,11 +466,16 @@ def find_int8_inputs(bundle: Any, trt_version: str) -> Int8Inputs:
             cache = bundle.path(relative)
     variants = bundle.manifest["variants"]
     qdq = bundle.model_path("int8-qdq") if "int8-qdq" in variants else None
-    float_dtype = str(variants.get("int8-qdq", {}).get("float_dtype", "float32"))
+    qdq_variant = variants.get("int8-qdq", {})
+    float_dtype = str(
+        qdq_variant.get("float_dtype")
+        or (qdq_variant.get("quantization") or {}).get("float_dtype")
+        or "float32"
+    )
     head = bundle.manifest.get("head") or {}
     layers = _names(calibration, "fp16_layers", "excluded_layers", "excluded_nodes")
     layers += tuple(name for name in _names(head, "postprocess_nodes") if name not in layers)
-    tensors = _names(calibration, "fp16_tensors", "excluded_tensors")
+    tensors = _names(calibration, "uncached_tensors", "fp16_tensors", "excluded_tensors")
     return Int8Inputs(cache, tuple(versions), qdq, float_dtype, layers, tensors)
 
 
@@ -646,7 +652,8 @@ def check_int8_cache(
         cache, facts.trt_version, tensors, allowed_missing, known_tensor_names=known
     )
     if problems:
-        raise JetyoloError(" ; ".join(problems))
+        alternative = " (or build from the Q/DQ model: --int8-from qdq)" if inputs.qdq else ""
+        raise JetyoloError(" ; ".join(problems) + alternative)
     log(
         f"engine: calibration cache {inputs.cache.name} fits ({len(cache.scales)} tensors, "
         f"{cache.header}); {len(keep)} head layer(s) kept in FP16"

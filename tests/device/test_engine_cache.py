@@ -462,6 +462,34 @@ def test_int8_cache_of_another_tensorrt_is_refused(tmp_path):
     assert ops.builds == [] and ops.parsed == []
 
 
+def test_manifest_written_by_jetyolo_calibrate_is_understood(tmp_path):
+    # the layout host/calibrate.py writes: caches keyed by version with a "file" entry,
+    # uncached_tensors, and the Q/DQ variant's float_dtype under "quantization"
+    data = cache_bytes(tmp_path, "10.3.0", NETWORK_TENSORS)
+    calibration = {
+        "caches": {"10.3.0": {"file": "calibration/trt-10.3.0.cache", "header": "TRT-100300-x"}},
+        "fp16_layers": ["/model.23/dfl/Softmax"],
+        "uncached_tensors": ["scores", "boxes"],
+    }
+    bundle = make_bundle(tmp_path, calibration, {"calibration/trt-10.3.0.cache": data})
+    inputs = engine.find_int8_inputs(bundle, "10.3.0.30")
+    assert inputs.cache == bundle.root / "calibration" / "trt-10.3.0.cache"
+    assert inputs.cache_versions == ("10.3.0",)
+    assert inputs.fp16_tensors == ("scores", "boxes")
+    assert engine.find_int8_inputs(bundle, "8.6.2").cache is None
+    ops = RecordingOps()
+    result = ensure_engine(bundle, BuildRequest("int8", "cache", cache_dir=tmp_path / "e"), ops,
+                           lambda line: None)
+    assert result.built and ops.builds[0]["head_fp16_layers"] == HEAD
+
+
+def test_cache_problems_point_to_the_qdq_model_when_there_is_one(tmp_path):
+    data = cache_bytes(tmp_path, "10.3.0", NETWORK_TENSORS)
+    bundle = make_bundle(tmp_path, {}, {"c.cache": data, "model_qdq.onnx": b"qdq"})
+    with pytest.raises(JetyoloError, match="--int8-from qdq"):
+        ensure_engine(bundle, BuildRequest("int8", "cache", cache_dir=tmp_path), RecordingOps())
+
+
 def test_calibration_of_another_onnx_is_refused(tmp_path):
     bundle = make_bundle(tmp_path, {"onnx_sha256": "f" * 64}, {})
     with pytest.raises(JetyoloError, match="belongs to ONNX ffffffffffff"):
