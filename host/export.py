@@ -9,7 +9,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from device.bundle import SCHEMA_VERSION, Bundle, sha256_file, write_new_bundle
 from device.errors import JetyoloError
@@ -188,67 +188,124 @@ def export_bundle(
     or when the ONNX is not at parity with the PyTorch model."""
     weights, out = Path(weights), Path(out)
     check_output_dir(out, force)
-    onnx = require("onnx", "export")
     yolo = _load_weights(weights)
+    check_shape_args(yolo, imgsz, batch)
+    frames, source = parity.frames_for(data, len(yolo.names), parity_images)  # bad --data: fail now
     config = PostprocessConfig()
     with tempfile.TemporaryDirectory(prefix="jetyolo-export-") as tmp:
         workdir = Path(tmp)
-        log.info(
-            "export: ultralytics ONNX export of %s at %dx%d, opset %d", weights, imgsz, imgsz, opset
-        )
-        raw = onnx.load(str(ultralytics_onnx(yolo, weights, workdir, imgsz, batch, opset)))
-        log.info("export: graph-surgeon passes")
-        head_nodes = surgeon.head_postprocess_nodes(surgeon.import_graph(raw))
-        model, applied = surgeon.apply_passes(raw, BASE_PASSES)
-        files = {"model.onnx": workdir / "model.onnx"}
-        onnx.save(model, str(files["model.onnx"]))
+        model, applied = fp32_model(yolo, weights, workdir, imgsz, batch, opset)
+        files = {"model.onnx": _save(model, workdir / "model.onnx")}
+        head_nodes = surgeon.head_postprocess_nodes(surgeon.import_graph(model))
         manifest = build_manifest(
             yolo, name or out.name, imgsz, batch, head_nodes, weights, applied
         )
-        manifest["versions"]["opset"] = opset
-        log.info("export: parity with the PyTorch model")
-        frames, source = parity.frames_for(data, len(yolo.names), parity_images)
-        report = parity.compare(
-            yolo.model, files["model.onnx"], frames, (imgsz, imgsz), source, tolerance, config
+        manifest["versions"].update(
+            opset=opset, onnxruntime=require("onnxruntime", "export").__version__
         )
-        if report.problems:
-            for line in report.lines():
-                log.warning(line)
-        parity.check(report)
-        manifest["parity"] = report.as_manifest()
-        fp32 = manifest["variants"]["fp32"]
+        manifest["parity"] = checked_parity(
+            yolo, files["model.onnx"], frames, source, (batch, imgsz), tolerance
+        )
         if uint8_input:
-            files["model_uint8.onnx"] = _save_variant(
-                model, surgeon.uint8_input, workdir / "model_uint8.onnx"
+            files["model_uint8.onnx"] = _save(
+                _variant(model, surgeon.uint8_input), workdir / "model_uint8.onnx"
             )
-            _check_uint8(files, frames, imgsz, manifest)
-            manifest["variants"]["uint8"] = uint8_variant(fp32, batch, imgsz)
+            manifest["parity"]["uint8_vs_fp32"] = _check_uint8(files, frames, imgsz, batch)
+            manifest["variants"]["uint8"] = uint8_variant(
+                manifest["variants"]["fp32"], batch, imgsz
+            )
         if nms:
             nms_pass = surgeon.efficient_nms(config.conf, config.iou, config.max_det)
-            files["model_nms.onnx"] = _save_variant(model, nms_pass, workdir / "model_nms.onnx")
-            manifest["variants"]["nms"] = nms_variant(fp32, config)
-        try:
-            bundle = write_new_bundle(out, files, manifest, force=force)
-        except OSError as exc:
-            raise JetyoloError(
-                f"cannot write the bundle {out} ({exc}); choose a writable --out with free space"
-            ) from exc
+            files["model_nms.onnx"] = _save(_variant(model, nms_pass), workdir / "model_nms.onnx")
+            manifest["variants"]["nms"] = nms_variant(manifest["variants"]["fp32"], config)
+        bundle = _write(out, files, manifest, force)
     log.info("export: bundle written to %s", out)
     return bundle
 
 
-def _save_variant(model: Any, graph_pass: surgeon.GraphPass, path: Path) -> Path:
-    log.info("export: variant %s", path.name)
-    variant, _ = surgeon.apply_passes(model, [graph_pass])
-    require("onnx", "export").save(variant, str(path))
+def checked_parity(
+    yolo: Any,
+    onnx_path: Path,
+    frames: List[Any],
+    source: str,
+    shape: Tuple[int, int],
+    tolerance: Optional[parity.Tolerance],
+) -> Dict[str, Any]:
+    """The parity record for the manifest; over tolerance, logs the figures and raises.
+    ``shape`` is (batch, imgsz)."""
+    log.info("export: parity with the PyTorch model")
+    batch, imgsz = shape
+    report = parity.compare(
+        yolo.model, onnx_path, frames, (imgsz, imgsz), source, tolerance, PostprocessConfig(), batch
+    )
+    for line in report.lines() if report.problems else []:
+        log.warning(line)
+    parity.check(report)
+    return report.as_manifest()
+
+
+def check_shape_args(yolo: Any, imgsz: int, batch: int) -> None:
+    """ultralytics would silently round --imgsz up to the stride; the manifest must not lie."""
+    stride = int(max(yolo.model.stride))
+    if imgsz < stride or imgsz % stride:
+        raise JetyoloError(
+            f"--imgsz {imgsz} is not a multiple of the model stride {stride}; "
+            f"use e.g. {max(stride, round(imgsz / stride) * stride)}"
+        )
+    if batch < 1:
+        raise JetyoloError(f"--batch must be at least 1, got {batch}")
+
+
+def fp32_model(
+    yolo: Any, weights: Path, workdir: Path, imgsz: int, batch: int, opset: int
+) -> Tuple[Any, List[str]]:
+    """ultralytics' export, checked to have the asked-for input, then the base passes."""
+    log.info(
+        "export: ultralytics ONNX export of %s at %dx%d, opset %d", weights, imgsz, imgsz, opset
+    )
+    try:
+        exported = ultralytics_onnx(yolo, weights, workdir, imgsz, batch, opset)
+    except Exception as exc:  # ultralytics raises many types; keep its first line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise JetyoloError(
+            f"ultralytics ONNX export of {weights} failed "
+            f"({type(exc).__name__}: {first}); check --opset and --imgsz"
+        ) from exc
+    raw = surgeon.load_onnx(exported)
+    shape = [d.dim_value for d in raw.graph.input[0].type.tensor_type.shape.dim]
+    if shape != [batch, 3, imgsz, imgsz]:
+        raise JetyoloError(
+            f"ultralytics exported input {shape}, asked for {[batch, 3, imgsz, imgsz]}"
+        )
+    log.info("export: graph-surgeon passes")
+    model, applied = surgeon.apply_passes(raw, BASE_PASSES)
+    return model, applied
+
+
+def _save(model: Any, path: Path) -> Path:
+    require("onnx", "export").save(model, str(path))
     return path
 
 
+def _variant(model: Any, graph_pass: surgeon.GraphPass) -> Any:
+    log.info("export: variant %s", graph_pass.__name__)
+    return surgeon.apply_passes(model, [graph_pass])[0]
+
+
+def _write(out: Path, files: Dict[str, Path], manifest: Dict[str, Any], force: bool) -> Bundle:
+    try:
+        return write_new_bundle(out, files, manifest, force=force)
+    except OSError as exc:
+        raise JetyoloError(
+            f"cannot write the bundle {out} ({exc}); choose a writable --out with free space"
+        ) from exc
+
+
 def _check_uint8(
-    files: Dict[str, Path], frames: List[Any], imgsz: int, manifest: Dict[str, Any]
-) -> None:
+    files: Dict[str, Path], frames: List[Any], imgsz: int, batch: int
+) -> Dict[str, float]:
     worst = parity.uint8_difference(
-        files["model.onnx"], files["model_uint8.onnx"], frames, (imgsz, imgsz)
+        files["model.onnx"], files["model_uint8.onnx"], frames, (imgsz, imgsz), batch
     )
     log.info(
         "  uint8 input vs fp32 input: boxes max abs %.3g, scores max abs %.3g",
@@ -260,7 +317,7 @@ def _check_uint8(
             f"the uint8-input variant differs from the fp32 model by {max(worst.values()):.3g} "
             f"(> {UINT8_ATOL:g}); nothing was written"
         )
-    manifest["parity"]["uint8_vs_fp32"] = worst
+    return worst
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

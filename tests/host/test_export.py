@@ -302,6 +302,28 @@ def test_export_refuses_an_unwritable_out(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--imgsz", "330"], "not a multiple of the model stride 32"),  # ultralytics would round it
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--parity-images", "0"], "--parity-images must be at least 1"),
+        (["--data", "/nonexistent/data.yaml"], "does not exist"),  # parity images from a bad yaml
+    ],
+)
+def test_export_refuses_bad_flags(
+    weights: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: List[str],
+    message: str,
+) -> None:
+    out = tmp_path / "bundle"
+    code, stderr = cli(["export", str(weights), "--out", str(out), *flags], capsys)
+    assert code == 2 and message in error_line(stderr)
+    assert not out.exists()
+
+
 def test_export_refuses_a_file_as_out(
     weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
