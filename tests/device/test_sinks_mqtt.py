@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -171,7 +172,10 @@ class Child:
 
     def reply(self, word: str) -> str:
         assert self.process.stdout is not None
-        line = self.process.stdout.readline()  # bounded: the child answers or dies
+        # one line per command, so nothing waits in Python's buffer while select() looks at the fd
+        readable, _, _ = select.select([self.process.stdout], [], [], 60)
+        assert readable, f"the child did not say {word} within 60 s"
+        line = self.process.stdout.readline()
         assert line.startswith(word), f"child said {line!r}, expected {word}"
         return line.split()[1] if len(line.split()) > 1 else ""
 
