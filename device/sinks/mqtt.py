@@ -216,7 +216,8 @@ class MqttSink(Sink):
             return
         for row in self._spool.pending(self._last_handed, room):
             info = self._client.publish(row.topic, row.payload, qos=self._qos, retain=row.retain)
-            if info.rc not in (0, 4):  # MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN (paho queues it)
+            # MQTT_ERR_NO_CONN (4): paho keeps QoS 1/2 messages for the reconnect, drops QoS 0
+            if info.rc != 0 and not (info.rc == 4 and self._qos > 0):
                 logger.debug("%s: paho did not take row %d (rc %s)", self.name, row.row_id, info.rc)
                 return
             self._inflight[info.mid] = row.row_id

@@ -72,12 +72,14 @@ def _spooled_seqs(spool_dir: Path, sink_name: str) -> List[int]:
         spool.close()
 
 
+@pytest.mark.parametrize("qos", [1, 0])  # QoS 0: rows are deleted once sent, not acknowledged
 def test_round_trip_every_message_arrives_schema_valid_in_order(
-    tmp_path: Path, broker: MosquittoBroker, make_result: Callable[..., FrameResult]
+    tmp_path: Path, broker: MosquittoBroker, make_result: Callable[..., FrameResult], qos: int
 ) -> None:
     subscriber = Subscriber(broker.port)
     try:
-        with open_sinks([f"mqtt://127.0.0.1:{broker.port}"], _options(tmp_path)) as sinks:
+        options = _options(tmp_path, qos=qos)
+        with open_sinks([f"mqtt://127.0.0.1:{broker.port}"], options) as sinks:
             _publish(sinks, make_result, range(200))
             sinks.publish_stats({"fps": 30.0, "backend": "onnxruntime", "precision": "fp32"})
             assert _wait(lambda: len(subscriber.payloads()) == 200)
