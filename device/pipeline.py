@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Dict, List, Mapping, Optional, Protocol
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -423,22 +423,9 @@ def _default_notifier() -> ProgressNotifier:
     return Notifier.from_env()
 
 
-def run_pipeline(
-    config: RunConfig,
-    sinks: FrameSink,
-    max_frames: Optional[int] = None,
-    *,
-    bundle: Optional[Bundle] = None,
-    notifier: Optional[ProgressNotifier] = None,
-    handle_signals: bool = True,
-) -> RunSummary:
-    """Open the bundle, source and backend that ``config`` names and run until the source ends,
-    ``max_frames`` (else ``config.max_frames``) frames are done, or SIGTERM/SIGINT.
-
-    ``jetyolo run`` and ``jetyolo bench`` both call this. Signals are handled only when called
-    from the main thread.
-    """
-    bundle = bundle or Bundle.load(config.bundle)
+def open_run(config: RunConfig, bundle: Bundle) -> Tuple[Source, Backend]:
+    """The source and (not yet activated) backend ``config`` names; the source first, so a bad
+    ``--source`` fails before a minutes-long engine build."""
     source = open_source(config.source, capture_options(config))
     try:
         backend = open_backend(
@@ -449,6 +436,28 @@ def run_pipeline(
     except BaseException:
         source.close()
         raise
+    return source, backend
+
+
+def run_pipeline(
+    config: RunConfig,
+    sinks: FrameSink,
+    max_frames: Optional[int] = None,
+    *,
+    bundle: Optional[Bundle] = None,
+    opened: Optional[Tuple[Source, Backend]] = None,
+    notifier: Optional[ProgressNotifier] = None,
+    handle_signals: bool = True,
+) -> RunSummary:
+    """Run the bundle, source and backend ``config`` names until the source ends,
+    ``max_frames`` (else ``config.max_frames``) frames are done, or SIGTERM/SIGINT.
+
+    ``jetyolo run`` and ``jetyolo bench`` both call this. ``opened`` is what ``open_run``
+    returned, for callers that open the source and backend before their sinks. Signals are
+    handled only when called from the main thread.
+    """
+    bundle = bundle or Bundle.load(config.bundle)
+    source, backend = opened if opened is not None else open_run(config, bundle)
     pipeline = Pipeline(
         backend, source, bundle.input_size, postprocess_config(config, bundle), sinks,
         buffers=config.buffers,

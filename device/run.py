@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional
 
 from device.bundle import Bundle
 from device.config import BACKENDS, INT8_SOURCES, PRECISIONS, RunConfig, load_config
-from device.pipeline import run_pipeline
+from device.pipeline import open_run, run_pipeline
 from device.sinks import SinkOptions, open_sinks
 from device.sinks.base import REPORT_MODES
 
@@ -86,8 +86,12 @@ def _path(value: Optional[str]) -> Optional[Path]:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     bundle = Bundle.load(config.bundle)
-    with open_sinks(config.sinks, sink_options(config, bundle)) as sinks:
-        summary = run_pipeline(config, sinks, bundle=bundle)
+    source, backend = open_run(config, bundle)  # bad sources fail before sinks announce us
+    try:
+        with open_sinks(config.sinks, sink_options(config, bundle)) as sinks:
+            summary = run_pipeline(config, sinks, bundle=bundle, opened=(source, backend))
+    finally:
+        source.close()
     for line in summary.format_lines():
         print(line, file=sys.stderr, flush=True)
     return 0

@@ -1,0 +1,183 @@
+"""The backend interface: lifecycle, refusals that name the problem, ONNX Runtime results, and
+how ``open_backend`` chooses."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+import pytest
+
+from device.backends import open_backend
+from device.backends.base import Backend, TensorSpec
+from device.backends.onnxruntime import OnnxRuntimeBackend
+from device.bundle import Bundle
+from device.errors import JetyoloError
+
+TENSORRT_PRESENT = importlib.util.find_spec("tensorrt") is not None
+
+
+class DoublingBackend(Backend):
+    """A pure-numpy backend: ``y = 2 * x``; counts lifecycle calls."""
+
+    kind = "fake"
+
+    def __init__(self) -> None:
+        super().__init__("doubling")
+        self.calls = {"activate": 0, "deactivate": 0, "infer": 0}
+
+    def activate_impl(self) -> None:
+        self.calls["activate"] += 1
+
+    def input_specs_impl(self) -> Dict[str, TensorSpec]:
+        return {"x": TensorSpec("x", (1, 3, 4, 4), np.dtype(np.float32))}
+
+    def output_specs_impl(self) -> Dict[str, TensorSpec]:
+        return {"y": TensorSpec("y", (1, 3, 4, 4), np.dtype(np.float32))}
+
+    def infer_impl(
+        self, feed: Mapping[str, np.ndarray], out: Optional[Dict[str, np.ndarray]]
+    ) -> Dict[str, np.ndarray]:
+        self.calls["infer"] += 1
+        target = out if out is not None else {"y": np.empty((1, 3, 4, 4), np.float32)}
+        np.multiply(feed["x"], 2, out=target["y"])
+        return target
+
+    def deactivate_impl(self) -> None:
+        self.calls["deactivate"] += 1
+
+
+def good_input() -> np.ndarray:
+    return np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "feed, message",
+    [
+        # wrong input name
+        ({"images": good_input()}, "missing ['x']"),
+        # an extra input next to the right one
+        ({"x": good_input(), "z": good_input()}, "unknown ['z']"),
+        # wrong shape
+        ({"x": np.zeros((1, 3, 4, 5), np.float32)}, "shape [1, 3, 4, 5], model wants [1, 3, 4, 4]"),
+        # wrong dtype
+        ({"x": good_input().astype(np.float64)}, "dtype float64, model wants float32"),
+        # not C-contiguous (a transposed view)
+        ({"x": good_input().transpose(0, 1, 3, 2)}, "not C-contiguous"),
+        # not an array at all
+        ({"x": good_input().tolist()}, "is a list"),
+    ],
+)
+def test_infer_refuses_bad_feeds_naming_the_problem(feed: dict, message: str) -> None:
+    with DoublingBackend() as backend, pytest.raises(
+        JetyoloError, match=message.replace("[", r"\[")
+    ):
+        backend.infer(feed)
+
+
+def test_infer_before_activate_is_refused() -> None:
+    backend = DoublingBackend()
+    with pytest.raises(JetyoloError, match="before activate"):
+        backend.infer({"x": good_input()})
+    with pytest.raises(JetyoloError, match="before activate"):
+        _ = backend.input_buffer
+    assert backend.calls["infer"] == 0
+
+
+def test_context_manager_activates_once_and_deactivates() -> None:
+    backend = DoublingBackend()
+    with backend:
+        backend.activate()  # a second activate is a no-op
+        assert backend.is_active
+        result = backend.infer({"x": good_input()})
+        np.testing.assert_array_equal(result["y"], good_input() * 2)
+    assert not backend.is_active
+    assert backend.calls == {"activate": 1, "deactivate": 1, "infer": 1}
+    with pytest.raises(JetyoloError, match="before activate"):
+        backend.infer({"x": good_input()})
+
+
+def test_out_arrays_are_checked_and_written_in_place() -> None:
+    with DoublingBackend() as backend:
+        out = backend.allocate_outputs()
+        result = backend.infer({"x": good_input()}, out=out)
+        assert result["y"] is out["y"]
+        np.testing.assert_array_equal(out["y"], good_input() * 2)
+        with pytest.raises(JetyoloError, match="allocate_outputs"):
+            backend.infer({"x": good_input()}, out={"wrong": out["y"]})
+        with pytest.raises(JetyoloError, match="output 'y' has dtype float16"):
+            backend.infer({"x": good_input()}, out={"y": out["y"].astype(np.float16)})
+
+
+def test_input_buffers_are_contiguous_distinct_and_stable() -> None:
+    with DoublingBackend() as backend:
+        ring = backend.allocate_inputs(3)
+        assert len({buffer.ctypes.data for buffer in ring}) == 3
+        assert all(buffer.flags.c_contiguous and buffer.shape == (1, 3, 4, 4) for buffer in ring)
+        assert backend.input_buffer is ring[0]
+        assert backend.allocate_inputs(2)[1] is ring[1]
+
+
+@pytest.fixture(scope="module")
+def ort_model(bundle_dir: Path) -> Path:
+    return Bundle.load(bundle_dir).model_path("fp32")
+
+
+def test_onnxruntime_specs_follow_the_bundle(ort_model: Path) -> None:
+    with OnnxRuntimeBackend(ort_model, threads=1) as backend:
+        assert backend.input_spec == TensorSpec("images", (1, 3, 320, 320), np.dtype(np.float32))
+        assert backend.outputs == ["boxes", "scores"]
+        assert backend.output_specs["scores"].shape[:2] == (1, 4)
+
+
+def test_onnxruntime_io_binding_matches_session_run(ort_model: Path) -> None:
+    rng = np.random.default_rng(0)
+    with OnnxRuntimeBackend(ort_model, threads=1) as backend:
+        backend.input_buffer[...] = rng.random(backend.input_buffer.shape, dtype=np.float32)
+        feed = {"images": backend.input_buffer}
+        plain = {name: array.copy() for name, array in backend.infer(feed).items()}
+        out = backend.allocate_outputs()
+        bound = backend.infer(feed, out=out)
+        assert bound["boxes"] is out["boxes"]
+        for name in plain:
+            np.testing.assert_allclose(bound[name], plain[name], rtol=1e-5, atol=1e-4)
+        # the comparison is not vacuous: a different input gives different scores
+        backend.input_buffer[...] = 0.5
+        other = backend.infer(feed)
+        assert not np.allclose(other["scores"], plain["scores"], atol=1e-4)
+
+
+def test_onnxruntime_missing_model_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(JetyoloError, match="does not exist"):
+        OnnxRuntimeBackend(tmp_path / "nope.onnx").activate()
+
+
+def test_open_backend_onnxruntime_and_bad_kind(bundle_dir: Path) -> None:
+    bundle = Bundle.load(bundle_dir)
+    backend = open_backend("onnxruntime", bundle, threads=1)
+    assert isinstance(backend, OnnxRuntimeBackend) and not backend.is_active
+    with pytest.raises(JetyoloError, match="not one of auto, tensorrt, onnxruntime"):
+        open_backend("cuda", bundle)
+    with pytest.raises(JetyoloError, match="precision 'int4'"):
+        open_backend("onnxruntime", bundle, precision="int4")
+    with pytest.raises(JetyoloError, match="no variant 'uint8'"):
+        open_backend("onnxruntime", bundle, variant="uint8")
+
+
+@pytest.mark.skipif(TENSORRT_PRESENT, reason="TensorRT is installed: the fallback is not taken")
+def test_auto_falls_back_to_onnxruntime_and_says_why(
+    bundle_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="device.backends"):
+        backend = open_backend("auto", Bundle.load(bundle_dir))
+    assert backend.kind == "onnxruntime"
+    assert "auto: TensorRT unavailable: Python module 'tensorrt' is not installed" in caplog.text
+
+
+@pytest.mark.skipif(TENSORRT_PRESENT, reason="TensorRT is installed here")
+def test_explicit_tensorrt_without_tensorrt_names_the_jetpack_package(bundle_dir: Path) -> None:
+    with pytest.raises(JetyoloError, match="python3-libnvinfer"):
+        open_backend("tensorrt", Bundle.load(bundle_dir))

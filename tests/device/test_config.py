@@ -1,0 +1,120 @@
+"""Config file and flags: every bad key or value is refused with the key's name and what is
+allowed; flags override the file; relative paths follow the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+from device.config import FIELD_RULES, RunConfig, config_from_mapping, load_config
+from device.errors import JetyoloError
+from device.sinks.base import REPORT_MODES
+
+BASE: Dict[str, Any] = {"bundle": "/b", "source": "video.mp4"}
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        # a typo in a key: named, with the closest key suggested
+        ({"sorce": "x.mp4"}, "sorce: unknown key; did you mean 'source'?"),
+        # an unknown key with no close match lists the allowed keys
+        ({"colour": "red"}, "colour: unknown key; allowed keys: bundle, source, backend"),
+        # an enum value that is not allowed
+        (
+            {"backend": "cuda"},
+            "backend: 'cuda' is not allowed; use one of auto, tensorrt, onnxruntime",
+        ),
+        ({"precision": "int4"}, "precision: 'int4' is not allowed; use one of fp32, fp16, int8"),
+        (
+            {"report": "sometimes"},
+            "report: 'sometimes' is not allowed; use one of every, non-empty",
+        ),
+        # numbers out of range
+        ({"conf": 1.5}, "conf: 1.5 is above the maximum 1"),
+        ({"iou": -0.1}, "iou: -0.1 is below the minimum 0"),
+        ({"max_det": 0}, "max_det: 0 is below the minimum 1"),
+        ({"buffers": 1}, "buffers: 1 is below the minimum 2"),
+        ({"threads": 0}, "threads: 0 is below the minimum 1"),
+        # wrong types (a YAML string where a number belongs, a bool where an int belongs)
+        ({"conf": "0.5"}, "conf: must be float, got '0.5'"),
+        ({"max_det": True}, "max_det: must be int, got True"),
+        ({"stats_interval_s": None}, "stats_interval_s: must be set"),
+        # sinks must be a list of non-empty strings
+        ({"sinks": []}, "sinks: must be a non-empty list of strings"),
+        ({"sinks": ["stdout", 5]}, "sinks: entries must be non-empty strings, got 5"),
+        # the required keys
+        ({"bundle": None}, "bundle: must be set"),
+        ({"source": ""}, "source: is empty"),
+    ],
+)
+def test_bad_values_are_refused_with_key_and_allowed_values(
+    values: Dict[str, Any], message: str
+) -> None:
+    with pytest.raises(JetyoloError) as caught:
+        config_from_mapping({**BASE, **values}, origin="run.yaml")
+    assert str(caught.value).startswith("run.yaml: ")
+    assert message in str(caught.value)
+
+
+def test_good_values_are_accepted_and_converted() -> None:
+    config = config_from_mapping({**BASE, "conf": 1, "sinks": "stdout", "backend": "onnxruntime"})
+    assert config.conf == 1.0 and isinstance(config.conf, float)
+    assert config.sinks == ["stdout"] and config.backend == "onnxruntime"
+    assert config.buffers == 3 and config.report == "every"
+
+
+def test_missing_source_names_the_flag() -> None:
+    with pytest.raises(JetyoloError, match="source is not set; give --source"):
+        config_from_mapping({"bundle": "/b"}, origin="flags")
+
+
+def test_every_key_has_a_rule_and_a_default() -> None:
+    assert list(FIELD_RULES) == list(RunConfig.__dataclass_fields__)
+    assert all(rule.help for rule in FIELD_RULES.values())
+    assert FIELD_RULES["report"].choices == REPORT_MODES
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_flags_override_the_file_and_paths_follow_the_file(tmp_path: Path) -> None:
+    config_file = write(
+        tmp_path / "run.yaml",
+        "bundle: bundles/synth\nsource: /dev/video0\nconf: 0.4\nsinks: [stdout, 'jsonl:/tmp/x']\n",
+    )
+    config = load_config(config_file, {"conf": 0.6, "iou": None, "backend": "onnxruntime"})
+    assert config.conf == 0.6 and config.iou is None and config.backend == "onnxruntime"
+    assert config.bundle == str(tmp_path / "bundles" / "synth")
+    assert config.source == "/dev/video0" and config.sinks == ["stdout", "jsonl:/tmp/x"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "bundle: b\nsource: s\nmax_frame: 3\n",
+            "max_frame: unknown key; did you mean 'max_frames'?",
+        ),
+        ("- bundle\n- source\n", "must be a mapping of keys to values, got list"),
+        ("bundle: [unclosed\n", "is not valid YAML"),
+    ],
+)
+def test_bad_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(JetyoloError, match=message.replace("[", r"\[").replace("?", r"\?")):
+        load_config(write(tmp_path / "run.yaml", text), {})
+
+
+def test_a_bad_flag_value_is_blamed_on_the_flags(tmp_path: Path) -> None:
+    config_file = write(tmp_path / "run.yaml", "bundle: b\nsource: s\n")
+    with pytest.raises(JetyoloError, match=r"^flags: conf: 2\.0 is above the maximum 1"):
+        load_config(config_file, {"conf": 2.0})
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(JetyoloError, match=r"config file .* does not exist"):
+        load_config(tmp_path / "nope.yaml", {})

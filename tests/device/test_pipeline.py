@@ -1,0 +1,243 @@
+"""The threaded pipeline with a fake backend and fake sources: order, the buffer ring, drops on
+live sources only, draining on stop, errors surfacing, stats and systemd notifications."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Mapping, Optional
+
+import numpy as np
+import pytest
+
+from device.backends.base import Backend, TensorSpec
+from device.detections import FrameResult
+from device.errors import JetyoloError
+from device.pipeline import Pipeline
+from device.postprocess import PostprocessConfig
+from device.sources import Frame, Source
+
+SIZE = 64  # frames and model input are SIZE x SIZE: no letterbox padding, scale 1
+ANCHORS = 8
+
+
+def frame_value(index: int) -> int:
+    return 10 + (index * 7) % 40  # distinct for consecutive frames, inside the image
+
+
+class FakeSource(Source):
+    """``count`` frames; frame i is filled with ``frame_value(i)``."""
+
+    def __init__(self, count: int, live: bool = False, interval_s: float = 0.0) -> None:
+        super().__init__("fake")
+        self.count, self.live, self.interval_s = count, live, interval_s
+        self.captured = 0
+        self.closed = False
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        for index in range(self.count):
+            if stop.is_set():
+                return
+            if self.interval_s:
+                time.sleep(self.interval_s)
+            self.captured += 1
+            yield Frame(index, time.time(), np.full((SIZE, SIZE, 3), frame_value(index), np.uint8))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class EchoBackend(Backend):
+    """Detects one box whose centre x is the input's pixel value, so each result names the frame
+    it was computed from. Reads its input twice, ``delay_s`` apart, and records it when the
+    buffer changed in between (a preprocess writing into a buffer under inference)."""
+
+    kind = "echo"
+
+    def __init__(self, delay_s: float = 0.0, fail_at: Optional[int] = None) -> None:
+        super().__init__("echo")
+        self.delay_s, self.fail_at = delay_s, fail_at
+        self.calls = 0
+        self.torn_reads = 0
+        self.threads: set = set()
+        self.deactivated = False
+
+    def activate_impl(self) -> None:
+        self.threads.add(threading.get_ident())
+
+    def input_specs_impl(self) -> Dict[str, TensorSpec]:
+        return {"images": TensorSpec("images", (1, 3, SIZE, SIZE), np.dtype(np.float32))}
+
+    def output_specs_impl(self) -> Dict[str, TensorSpec]:
+        return {
+            "boxes": TensorSpec("boxes", (1, 4, ANCHORS), np.dtype(np.float32)),
+            "scores": TensorSpec("scores", (1, 2, ANCHORS), np.dtype(np.float32)),
+        }
+
+    def infer_impl(
+        self, feed: Mapping[str, np.ndarray], out: Optional[Dict[str, np.ndarray]]
+    ) -> Dict[str, np.ndarray]:
+        self.threads.add(threading.get_ident())
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise RuntimeError("device lost")
+        self.calls += 1
+        first = float(feed["images"][0, 0, 5, 5])
+        time.sleep(self.delay_s)
+        if float(feed["images"][0, 0, 5, 5]) != first:
+            self.torn_reads += 1
+        if out is None:
+            raise AssertionError("the pipeline passes output sets")
+        value = round(first * 255)
+        out["boxes"][...] = 0
+        out["scores"][...] = 0
+        out["boxes"][0, :, 0] = (value, 32, 4, 4)
+        out["scores"][0, 1, 0] = 0.9
+        return out
+
+    def deactivate_impl(self) -> None:
+        self.deactivated = True
+        self.threads.add(threading.get_ident())
+
+
+class CollectingSink:
+    def __init__(self, delay_s: float = 0.0, on_frame: Any = None) -> None:
+        self.results: List[FrameResult] = []
+        self.stats: List[Dict[str, Any]] = []
+        self.delay_s, self.on_frame = delay_s, on_frame
+
+    def publish_frame(self, result: FrameResult) -> None:
+        time.sleep(self.delay_s)
+        self.results.append(result)
+        if self.on_frame:
+            self.on_frame(len(self.results))
+
+    def publish_stats(self, stats: Dict[str, Any]) -> None:
+        self.stats.append(stats)
+
+
+class RecordingNotifier:
+    def __init__(self) -> None:
+        self.events: List[str] = []
+
+    def ready(self, text: Optional[str] = None) -> bool:
+        self.events.append("ready")
+        return True
+
+    def status(self, text: str) -> bool:
+        self.events.append("status")
+        return True
+
+    def frame_done(self, count: int = 1) -> bool:
+        self.events.append("frame")
+        return True
+
+    def stopping(self, text: Optional[str] = None) -> bool:
+        self.events.append(f"stopping: {text}")
+        return True
+
+
+def make_pipeline(
+    source: Source, backend: Backend, sink: CollectingSink, **kwargs: Any
+) -> Pipeline:
+    return Pipeline(
+        backend, source, (SIZE, SIZE), PostprocessConfig(0.25, 0.45, 10), sink, **kwargs
+    )
+
+
+def decoded_value(result: FrameResult) -> int:
+    x1 = float(result.detections.xyxy[0, 0])
+    return round(x1 + 2)  # box centre x minus half its width 4
+
+
+def test_file_source_every_frame_in_order_from_its_own_buffer() -> None:
+    source, backend, sink = FakeSource(40), EchoBackend(delay_s=0.003), CollectingSink()
+    summary = make_pipeline(source, backend, sink).run()
+    assert [r.frame_index for r in sink.results] == list(range(40))
+    assert [decoded_value(r) for r in sink.results] == [frame_value(i) for i in range(40)]
+    assert backend.torn_reads == 0 and summary.dropped == 0
+    assert summary.frames == 40 and summary.fps > 0 and summary.stopped_by == "end of source"
+    assert set(summary.latency_ms) == {"capture", "preprocess", "infer", "postprocess", "total"}
+    assert all(set(v) == {"p50", "p90", "p99"} for v in summary.latency_ms.values())
+    assert all(set(r.latency_ms) >= {"preprocess", "infer", "total"} for r in sink.results)
+    assert all(r.frame_size == (SIZE, SIZE) for r in sink.results)
+    assert source.closed and backend.deactivated
+    assert len(backend.threads) == 1  # activate, infer and deactivate on one thread (CUDA)
+
+
+def test_the_buffer_check_would_catch_a_shared_buffer() -> None:
+    # a pipeline whose preprocess wrote into the buffer under inference would tear reads:
+    # simulate that by writing into the fed buffer from another thread during infer
+    backend = EchoBackend(delay_s=0.02)
+    with backend:
+        buffer = backend.input_buffer
+        writer = threading.Timer(0.005, lambda: buffer.fill(0.5))
+        writer.start()
+        backend.infer({"images": buffer}, out=backend.allocate_outputs())
+        writer.join()
+    assert backend.torn_reads == 1
+
+
+def test_live_source_drops_oldest_when_behind_and_files_never_drop() -> None:
+    source, backend, sink = FakeSource(60, live=True), EchoBackend(delay_s=0.01), CollectingSink()
+    summary = make_pipeline(source, backend, sink).run()
+    assert summary.dropped > 0
+    assert summary.frames + summary.dropped == source.captured == 60
+    indices = [r.frame_index for r in sink.results]
+    assert indices == sorted(indices) and indices[-1] == 59  # the newest frame is never dropped
+    assert [decoded_value(r) for r in sink.results] == [frame_value(i) for i in indices]
+
+
+def test_max_frames() -> None:
+    sink = CollectingSink()
+    summary = make_pipeline(FakeSource(40), EchoBackend(), sink, max_frames=5).run()
+    assert summary.frames == 5 and summary.stopped_by == "max frames"
+    assert [r.frame_index for r in sink.results] == [0, 1, 2, 3, 4]
+
+
+def test_request_stop_drains_frames_in_flight() -> None:
+    source = FakeSource(10_000)
+    holder: Dict[str, Pipeline] = {}
+
+    def stop_after_five(published: int) -> None:
+        if published == 5:
+            holder["p"].request_stop("signal SIGTERM")
+
+    sink = CollectingSink(on_frame=stop_after_five)
+    pipeline = make_pipeline(source, EchoBackend(delay_s=0.002), sink)
+    holder["p"] = pipeline
+    summary = pipeline.run()
+    assert summary.stopped_by == "signal SIGTERM"
+    assert 5 <= summary.frames < 10_000
+    # drained: every frame that was captured was published, none lost in the queues
+    assert summary.frames == source.captured
+    assert [r.frame_index for r in sink.results] == list(range(summary.frames))
+
+
+def test_an_inference_error_stops_everything_and_is_raised() -> None:
+    source, backend = FakeSource(100), EchoBackend(fail_at=3)
+    with pytest.raises(RuntimeError, match="device lost"):
+        make_pipeline(source, backend, CollectingSink()).run()
+    assert source.closed and backend.deactivated
+
+
+def test_a_model_that_does_not_fit_the_bundle_size_is_refused() -> None:
+    pipeline = Pipeline(
+        EchoBackend(), FakeSource(3), (320, 320), PostprocessConfig(), CollectingSink()
+    )
+    with pytest.raises(JetyoloError, match="does not fit the bundle's preprocess size"):
+        pipeline.run()
+
+
+def test_stats_and_notifications() -> None:
+    sink, notifier = CollectingSink(), RecordingNotifier()
+    pipeline = make_pipeline(
+        FakeSource(30), EchoBackend(delay_s=0.005), sink, stats_interval_s=0.05, notifier=notifier
+    )
+    pipeline.run()
+    assert notifier.events[0] == "ready"  # after the first frame, not before
+    assert notifier.events.count("ready") == 1 and notifier.events.count("frame") == 30
+    assert notifier.events[-1] == "stopping: stopped: end of source"
+    assert sink.stats, "a stats message every stats_interval_s"
+    stats = sink.stats[-1]
+    assert stats["backend"] == "echo" and stats["fps"] > 0 and "infer" in stats["latency_ms"]
+    assert stats["dropped_frames"] == 0 and stats["decode_errors"] == 0

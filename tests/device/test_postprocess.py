@@ -1,0 +1,97 @@
+"""Decoding model outputs into Detections: thresholds, class-aware NMS, max_det, frame pixels."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+
+from device.postprocess import (
+    PostprocessConfig,
+    decode_efficient_nms,
+    decode_split_head,
+    postprocess,
+)
+from device.preprocess import Letterbox
+
+NUM_CLASSES = 3
+Candidate = Tuple[Tuple[float, float, float, float], int, float]  # (cx, cy, w, h), class, score
+
+
+def split_head(candidates: List[Candidate], anchors: int = 64) -> Dict[str, np.ndarray]:
+    """Split-head outputs whose first anchors hold ``candidates``; the rest score 0.01."""
+    boxes = np.zeros((1, 4, anchors), np.float32)
+    scores = np.full((1, NUM_CLASSES, anchors), 0.01, np.float32)
+    for anchor, (xywh, class_id, score) in enumerate(candidates):
+        boxes[0, :, anchor] = xywh
+        scores[0, class_id, anchor] = score
+    return {"boxes": boxes, "scores": scores}
+
+
+CONFIG = PostprocessConfig(conf=0.25, iou=0.45, max_det=300)
+A = (100.0, 100.0, 40.0, 40.0)
+A_SHIFTED = (104.0, 102.0, 40.0, 40.0)  # IoU with A about 0.75
+FAR = (250.0, 250.0, 30.0, 30.0)
+
+
+@pytest.mark.parametrize(
+    "candidates, config, expected",
+    [
+        # overlapping boxes of one class: the higher score survives
+        ([(A, 0, 0.9), (A_SHIFTED, 0, 0.8)], CONFIG, [(0, 0.9)]),
+        # the same overlap in two classes: NMS is per class, both survive
+        ([(A, 0, 0.9), (A_SHIFTED, 1, 0.8)], CONFIG, [(0, 0.9), (1, 0.8)]),
+        # below the confidence threshold: gone
+        ([(A, 0, 0.2), (FAR, 2, 0.3)], CONFIG, [(2, 0.3)]),
+        # a loose IoU threshold keeps the overlapping pair
+        (
+            [(A, 0, 0.9), (A_SHIFTED, 0, 0.8)],
+            PostprocessConfig(0.25, 0.9, 300),
+            [(0, 0.9), (0, 0.8)],
+        ),
+        # max_det keeps the best ones, sorted by score
+        (
+            [(A, 0, 0.5), (FAR, 1, 0.7), ((50.0, 200.0, 20.0, 20.0), 2, 0.6)],
+            PostprocessConfig(0.25, 0.45, 2),
+            [(1, 0.7), (2, 0.6)],
+        ),
+        # nothing above the threshold: empty
+        ([], CONFIG, []),
+    ],
+)
+def test_split_head_decoding(
+    candidates: List[Candidate], config: PostprocessConfig, expected: List[Tuple[int, float]]
+) -> None:
+    outputs = split_head(candidates)
+    detections = decode_split_head(outputs["boxes"], outputs["scores"], config)
+    got = [(int(c), round(float(s), 3)) for c, s in zip(detections.class_id, detections.confidence)]
+    assert got == expected
+
+
+def test_boxes_are_corners_in_frame_pixels() -> None:
+    geometry = Letterbox.fit((960, 540), (320, 320))  # scale 1/3, 70 px padding on top
+    outputs = split_head([(A, 1, 0.9)])
+    detections = postprocess(outputs, geometry, CONFIG)
+    x1, y1, x2, y2 = 80.0, 80.0, 120.0, 120.0  # corners of A in input pixels
+    expected = [x1 * 3, (y1 - geometry.pad_top) * 3, x2 * 3, (y2 - geometry.pad_top) * 3]
+    np.testing.assert_allclose(detections.xyxy[0], expected, atol=1e-3)
+    assert geometry.pad_top == 70
+
+
+def test_efficient_nms_outputs_are_read_and_copied() -> None:
+    outputs = {
+        "num_dets": np.array([[2]], np.int32),
+        "det_boxes": np.array([[[10, 20, 50, 60], [0, 0, 5, 5], [9, 9, 9, 9]]], np.float32),
+        "det_scores": np.array([[0.9, 0.2, 0.0]], np.float32),
+        "det_classes": np.array([[2, 1, 0]], np.int32),
+    }
+    detections = decode_efficient_nms(outputs, max_det=300)
+    assert len(detections) == 2 and detections.class_id.tolist() == [2, 1]
+    outputs["det_scores"][...] = 0  # the backend reuses its output arrays for the next frame
+    assert detections.confidence.tolist() == pytest.approx([0.9, 0.2])
+    geometry = Letterbox.fit((320, 320), (320, 320))
+    filtered = postprocess(
+        {**outputs, "det_scores": np.array([[0.9, 0.2, 0.0]], np.float32)}, geometry, CONFIG
+    )
+    assert filtered.class_id.tolist() == [2]  # the conf threshold applies to NMS outputs too

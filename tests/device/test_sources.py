@@ -1,0 +1,226 @@
+"""Sources: classification, GStreamer pipeline strings, files ending cleanly, corrupt frames
+skipped and counted, live sources reconnecting with back-off."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import cv2
+import numpy as np
+import pytest
+
+from device.errors import JetyoloError
+from device.sources import (
+    APPSINK,
+    LiveSource,
+    SourceSpec,
+    csi_pipeline,
+    open_source,
+    parse_source,
+    rtsp_pipeline,
+    with_appsink,
+)
+
+
+@pytest.fixture
+def media(tmp_path: Path) -> Path:
+    (tmp_path / "clip.mp4").write_bytes(b"not really a video")
+    (tmp_path / "clip.png").write_bytes(b"not really an image")
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "notes.txt").write_text("no images here")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # CSI camera through nvarguscamerasrc
+        ("csi://1", SourceSpec("csi", "1")),
+        # RTSP (and RTSPS)
+        ("rtsp://cam.local:554/live", SourceSpec("rtsp", "rtsp://cam.local:554/live")),
+        ("rtsps://cam/live", SourceSpec("rtsp", "rtsps://cam/live")),
+        # HTTP streams go through FFmpeg
+        ("http://cam/video.mjpg", SourceSpec("stream", "http://cam/video.mjpg")),
+        # V4L2 by path or by number
+        ("/dev/video2", SourceSpec("v4l2", "/dev/video2")),
+        ("0", SourceSpec("v4l2", "/dev/video0")),
+        # a raw GStreamer pipeline
+        (
+            "videotestsrc ! videoconvert ! appsink",
+            SourceSpec("gstreamer", "videotestsrc ! videoconvert ! appsink"),
+        ),
+        # a glob of images (nothing has to exist yet)
+        ("shots/*.jpg", SourceSpec("images", "shots/*.jpg")),
+    ],
+)
+def test_parse_source(text: str, expected: SourceSpec) -> None:
+    assert parse_source(text) == expected
+
+
+def test_parse_source_files_and_folders(media: Path) -> None:
+    assert parse_source(str(media / "clip.mp4")).kind == "file"
+    assert parse_source(str(media / "frames")).kind == "images"
+    assert parse_source(str(media / "clip.png")).kind == "images"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "--source is empty"),  # nothing given
+        ("csi://front", "CSI sensor id must be a number"),  # csi with a name
+        ("/no/such/video.mp4", "does not exist"),  # a typo in a path
+    ],
+)
+def test_parse_source_refusals(text: str, message: str) -> None:
+    with pytest.raises(JetyoloError, match=message):
+        parse_source(text)
+
+
+def test_csi_pipeline_string() -> None:
+    assert csi_pipeline(0, 1280, 720, 60, flip_method=2) == (
+        "nvarguscamerasrc sensor-id=0 ! "
+        "video/x-raw(memory:NVMM),width=1280,height=720,framerate=60/1,format=NV12 ! "
+        "nvvidconv flip-method=2 ! video/x-raw,format=BGRx ! "
+        "videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1 sync=false"
+    )
+
+
+def test_rtsp_pipeline_string_quotes_the_url() -> None:
+    pipeline = rtsp_pipeline('rtsp://user:p"w@cam/live?x=1', latency_ms=100)
+    assert pipeline.startswith('rtspsrc location="rtsp://user:p\\"w@cam/live?x=1" latency=100 ! ')
+    assert "decodebin ! nvvidconv ! video/x-raw,format=BGRx" in pipeline
+    assert pipeline.endswith(APPSINK)
+
+
+def test_with_appsink_adds_a_bgr_appsink_only_when_missing() -> None:
+    assert with_appsink("videotestsrc !") == (
+        f"videotestsrc ! videoconvert ! video/x-raw,format=BGR ! {APPSINK}"
+    )
+    assert with_appsink("videotestsrc ! appsink name=x") == "videotestsrc ! appsink name=x"
+
+
+def write_images(folder: Path, count: int, corrupt: Optional[int] = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        path = folder / f"{index:03d}.png"
+        if index == corrupt:
+            path.write_bytes(b"\x89PNG broken")
+        else:
+            cv2.imwrite(str(path), np.full((48, 64, 3), index * 10, np.uint8))
+
+
+def collect(source_text: str) -> tuple:
+    source = open_source(source_text)
+    frames = list(source.frames(threading.Event()))
+    source.close()
+    return frames, source
+
+
+def test_image_folder_skips_and_counts_a_corrupt_image(tmp_path: Path) -> None:
+    write_images(tmp_path / "imgs", 5, corrupt=2)
+    frames, source = collect(str(tmp_path / "imgs"))
+    assert [frame.index for frame in frames] == [0, 1, 3, 4]
+    assert [int(frame.image[0, 0, 0]) for frame in frames] == [0, 10, 30, 40]
+    assert source.decode_errors == 1 and not source.live
+    timestamps = [frame.timestamp for frame in frames]
+    assert timestamps == sorted(timestamps) and timestamps[0] > 1.6e9
+
+
+def test_image_glob(tmp_path: Path) -> None:
+    write_images(tmp_path / "imgs", 3)
+    frames, _ = collect(str(tmp_path / "imgs" / "00[12].png"))
+    assert [frame.index for frame in frames] == [0, 1]
+
+
+def write_mjpeg(path: Path, count: int, corrupt: Optional[int] = None) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10, (64, 48))
+    for index in range(count):
+        writer.write(np.full((48, 64, 3), index * 20, np.uint8))
+    writer.release()
+    if corrupt is not None:
+        data = bytearray(path.read_bytes())
+        starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
+        # zero that frame's JPEG data, keeping the AVI chunk header of the next frame intact
+        start, end = starts[corrupt], starts[corrupt + 1] - 16
+        data[start:end] = bytes(end - start)
+        path.write_bytes(bytes(data))
+
+
+def test_video_file_ends_cleanly_with_every_frame(tmp_path: Path) -> None:
+    write_mjpeg(tmp_path / "ok.avi", 8)
+    frames, source = collect(str(tmp_path / "ok.avi"))
+    assert [frame.index for frame in frames] == list(range(8))
+    assert source.decode_errors == 0
+
+
+def test_corrupt_frame_mid_file_is_skipped_counted_and_indices_stay_positions(
+    tmp_path: Path,
+) -> None:
+    write_mjpeg(tmp_path / "bad.avi", 8, corrupt=3)
+    frames, source = collect(str(tmp_path / "bad.avi"))
+    assert [frame.index for frame in frames] == [0, 1, 2, 4, 5, 6, 7]
+    assert [round(float(frame.image.mean()) / 20) for frame in frames] == [0, 1, 2, 4, 5, 6, 7]
+    assert source.decode_errors == 1
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "frames"])
+def test_unopenable_sources_raise_one_clear_error(media: Path, name: str) -> None:
+    with pytest.raises(JetyoloError, match=r"cannot open source|has no images"):
+        open_source(str(media / name))
+
+
+class FakeCapture:
+    """A camera that delivers ``good`` frames, then fails every read (unplugged)."""
+
+    def __init__(self, opened: bool, good: int) -> None:
+        self.opened, self.good, self.released = opened, good, False
+
+    def isOpened(self) -> bool:
+        return self.opened
+
+    def read(self) -> tuple:
+        if self.good <= 0:
+            return False, None
+        self.good -= 1
+        return True, np.zeros((4, 4, 3), np.uint8)
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_live_source_reconnects_with_backoff_and_keeps_counting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # opens: 1st works (2 frames), 2nd fails, 3rd works (2 frames), then unavailable
+    captures = [FakeCapture(True, 2), FakeCapture(False, 0), FakeCapture(True, 2)]
+    opened: List[FakeCapture] = []
+
+    def opener() -> FakeCapture:
+        capture = captures.pop(0) if captures else FakeCapture(False, 0)
+        opened.append(capture)
+        return capture
+
+    waits: List[float] = []
+    stop = threading.Event()
+
+    def fake_wait(timeout: float) -> bool:  # no real sleeping; stop after a few back-offs
+        waits.append(timeout)
+        if len(waits) >= 5:
+            stop.set()
+        return stop.is_set()
+
+    monkeypatch.setattr(stop, "wait", fake_wait)
+    source = LiveSource("cam", opener, reconnect_max_s=2.0)  # type: ignore[arg-type]
+    frames = list(source.frames(stop))
+    assert [frame.index for frame in frames] == [0, 1, 2, 3]
+    assert source.live and source.reconnects == 2
+    # back-off doubles while the camera stays away, resets after a success, and is capped
+    assert waits == [0.5, 1.0, 0.5, 1.0, 2.0]
+    assert all(capture.released for capture in opened)
+
+
+def test_live_source_that_never_opens_fails_at_start() -> None:
+    with pytest.raises(JetyoloError, match="cannot open source 'cam'"):
+        LiveSource("cam", lambda: FakeCapture(False, 0))  # type: ignore[arg-type, return-value]
