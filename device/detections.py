@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Union
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class Detections:
     def __len__(self) -> int:
         return len(self.xyxy)
 
-    def __getitem__(self, index: object) -> Detections:
+    def __getitem__(self, index: Union[int, slice, np.ndarray]) -> Detections:
         return Detections(self.xyxy[index], self.confidence[index], self.class_id[index])
 
     def to_list(self, class_names: list[str] | None = None) -> list[dict]:
