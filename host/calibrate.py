@@ -140,6 +140,7 @@ class GateStep:
 class Gate:
     fp32: EvalResult
     max_drop: float
+    method: str
     steps: List[GateStep] = field(default_factory=list)
     sensitivity: List[Tuple[str, float]] = field(default_factory=list)
 
@@ -169,12 +170,13 @@ class Gate:
             f"{len(step.fp16_layers)} layers: {step.drop(self.fp32):.2f}" for step in self.steps
         )
         worst = ", ".join(f"{name} ({db:.1f} dB)" for name, db in self.sensitivity[:3])
+        others = " or ".join(m for m in quantize.METHODS if m != self.method)
         return (
             f"INT8 loses {self.final.drop(self.fp32):.2f} mAP50-95 points (FP32 "
             f"{self.fp32.map50_95:.4f} -> INT8 {self.final.result.map50_95:.4f}), more than "
             f"--max-drop {self.max_drop:g}, even with the {len(self.final.fp16_layers)} most "
             f"sensitive layers in FP16 (drop by FP16 layers: {tried}; most sensitive: "
-            f"{worst or 'not measured'}); try --method percentile or minmax, more and more "
+            f"{worst or 'not measured'}); try --method {others}, more and more "
             "representative --images, a larger --max-fp16-layers, or --exclude LAYER; "
             "nothing was written to the bundle"
         )
@@ -197,7 +199,7 @@ def run_gate(
     images = images[:eval_limit] if eval_limit else images
     log.info("calibrate: accuracy gate on %d val images of %s", len(images), data_yaml)
     fp32 = evaluate_model(ctx.bundle.model_path("fp32"), ctx.bundle, images, names, "fp32")
-    gate = Gate(fp32, max_drop)
+    gate = Gate(fp32, max_drop, ctx.ranges.method)
     qdq = ctx.build_qdq([])
     gate.steps.append(GateStep([], evaluate_model(qdq, ctx.bundle, images, names, "int8-qdq")))
     _log_step(gate)
