@@ -72,13 +72,16 @@ class Gates:
 # Boxes are in input pixels (0..640), scores in [0, 1]: one tolerance for both would be either
 # meaningless for scores or impossible for boxes. FP32: the same model on another kernel library
 # differs by ~2e-4 px and ~1e-6 in score on the CPU (measured: ORT all vs no graph optimizations).
+# FP16/INT8 detection gates are starting points, not yet measured on a Jetson. On the fixture
+# bundle (16 images) the CPU Q/DQ models reach agreement 1.0 / 0.96 and mAP 0.985 / 0.888 vs the
+# reference (minmax / entropy calibration); scaling the first conv by 2.0 drops agreement to 0.62.
 DEFAULT_GATES: Dict[str, Gates] = {
     "fp32": Gates("fp32", True, "max", {"boxes": 1e-2, "scores": 1e-4, "": 1e-4},
-                  {"": 1e-3}, 0.5, 0.95, 0.01, 0.98, 0.9),
+                  {"": 1e-3}, 0.5, 0.95, 0.01, 0.98, 0.95),
     "fp16": Gates("fp16", True, "median", {"boxes": 0.5, "scores": 5e-3, "": 5e-3},
-                  {"": 1e-2}, 0.5, 0.9, 0.03, 0.95, 0.85),
+                  {"": 1e-2}, 0.5, 0.9, 0.03, 0.95, 0.9),
     "int8": Gates("int8", False, "median", {"boxes": 0.5, "scores": 5e-3, "": 5e-3},
-                  {"": 1e-2}, 0.5, 0.5, 0.1, 0.8, 0.6),
+                  {"": 1e-2}, 0.5, 0.5, 0.15, 0.85, 0.8),
 }
 
 

@@ -3,8 +3,8 @@ the detection gate and fails the FP32 tensor gate; a perturbed model fails with 
 tampered or stale reference data is refused; TensorRT paths skip (or refuse) with a reason.
 
 The bundle is the session fixture copied once per module, with a reference (host.reference),
-an ``int8-qdq`` variant (onnxruntime.quantization, head post-processing left in float) and a
-``perturbed`` variant (one conv weight scaled by 1.3).
+the ``int8-qdq`` variant `jetyolo calibrate` adds (host.calibrate, MinMax on 16 train images) and
+a ``perturbed`` variant (the first conv's weight scaled by 1.3).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import pytest
@@ -20,48 +20,9 @@ import pytest
 from device.bundle import Bundle, add_files
 from device.cli import main
 from device.errors import JetyoloError
-from device.preprocess import Preprocessor
 from device.verify import VerifyReport, gates_for, parse_tolerances, tensorrt_missing_reason, verify
 
 NUM = 6
-
-
-def _feeds(bundle: Bundle, images: List[Path]) -> List[Dict[str, np.ndarray]]:
-    import cv2
-
-    preprocessor = Preprocessor(bundle.input_size)
-    feeds = []
-    for path in images:
-        preprocessor(cv2.imread(str(path)))
-        feeds.append({"images": preprocessor.buffer.copy()})
-    return feeds
-
-
-def quantize_qdq(bundle: Bundle, calibration_images: List[Path], out: Path) -> Path:
-    """Symmetric INT8 Q/DQ (what TensorRT takes), the head's post-processing left in float."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds: Iterator[Dict[str, np.ndarray]] = iter(_feeds(bundle, calibration_images))
-
-        def get_next(self) -> Dict[str, np.ndarray] | None:
-            return next(self.feeds, None)
-
-    quantize_static(
-        str(bundle.model_path("fp32")), str(out), Reader(), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-        calibrate_method=CalibrationMethod.MinMax,
-        nodes_to_exclude=list(bundle.manifest["head"]["postprocess_nodes"]),
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-    )
-    return out
 
 
 def scale_one_conv(model_path: Path, out: Path, factor: float) -> Path:
@@ -86,15 +47,15 @@ def add_variant(bundle: Bundle, name: str, file: str, source: Path) -> Bundle:
 def verify_bundle(
     bundle_dir: Path, synth_dataset: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
+    from host.calibrate import DEFAULT_RECIPE, calibrate
     from host.reference import make_reference
 
     work = tmp_path_factory.mktemp("verify")
     root = work / "bundle"
     shutil.copytree(bundle_dir, root)
     bundle = make_reference(root, synth_dataset.parent / "valid" / "images", num=NUM)
-    train = sorted((synth_dataset.parent / "train" / "images").glob("*.jpg"))[:8]
-    bundle = add_variant(bundle, "int8-qdq", "model_int8_qdq.onnx",
-                         quantize_qdq(bundle, train, work / "qdq.onnx"))
+    recipe = {**DEFAULT_RECIPE, "num": 16, "method": "minmax"}  # minmax: 1 s, entropy: 5 s
+    bundle = calibrate(root, synth_dataset.parent / "train" / "images", recipe)
     add_variant(bundle, "perturbed", "model_perturbed.onnx",
                 scale_one_conv(bundle.model_path("fp32"), work / "perturbed.onnx", 1.3))
     return root

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import List
+from typing import Any, List
 
 import numpy as np
 import onnx
@@ -132,9 +132,12 @@ def ultralytics_metrics() -> SimpleNamespace:
     from ultralytics.engine.validator import BaseValidator
     from ultralytics.utils import metrics
 
-    validator = SimpleNamespace(iouv=torch.linspace(0.5, 0.95, 10))
-    return SimpleNamespace(torch=torch, metrics=metrics,
-                           match=lambda *a: BaseValidator.match_predictions(validator, *a))
+    validator: Any = SimpleNamespace(iouv=torch.linspace(0.5, 0.95, 10))  # all it reads of self
+
+    def match(*args: Any) -> Any:
+        return BaseValidator.match_predictions(validator, *args)
+
+    return SimpleNamespace(torch=torch, metrics=metrics, match=match)
 
 
 def random_image(rng: np.random.Generator, n: int, nc: int = 3) -> List[np.ndarray]:
