@@ -8,7 +8,8 @@ One database, ``<spool_dir>/spool.sqlite`` in WAL mode, holds
   When a sink's rows exceed ``max_messages`` the oldest are deleted and counted (drop oldest).
 - ``meta``: the sequence counter. Blocks of ``SEQ_BLOCK`` numbers are reserved with a durable
   (``synchronous=FULL``) write; a restart continues after the last reserved block, so ``seq``
-  only ever grows, even after SIGKILL or a power cut, at one fsync per block.
+  only ever grows, even after SIGKILL or a power cut, at one fsync per block. A clean close
+  records the last number used, so a clean restart continues without a gap.
 
 Outbox writes use ``synchronous=NORMAL``: a committed row survives a killed process; after a
 power cut the last few commits may be gone. A lock file keeps two processes off one spool.
@@ -198,6 +199,9 @@ class SeqCounter:
         self._reserved = upto
 
     def close(self) -> None:
+        """Record the last number used, so a clean restart continues without a gap."""
+        if self._next - 1 < self._reserved:
+            self._reserve(self._next - 1)
         self._db.close()
 
 

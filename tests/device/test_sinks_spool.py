@@ -62,6 +62,8 @@ def test_seq_grows_across_restarts_even_without_a_clean_close(tmp_path: Path) ->
     second = SeqCounter(path, block=10)
     assert second.next() == 21
     assert second.next() == 22
+    second.close()  # a clean stop: the next run continues right after 22
+    assert SeqCounter(path, block=10).next() == 23
 
 
 def test_spool_dir_that_cannot_be_created_is_a_clear_error(tmp_path: Path) -> None:
