@@ -1,5 +1,6 @@
 """Export a trained YOLO11 .pt to a bundle: ONNX (static shape), graph-surgeon fixes, parity check
-against the PyTorch model, manifest with hashes. The bundle is written atomically."""
+against the PyTorch model, manifest with hashes. The bundle is written atomically; on any error
+(including parity over tolerance) nothing is written. See docs/export.md."""
 
 from __future__ import annotations
 
@@ -323,9 +324,14 @@ def _check_uint8(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("weights", type=Path, help="trained ultralytics detect model (.pt)")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
-    parser.add_argument("--imgsz", type=int, default=640)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument(
+        "--imgsz",
+        type=int,
+        default=640,
+        help="square input side, a multiple of the stride (default 640)",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--name", help="bundle name (default: the --out folder name)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument(

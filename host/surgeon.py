@@ -2,7 +2,9 @@
 
 Each pass is a named function ``Graph -> Graph``. ``apply_passes`` runs them in order and, after
 each one, cleans up, toposorts, runs ``onnx.checker`` with shape inference and opens the result in
-ONNX Runtime, so a broken rewrite fails at the pass that broke it.
+ONNX Runtime (skipped for graphs with TensorRT plugins), so a broken rewrite fails at the pass
+that broke it. Passes that only rewrite (fold_constants, remove_identity, split_head) keep every
+value; uint8_input and efficient_nms change the interface as their docstrings say.
 """
 
 from __future__ import annotations
