@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", action="append", default=[], metavar="PACKAGE",
                         help="leave a dependency out, e.g. opencv-python-headless to use "
                              "JetPack's OpenCV (with GStreamer); repeatable")
+    parser.add_argument("--extra-wheel", action="append", default=[], type=Path, metavar="WHL",
+                        help="also stage and install this wheel, e.g. a pycuda wheel built on "
+                             "a Jetson of the same JetPack; repeatable")
     parser.add_argument("--dry-run", action="store_true", help="list the changes, write nothing")
     parser.add_argument("--force", action="store_true",
                         help="stage into a folder that does not look like a rootfs")
@@ -281,6 +284,7 @@ def wheelhouse_entries(source: Path, args: argparse.Namespace, tmp: Path) -> Lis
         wheels, requirements = prepared_wheelhouse(args.wheelhouse, requirements)
     else:
         wheels = download_wheelhouse(requirements, args.python_version, tmp / "wheelhouse")
+    wheels, requirements = with_extra_wheels(wheels, requirements, args.extra_wheel)
     check_wheelhouse(wheels, requirements)
     entries = [Entry(f"{WHEELHOUSE}/requirements.txt", data=lines(requirements)),
                Entry(f"{WHEELHOUSE}/constraints.txt", data=lines(pins(wheels)))]
@@ -362,6 +366,25 @@ def prepared_wheelhouse(folder: Path, requirements: List[str]) -> Tuple[List[Pat
     if listed.is_file():
         requirements = [line.strip() for line in listed.read_text().splitlines()
                         if line.strip() and not line.lstrip().startswith("#")]
+    return wheels, requirements
+
+
+def with_extra_wheels(
+    wheels: List[Path], requirements: List[str], extra: Sequence[Path]
+) -> Tuple[List[Path], List[str]]:
+    """``--extra-wheel`` files join the wheelhouse and, by name, the requirements."""
+    from packaging.utils import parse_wheel_filename
+
+    for wheel in extra:
+        if not wheel.is_file():
+            raise JetyoloError(f"--extra-wheel {wheel} does not exist")
+        try:
+            name = parse_wheel_filename(wheel.name)[0]
+        except ValueError as exc:
+            raise JetyoloError(f"--extra-wheel {wheel}: not a wheel file name ({exc})") from exc
+        wheels = [w for w in wheels if parse_wheel_filename(w.name)[0] != name] + [wheel]
+        if name not in requirements:
+            requirements = [*requirements, str(name)]
     return wheels, requirements
 
 
