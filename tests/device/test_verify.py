@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -212,3 +214,18 @@ def test_tensorrt_engine_matches_reference(verify_bundle: Path, precision: str) 
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (runs on a Jetson / GPU)")
     report = verify(verify_bundle, backend="tensorrt", precision=precision)
     assert report.passed, report.format_text()
+
+
+def test_verify_imports_nothing_from_the_host_side(verify_bundle: Path) -> None:
+    # torch is left out: polygraphy itself imports it when installed (util.array.is_torch);
+    # jetyolo's device code does not, and a Jetson without torch runs verify without it.
+    script = (
+        "import sys; from device.verify import verify; "
+        "verify(sys.argv[1], backend='onnxruntime'); "
+        "print(sorted(m for m in ('host', 'ultralytics', 'onnx', 'onnx_graphsurgeon') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(verify_bundle)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
