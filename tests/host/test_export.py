@@ -24,18 +24,13 @@ from device.preprocess import Preprocessor
 from host import parity, surgeon
 from host.export import export_bundle
 
-REPO = Path(__file__).resolve().parents[2]
-# Until the lead commits tests/fixtures/synth_yolo11n.pt, the fixture run's weights stand in.
-FALLBACK_WEIGHTS = REPO / ".work" / "runs" / "fixture" / "weights" / "best.pt"
 IMGSZ = 320
 
 
 @pytest.fixture(scope="module")
-def weights(request: pytest.FixtureRequest) -> Path:
-    committed = REPO / "tests" / "fixtures" / "synth_yolo11n.pt"
-    if not committed.is_file() and FALLBACK_WEIGHTS.is_file():
-        return FALLBACK_WEIGHTS
-    return Path(request.getfixturevalue("fixture_weights"))
+def weights(fixture_weights: Path) -> Path:
+    """tests/fixtures/synth_yolo11n.pt: yolo11n trained on the synthetic data (conftest)."""
+    return fixture_weights
 
 
 @pytest.fixture(scope="module")
