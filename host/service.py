@@ -26,7 +26,6 @@ removed. --dry-run prints the same list of changes and writes nothing.
 from __future__ import annotations
 
 import argparse
-import configparser
 import logging
 import os
 import posixpath
@@ -192,10 +191,25 @@ def unit_entries(source: Path) -> List[Entry]:
 
 def wanted_by(unit: Path) -> List[str]:
     """The unit's ``[Install] WantedBy=`` targets: where ``systemctl enable`` links it."""
-    parser = configparser.ConfigParser(strict=False, interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(unit.read_text())
-    return parser.get("Install", "WantedBy", fallback="").split()
+    return [target for value in unit_settings(unit.read_text(), "Install").get("WantedBy", [])
+            for target in value.split()]
+
+
+def unit_settings(text: str, section: str) -> Dict[str, List[str]]:
+    """``key -> [values]`` of one section of a unit file; repeated keys keep every value (an
+    empty assignment resets the list, as in systemd)."""
+    settings: Dict[str, List[str]] = {}
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+        elif current == section and "=" in line:
+            key, value = (part.strip() for part in line.split("=", 1))
+            settings[key] = [*settings.get(key, []), value] if value else []
+    return settings
 
 
 # --- Config -----------------------------------------------------------------------------
