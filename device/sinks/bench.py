@@ -178,6 +178,8 @@ def run_all(host: str, port: int, messages: int, runs: int) -> Dict[str, Any]:
         results = {
             "sink_msgs_per_s": statistics.median(sink_rates),
             "paho_msgs_per_s": statistics.median(paho_rates),
+            "sink_msgs_per_s_range": [min(sink_rates), max(sink_rates)],
+            "paho_msgs_per_s_range": [min(paho_rates), max(paho_rates)],
             "spool_us_per_msg_batch1": _median(lambda: spool_cost_us(fresh(), 2000, 1), runs,
                                                "spool µs/msg, 1 per transaction"),
             "spool_us_per_msg_batch100": _median(lambda: spool_cost_us(fresh(), 20000, 100),
@@ -193,9 +195,13 @@ def run_all(host: str, port: int, messages: int, runs: int) -> Dict[str, Any]:
 
 def report(results: Dict[str, Any], messages: int, runs: int) -> str:
     ratio = results["sink_msgs_per_s"] / results["paho_msgs_per_s"]
+    sink_low, sink_high = results["sink_msgs_per_s_range"]
+    paho_low, paho_high = results["paho_msgs_per_s_range"]
     rows = [
         ("MQTT sink, QoS 1, spool on (msg/s)", f"{results['sink_msgs_per_s']:,.0f}"),
+        ("  range over the runs", f"{sink_low:,.0f}-{sink_high:,.0f}"),
         ("paho alone, QoS 1, no spool (msg/s)", f"{results['paho_msgs_per_s']:,.0f}"),
+        ("  range over the runs", f"{paho_low:,.0f}-{paho_high:,.0f}"),
         ("sink / paho", f"{ratio:.2f}"),
         ("spool append+delete, 1 msg per transaction (µs/msg)",
          f"{results['spool_us_per_msg_batch1']:.1f}"),
