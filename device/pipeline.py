@@ -131,7 +131,8 @@ class Pipeline:
         self._abort = threading.Event()
         self._ready = threading.Event()
         self._post_done = threading.Event()
-        self._captured: queue.Queue = queue.Queue(maxsize=2)
+        # live: hold only the newest frame (latency); files: one decoded frame ahead
+        self._captured: queue.Queue = queue.Queue(maxsize=1 if source.live else 2)
         self._preprocessed: queue.Queue = queue.Queue(maxsize=buffers)
         self._inferred: queue.Queue = queue.Queue(maxsize=buffers)
         self._free_inputs: queue.Queue = queue.Queue()

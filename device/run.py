@@ -19,48 +19,34 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from device.bundle import Bundle
-from device.config import BACKENDS, INT8_SOURCES, PRECISIONS, RunConfig, load_config
+from device.config import FIELD_RULES, RunConfig, load_config
 from device.pipeline import open_run, run_pipeline
 from device.sinks import SinkOptions, open_sinks
-from device.sinks.base import REPORT_MODES
 
 LOG = logging.getLogger(__name__)
 
-# flag dest -> config key, for flags whose names differ from their key
-FLAG_KEYS = {"sink": "sinks", "stats_interval": "stats_interval_s"}
+# Every config key is also a flag: ``stats_interval_s`` <-> ``--stats-interval-s``.
+EXPLICIT_FLAGS = ("bundle", "source", "sinks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", nargs="?", help="bundle folder (or `bundle:` in --config)")
-    parser.add_argument("--source", help="video file, image folder/glob, /dev/videoN, csi://N, "
-                                         "rtsp://URL or a GStreamer pipeline")
+    parser.add_argument("--source", help=FIELD_RULES["source"].help)
     parser.add_argument("--config", help="YAML file with the same keys (docs/runtime.md)")
-    parser.add_argument("--backend", choices=BACKENDS, help="default auto: TensorRT if possible")
-    parser.add_argument("--precision", choices=PRECISIONS, help="TensorRT engine precision")
-    parser.add_argument("--variant", help="bundle graph: fp32, uint8, nms, int8-qdq")
-    parser.add_argument("--int8-from", choices=INT8_SOURCES, help="INT8 from cache or Q/DQ model")
-    parser.add_argument("--conf", type=float, help="confidence threshold (default: bundle's)")
-    parser.add_argument("--iou", type=float, help="NMS IoU threshold (default: bundle's)")
-    parser.add_argument("--max-det", type=int, help="most detections per frame")
-    parser.add_argument("--sink", action="append",
-                        help="stdout (default), jsonl:PATH, mqtt://HOST[:PORT], tcp://[HOST]:PORT, "
-                             "udp://HOST:PORT; repeat for several")
-    parser.add_argument("--max-frames", type=int, help="stop after N frames")
-    parser.add_argument("--device-id", help="device name in messages (default: hostname)")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime threads")
-    parser.add_argument("--report", choices=REPORT_MODES, help="which frames are published")
-    parser.add_argument("--stats-interval", type=float, help="seconds between stats messages")
-    parser.add_argument("--engine-cache-dir", help="TensorRT engine cache folder")
-    parser.add_argument("--spool-dir", help="MQTT spool folder")
-    parser.add_argument("--buffers", type=int, help="input buffer ring size (2-8, default 3)")
+    parser.add_argument("--sink", dest="sinks", action="append",
+                        help="stdout (default), jsonl:PATH, mqtt://HOST[:PORT], mqtts://..., "
+                             "tcp://[HOST]:PORT, udp://HOST:PORT; repeat for several")
+    for key, rule in FIELD_RULES.items():
+        if key in EXPLICIT_FLAGS:
+            continue
+        parser.add_argument(
+            "--" + key.replace("_", "-"), dest=key, type=rule.kind,
+            choices=rule.choices or None, help=rule.help.replace("%", "%%"),
+        )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    overrides: Dict[str, Any] = {}
-    for dest, value in vars(args).items():
-        if dest == "config":
-            continue
-        overrides[FLAG_KEYS.get(dest, dest)] = value
+    overrides: Dict[str, Any] = {key: value for key, value in vars(args).items() if key != "config"}
     return load_config(args.config, overrides)
 
 

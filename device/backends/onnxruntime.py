@@ -48,12 +48,17 @@ class OnnxRuntimeBackend(Backend):
     kind = "onnxruntime"
 
     def __init__(
-        self, model_path: Union[str, Path], threads: Optional[int] = None, io_binding: bool = True
+        self,
+        model_path: Union[str, Path],
+        threads: Optional[int] = None,
+        io_binding: bool = True,
+        spin: bool = False,
     ) -> None:
         super().__init__(f"onnxruntime:{Path(model_path).name}")
         self.model_path = Path(model_path)
         self.threads = threads  # None: ONNX Runtime's default (one per core)
         self.io_binding = io_binding
+        self.spin = spin
         self._session: Any = None
         self._binding: Any = None
 
@@ -71,6 +76,10 @@ class OnnxRuntimeBackend(Backend):
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        if not self.spin:
+            # Spinning workers burn the cores that decode and preprocess need in the pipeline
+            # (docs/BENCHMARKS.md: 2-3x the FPS on 2 cores with spinning off).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
             self._session = ort.InferenceSession(

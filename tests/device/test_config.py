@@ -118,3 +118,16 @@ def test_a_bad_flag_value_is_blamed_on_the_flags(tmp_path: Path) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(JetyoloError, match=r"config file .* does not exist"):
         load_config(tmp_path / "nope.yaml", {})
+
+
+def test_every_key_is_also_a_flag() -> None:
+    import argparse
+
+    from device.run import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    destinations = {action.dest for action in parser._actions}
+    assert set(FIELD_RULES) <= destinations
+    args = parser.parse_args(["b", "--source", "s", "--stats-interval-s", "2", "--buffers", "4"])
+    assert (args.stats_interval_s, args.buffers, args.sinks) == (2.0, 4, None)
