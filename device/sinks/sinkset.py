@@ -83,7 +83,8 @@ class SinkSet:
         self._closed = False
         self.frames_reported = 0
         self.frames_skipped = 0
-        self.intake_dropped = 0
+        self.intake_dropped = 0  # counted by the publishing thread
+        self.build_errors = 0  # counted by the dispatcher (each thread owns its counter)
 
     # ---- the publishing side (inference loop) ------------------------------------------
     def publish_frame(self, result: FrameResult) -> None:
@@ -110,7 +111,7 @@ class SinkSet:
         """Queue depths, drops and spool depth: what the stats message reports as ``sinks``."""
         return {
             "intake": self._intake.qsize(),
-            "intake_dropped": self.intake_dropped,
+            "intake_dropped": self.intake_dropped + self.build_errors,
             "frames_reported": self.frames_reported,
             "frames_skipped": self.frames_skipped,
             "per_sink": {sink.name: sink.depth() for sink in self.sinks},
@@ -142,7 +143,7 @@ class SinkSet:
             try:
                 message = self._build(item)
             except Exception:
-                self.intake_dropped += 1
+                self.build_errors += 1
                 logger.exception("could not build a %s message", item[0])
                 continue
             for sink in self.sinks:

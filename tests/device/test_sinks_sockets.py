@@ -167,3 +167,19 @@ def test_a_stuck_sink_never_blocks_publishing(
     finally:
         release.set()
         sinks.close()
+
+
+def test_a_frame_that_cannot_be_built_is_counted_and_the_rest_go_out(
+    tmp_path: Path, make_result: Callable[..., FrameResult], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "out.jsonl"
+    broken = make_result(0)
+    broken.frame_size = None  # type: ignore[assignment]  # a runtime bug, not user input
+    with open_sinks([f"jsonl:{path}"], _options(tmp_path)) as sinks:
+        sinks.publish_frame(broken)
+        sinks.publish_frame(make_result(1))
+        assert _wait(lambda: sinks.frames_reported == 1)
+        assert sinks.depths()["intake_dropped"] == 1
+    frames = [json.loads(line)["payload"] for line in path.read_text().splitlines()[1:-1]]
+    assert [frame["frame_index"] for frame in frames] == [1]
+    assert any("could not build a frame message" in r.getMessage() for r in caplog.records)
