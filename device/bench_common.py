@@ -1,0 +1,99 @@
+"""Stdlib-only measuring helpers shared by the ``jetyolo bench`` children.
+
+Kept free of numpy, OpenCV and the runtime so that importing it costs the ultralytics child
+nothing: each child's peak RSS and cold start must be its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List
+
+T0_ENV = "JETYOLO_BENCH_T0"  # the parent's time.time() just before it started the child
+HEAVY_PACKAGES = ("torch", "torchvision", "ultralytics", "onnx", "onnx_graphsurgeon", "host")
+
+
+def start_time() -> float:
+    """When the parent started this process (now, when run by hand)."""
+    return float(os.environ.get(T0_ENV, time.time()))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def process_cpu_s() -> float:
+    """User + system CPU seconds of every thread of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuTimer:
+    """Thread CPU seconds spent inside the wrapped calls, summed over every thread."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def wrap(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent = time.thread_time() - started
+                with self._lock:
+                    self.seconds += spent
+                    self.calls += 1
+
+        return timed
+
+
+def stage_cpu_ms(pre: CpuTimer, post: CpuTimer, frames: int) -> Dict[str, float]:
+    """Pre, post and pre+post CPU milliseconds per frame."""
+    per_frame = 1000.0 / max(frames, 1)
+    return {
+        "preprocess": pre.seconds * per_frame,
+        "postprocess": post.seconds * per_frame,
+        "prepost": (pre.seconds + post.seconds) * per_frame,
+    }
+
+
+def steady_seconds(result_times: List[float]) -> float:
+    """Seconds from the first result to the last: start-up is in cold start, not here."""
+    return result_times[-1] - result_times[0] if len(result_times) > 1 else 0.0
+
+
+def steady_fps(result_times: List[float]) -> float:
+    """Results per second after the first one, ``(n - 1) / (t_last - t_first)``."""
+    seconds = steady_seconds(result_times)
+    return (len(result_times) - 1) / seconds if seconds > 0 else 0.0
+
+
+def common_result(
+    contender: str, frames: int, seconds: float, cpu_s: float, import_s: float
+) -> Dict[str, Any]:
+    """The fields every child reports; ``fps`` is frames / seconds unless a child overrides it."""
+    return {
+        "contender": contender,
+        "frames": frames,
+        "seconds": seconds,
+        "fps": frames / seconds if seconds > 0 else 0.0,
+        "process_cpu_ms_per_frame": cpu_s * 1000.0 / max(frames, 1),
+        "peak_rss_mib": peak_rss_mib(),
+        "import_s": import_s,
+        "pid": os.getpid(),
+    }
+
+
+def heavy_modules_loaded() -> List[str]:
+    """Packages a device process must not load (their RSS would not be the runtime's)."""
+    return sorted({name.split(".")[0] for name in sys.modules} & set(HEAVY_PACKAGES))

@@ -1,0 +1,312 @@
+"""Measurement children of ``jetyolo bench`` that need only the device runtime.
+
+``jetyolo bench`` (host/bench.py) starts one fresh process per measurement, so peak RSS and cold
+start belong to one contender each. This module imports only device code (never torch,
+ultralytics or host), so its RSS and start-up time are what a Jetson process pays::
+
+    python -m device.bench_worker ceiling  --bundle B --source V --frames N --result R.json
+    python -m device.bench_worker pipeline --bundle B --source V --frames N --result R.json
+
+- ``ceiling``: the raw backend call on one prepared input (the first video frame, letterboxed
+  once), nothing else: ``backend.infer`` with preallocated outputs, i.e. ORT
+  ``run_with_iobinding`` on the CPU, TensorRT ``execute_async_v3`` plus its copies on a Jetson.
+- ``pipeline``: ``run_pipeline`` (what ``jetyolo run`` calls) over the video with a JSONL sink.
+
+The parent passes ``JETYOLO_BENCH_T0`` (its ``time.time()`` just before starting the child), so
+cold start is process start -> first result, interpreter start-up and imports included.
+Pre+post CPU time is ``time.thread_time`` summed around the preprocess and postprocess calls
+(the same measure the ultralytics child takes around its predictor's stages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from device.bench_common import start_time
+
+T0 = start_time()
+
+import numpy as np  # noqa: E402 - everything below counts as import time (IMPORTS_DONE - T0)
+
+from device import pipeline as pipeline_module  # noqa: E402
+from device.backends import open_backend  # noqa: E402
+from device.bench_common import (  # noqa: E402
+    CpuTimer,
+    common_result,
+    heavy_modules_loaded,
+    process_cpu_s,
+    stage_cpu_ms,
+    steady_fps,
+    steady_seconds,
+)
+from device.bundle import Bundle, atomic_write_json  # noqa: E402
+from device.config import RunConfig, config_from_mapping  # noqa: E402
+from device.detections import FrameResult  # noqa: E402
+from device.errors import JetyoloError  # noqa: E402
+from device.preprocess import Preprocessor  # noqa: E402
+from device.run import sink_options  # noqa: E402
+from device.sinks import open_sinks  # noqa: E402
+from device.sources import open_source  # noqa: E402
+
+IMPORTS_DONE = time.time()
+WARMUP_CALLS = 3  # ceiling: calls after the first (cold) one and before timing
+PROFILE_TOP = 15
+
+
+class StageCpuTimers:
+    """Times ``Preprocessor.__call__`` and the pipeline's ``postprocess`` while active."""
+
+    def __init__(self) -> None:
+        self.pre = CpuTimer()
+        self.post = CpuTimer()
+        self._saved: Dict[str, Any] = {}
+
+    def __enter__(self) -> StageCpuTimers:
+        if not callable(getattr(pipeline_module, "postprocess", None)):
+            raise RuntimeError("device.pipeline no longer calls `postprocess`; update bench_worker")
+        self._saved = {"pre": Preprocessor.__call__, "post": pipeline_module.postprocess}
+        Preprocessor.__call__ = self.pre.wrap(Preprocessor.__call__)  # type: ignore[method-assign]
+        pipeline_module.postprocess = self.post.wrap(pipeline_module.postprocess)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Preprocessor.__call__ = self._saved["pre"]  # type: ignore[method-assign]
+        pipeline_module.postprocess = self._saved["post"]
+
+    def per_frame_ms(self, frames: int) -> Dict[str, float]:
+        return stage_cpu_ms(self.pre, self.post, frames)
+
+
+class RecordingSinks:
+    """Passes frames on to the real sinks and records when each result came out."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.first_result_wall: Optional[float] = None
+        self.result_times: List[float] = []
+        self.latencies: List[Dict[str, float]] = []
+        self.detections = 0
+
+    def publish_frame(self, result: FrameResult) -> Any:
+        now = time.perf_counter()
+        if self.first_result_wall is None:
+            self.first_result_wall = time.time()
+        self.result_times.append(now)
+        self.latencies.append(dict(result.latency_ms))
+        self.detections += len(result.detections)
+        return self.inner.publish_frame(result)
+
+    def publish_stats(self, stats: Dict[str, Any]) -> Any:
+        return self.inner.publish_stats(stats)
+
+
+class ThreadProfiles:
+    """cProfile in every thread started while active (CPU time per thread, not wall time)."""
+
+    def __init__(self) -> None:
+        self.profiles: Dict[str, cProfile.Profile] = {}
+        self._lock = threading.Lock()
+
+    def _start_in_thread(self, *_: Any) -> None:
+        profile = cProfile.Profile(time.thread_time)
+        with self._lock:
+            self.profiles[threading.current_thread().name] = profile
+        profile.enable()  # replaces this hook for the thread
+
+    def __enter__(self) -> ThreadProfiles:
+        threading.setprofile(self._start_in_thread)
+        main = cProfile.Profile(time.thread_time)
+        self.profiles[threading.current_thread().name] = main
+        main.enable()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        threading.setprofile(None)
+        self.profiles[threading.current_thread().name].disable()
+
+    def summary(self, frames: int) -> Dict[str, Any]:
+        """CPU ms per frame by thread, and the functions that spend most of it (own time)."""
+        frames = max(frames, 1)
+        by_thread: Dict[str, float] = {}
+        merged: Optional[pstats.Stats] = None
+        for name, profile in self.profiles.items():
+            stats = pstats.Stats(profile)
+            by_thread[name] = round(stats.total_tt * 1000.0 / frames, 3)  # type: ignore[attr-defined]
+            if merged is None:
+                merged = stats
+            else:
+                merged.add(stats)
+        top: List[Dict[str, Any]] = []
+        if merged is not None:
+            entries = merged.stats.items()  # type: ignore[attr-defined]
+            ranked = sorted(entries, key=lambda item: item[1][2], reverse=True)[:PROFILE_TOP]
+            for (filename, line, function), (_, calls, own, cumulative, _) in ranked:
+                top.append({
+                    "function": f"{function} ({_short(filename)}:{line})",
+                    "calls": calls,
+                    "own_ms_per_frame": round(own * 1000.0 / frames, 3),
+                    "cumulative_ms_per_frame": round(cumulative * 1000.0 / frames, 3),
+                })
+        return {"cpu_ms_per_frame_by_thread": by_thread, "top_functions": top}
+
+
+def _short(filename: str) -> str:
+    parts = Path(filename).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else filename
+
+
+def first_frame(source: str) -> np.ndarray:
+    """The first decodable frame of ``source``: the ceiling's prepared input."""
+    opened = open_source(source)
+    try:
+        frame = next(opened.frames(threading.Event()), None)
+    finally:
+        opened.close()
+    if frame is None:
+        raise JetyoloError(f"--source {source}: no frame could be read; check the video file")
+    return frame.image
+
+
+def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
+    bundle = Bundle.load(config.bundle)
+    backend = open_backend(
+        config.backend, bundle, precision=config.precision, variant=config.variant,
+        threads=config.threads, engine_cache_dir=_path(config.engine_cache_dir),
+        int8_from=config.int8_from,
+    )
+    image = first_frame(config.source)
+    with backend:
+        spec = backend.input_spec
+        buffer = backend.input_buffer
+        Preprocessor(bundle.input_size, spec.dtype.name, buffer=buffer)(image)
+        outputs = backend.allocate_outputs()
+        feed = {spec.name: buffer}
+        backend.infer(feed, out=outputs)
+        cold_start = time.time() - T0
+        for _ in range(WARMUP_CALLS):
+            backend.infer(feed, out=outputs)
+        samples = np.empty(frames, dtype=np.float64)
+        cpu_before = process_cpu_s()
+        started = time.perf_counter()
+        for index in range(frames):
+            call_started = time.perf_counter()
+            backend.infer(feed, out=outputs)
+            samples[index] = (time.perf_counter() - call_started) * 1000.0
+        seconds = time.perf_counter() - started
+        cpu_s = process_cpu_s() - cpu_before
+    result = common_result("ceiling", frames, seconds, cpu_s, IMPORTS_DONE - T0)
+    result.update(
+        cold_start_s=cold_start,
+        samples_ms={"infer": samples.round(3).tolist()},
+        prepost_cpu_ms_per_frame=None,
+        backend=backend.kind,
+        backend_name=backend.name,
+        plan_path=str(getattr(backend, "plan_path", "") or ""),
+    )
+    return result
+
+
+def measure_pipeline(config: RunConfig, frames: int, profile: bool) -> Dict[str, Any]:
+    bundle = Bundle.load(config.bundle)
+    timers = StageCpuTimers()
+    profiles = ThreadProfiles() if profile else None
+    with open_sinks(config.sinks, sink_options(config, bundle)) as sinks:
+        recorder = RecordingSinks(sinks)
+        cpu_before = process_cpu_s()
+        with timers:
+            if profiles is not None:
+                with profiles:
+                    summary = pipeline_module.run_pipeline(config, recorder, frames, bundle=bundle)
+            else:
+                summary = pipeline_module.run_pipeline(config, recorder, frames, bundle=bundle)
+        cpu_s = process_cpu_s() - cpu_before
+    done = len(recorder.result_times)
+    seconds = steady_seconds(recorder.result_times)
+    result = common_result("pipeline", done, seconds, cpu_s, IMPORTS_DONE - T0)
+    result.update(
+        fps=steady_fps(recorder.result_times),
+        cold_start_s=(recorder.first_result_wall or time.time()) - T0,
+        samples_ms=_columns(recorder.latencies),
+        prepost_cpu_ms_per_frame=timers.per_frame_ms(done)["prepost"],
+        stage_cpu_ms_per_frame=timers.per_frame_ms(done),
+        detections=recorder.detections,
+        run_summary=summary.as_dict(),
+        backend=summary.backend,
+    )
+    if profiles is not None:
+        result["profile"] = profiles.summary(done)
+    return result
+
+
+def _columns(rows: List[Dict[str, float]]) -> Dict[str, List[float]]:
+    stages: Dict[str, List[float]] = {}
+    for row in rows:
+        for stage, value in row.items():
+            stages.setdefault(stage, []).append(round(float(value), 3))
+    return stages
+
+
+def _path(value: Optional[str]) -> Optional[Path]:
+    return Path(value).expanduser() if value else None
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m device.bench_worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("contender", choices=("ceiling", "pipeline"))
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--frames", type=int, required=True)
+    parser.add_argument("--result", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--work", type=Path, required=True, help="folder for the sink and spool")
+    parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--precision")
+    parser.add_argument("--variant")
+    parser.add_argument("--int8-from")
+    parser.add_argument("--engine-cache-dir")
+    parser.add_argument("--profile", action="store_true", help="cProfile every thread")
+    return parser.parse_args(argv)
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    values = {
+        "bundle": args.bundle, "source": args.source, "backend": args.backend,
+        "threads": args.threads, "precision": args.precision, "variant": args.variant,
+        "int8_from": args.int8_from, "engine_cache_dir": args.engine_cache_dir,
+        "sinks": [f"jsonl:{args.work / 'detections.jsonl'}"],
+        "spool_dir": str(args.work / "spool"), "stats_interval_s": 3600.0,
+    }
+    return config_from_mapping({k: v for k, v in values.items() if v is not None}, "bench")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.frames < 1:
+        raise JetyoloError(f"--frames must be at least 1, got {args.frames}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    config = run_config(args)
+    if args.contender == "ceiling":
+        result = measure_ceiling(config, args.frames)
+    else:
+        result = measure_pipeline(config, args.frames, args.profile)
+    result["threads"] = args.threads
+    result["heavy_modules_loaded"] = heavy_modules_loaded()
+    atomic_write_json(args.result, result)
+    print(f"{args.contender}: {result['frames']} frames, {result['fps']:.1f} FPS", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except JetyoloError as error:
+        print(f"jetyolo bench worker: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,197 @@
+"""`jetyolo bench`: the ratio/target logic, aggregation, trtexec parsing, and end-to-end runs on a
+tiny input that must write a well-formed result. No timing is asserted: benchmarks are not tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+
+from device.errors import JetyoloError
+from host import bench, bench_report, bench_trt
+
+
+def summary(**overrides: Dict[str, float]) -> Dict[str, Dict[str, Any]]:
+    """Per-contender medians that meet every target; ``overrides`` replace single figures."""
+    figures: Dict[str, Dict[str, Any]] = {
+        "ceiling": {"fps": 100.0},
+        "pipeline": {"fps": 95.0, "prepost_cpu_ms_per_frame": 1.0, "peak_rss_mib": 200.0,
+                     "cold_start_s": 1.0},
+        "ultralytics": {"fps": 50.0, "prepost_cpu_ms_per_frame": 5.0, "peak_rss_mib": 800.0,
+                        "cold_start_s": 8.0},
+    }
+    for contender, values in overrides.items():
+        figures[contender] = {**figures[contender], **values}
+    return figures
+
+
+def statuses(figures: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
+    return {check.key: check.status for check in bench.check_targets(figures)}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "missed"),
+    [
+        ({}, []),  # everything within target
+        ({"pipeline": {"fps": 80.0}}, ["fps_vs_ceiling"]),  # 0.80 < 0.9 of the ceiling
+        ({"ultralytics": {"fps": 70.0}}, ["fps_vs_ultralytics"]),  # 95/70 = 1.36 < 1.5
+        ({"pipeline": {"prepost_cpu_ms_per_frame": 1.5}}, ["prepost_cpu_vs_ultralytics"]),
+        ({"pipeline": {"peak_rss_mib": 400.0}}, ["rss_vs_ultralytics"]),  # 0.5 > 0.4
+        ({"pipeline": {"cold_start_s": 3.0}}, ["cold_start_vs_ultralytics"]),  # 0.375 > 0.3
+        # a slow pipeline misses both FPS targets at once
+        ({"pipeline": {"fps": 60.0}}, ["fps_vs_ceiling", "fps_vs_ultralytics"]),
+    ],
+)
+def test_targets_pass_and_miss(overrides: Dict[str, Dict[str, float]], missed: List[str]) -> None:
+    result = statuses(summary(**overrides))
+    assert sorted(key for key, status in result.items() if status == "MISS") == sorted(missed)
+    assert all(status == "PASS" for key, status in result.items() if key not in missed)
+
+
+def test_a_ratio_on_the_bound_passes() -> None:
+    # exactly 0.9x the ceiling and exactly 0.25x ultralytics' CPU meet the targets
+    figures = summary(pipeline={"fps": 90.0, "prepost_cpu_ms_per_frame": 1.25})
+    assert statuses(figures)["fps_vs_ceiling"] == "PASS"
+    assert statuses(figures)["prepost_cpu_vs_ultralytics"] == "PASS"
+
+
+def test_targets_without_ultralytics_are_not_applicable() -> None:
+    figures = summary()
+    del figures["ultralytics"]
+    result = statuses(figures)
+    assert result["fps_vs_ceiling"] == "PASS"
+    assert {result[key] for key in result if key != "fps_vs_ceiling"} == {"n/a"}
+
+
+def test_ratio_value() -> None:
+    checks = {c.key: c for c in bench.check_targets(summary())}
+    assert checks["fps_vs_ceiling"].value == pytest.approx(0.95)
+    assert checks["rss_vs_ultralytics"].value == pytest.approx(0.25)
+
+
+def test_aggregate_takes_medians_and_pools_samples() -> None:
+    runs = [
+        {"frames": 3, "fps": fps, "seconds": 1.0, "cold_start_s": cold, "peak_rss_mib": 100.0,
+         "samples_ms": {"infer": samples}}
+        for fps, cold, samples in ((10.0, 3.0, [1.0, 2.0]), (30.0, 1.0, [3.0]),
+                                   (20.0, 2.0, [4.0, 5.0]))
+    ]
+    figures = bench.aggregate(runs)
+    assert figures["fps"] == 20.0 and figures["cold_start_s"] == 2.0
+    assert figures["fps_per_run"] == [10.0, 30.0, 20.0]
+    assert figures["latency_ms"]["infer"]["p50"] == pytest.approx(3.0)
+    assert figures["latency_ms"]["infer"]["p99"] == pytest.approx(np.percentile([1, 2, 3, 4, 5], 99))
+    assert figures["prepost_cpu_ms_per_frame"] is None  # not measured: not invented
+
+
+TRTEXEC_OUTPUT = """\
+[11/24/2026-10:00:00] [I] === Performance summary ===
+[11/24/2026-10:00:00] [I] Throughput: 412.5 qps
+[11/24/2026-10:00:00] [I] Latency: min = 2.1 ms, max = 3.5 ms, mean = 2.4 ms, median = 2.35 ms, \
+percentile(90%) = 2.6 ms, percentile(95%) = 2.7 ms, percentile(99%) = 3.1 ms
+[11/24/2026-10:00:00] [I] Enqueue Time: min = 0.5 ms, max = 0.9 ms, mean = 0.6 ms, median = 0.6 ms, \
+percentile(99%) = 0.8 ms
+[11/24/2026-10:00:00] [I] GPU Compute Time: min = 1.9 ms, max = 3.0 ms, mean = 2.2 ms, \
+median = 2.15 ms, percentile(99%) = 2.9 ms
+[11/24/2026-10:00:00] [I] Total Host Walltime: 3.0 s
+"""
+
+
+def test_parse_trtexec_summary() -> None:
+    figures = bench_trt.parse_trtexec(TRTEXEC_OUTPUT)
+    assert figures["throughput_qps"] == 412.5
+    assert figures["gpu_compute_time_ms"]["median"] == 2.15
+    assert figures["latency_ms"]["percentile(99%)"] == 3.1
+    assert figures["enqueue_time_ms"]["mean"] == 0.6
+
+
+def test_parse_trtexec_without_a_summary() -> None:
+    assert bench_trt.parse_trtexec("[E] Error[1]: engine deserialization failed") == {}
+
+
+def bench_args(bundle: Path, video: Path, out: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args([str(bundle), "--source", str(video), "--out", str(out), *extra])
+
+
+def test_bad_source_and_counts_are_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(JetyoloError, match="no such video file"):
+        bench.run(bench_args(bundle_dir, tmp_path / "missing.mp4", tmp_path / "out"))
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"not a video")
+    with pytest.raises(JetyoloError, match="--runs must be at least 1"):
+        bench.run(bench_args(bundle_dir, video, tmp_path / "out", "--runs", "0"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_writes_json_markdown_and_plot(
+    bundle_dir: Path, synth_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out, md = tmp_path / "out", tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    args = bench_args(bundle_dir, synth_video, out, "--frames", "10", "--runs", "1",
+                      "--threads", "1", "--no-ultralytics", "--append-md", str(md))
+    assert bench.run(args) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert {"date", "command", "machine", "load_average_start", "load_average_end",
+            "settings", "bundles"} <= set(report)
+    assert report["machine"]["cores"] >= 1 and "onnxruntime" in report["machine"]["versions"]
+    (record,) = report["bundles"]
+    assert record["input_size"] == [320, 320]
+    assert set(record["contenders"]) == {"ceiling", "pipeline"}
+    pipeline = record["contenders"]["pipeline"]
+    assert pipeline["frames"] == 10 and pipeline["fps"] > 0
+    assert {"preprocess", "infer", "postprocess", "total"} <= set(pipeline["latency_ms"])
+    assert set(pipeline["latency_ms"]["infer"]) == {"p50", "p90", "p99"}
+    assert pipeline["peak_rss_mib"] > 0 and pipeline["cold_start_s"] > 0
+    assert pipeline["prepost_cpu_ms_per_frame"] > 0
+    assert record["contenders"]["ceiling"]["latency_ms"]["infer"]["p50"] > 0
+    assert [t["status"] for t in record["targets"]][1:] == ["n/a"] * 4
+    for contender in ("ceiling", "pipeline"):  # device children load no torch/ultralytics/host
+        raw = json.loads((out / bundle_dir.name / "raw" / f"{contender}-1.json").read_text())
+        assert raw["heavy_modules_loaded"] == []
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n") and "## jetyolo bench" in text
+    assert "| pipeline | 10 |" in text and "| pipeline FPS / ceiling FPS |" in text
+    assert (out / "bench.md").read_text() in text
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "FPS / ceiling FPS" in capsys.readouterr().out
+
+
+def test_bench_against_ultralytics(bundle_dir: Path, synth_video: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = bench_args(bundle_dir, synth_video, out, "--frames", "5", "--runs", "1",
+                      "--threads", "1", "--no-profile", "--plot", str(tmp_path / "p.png"))
+    assert bench.run(args) == 0
+    (record,) = json.loads((out / "bench.json").read_text())["bundles"]
+    ultralytics = record["contenders"]["ultralytics"]
+    pipeline = record["contenders"]["pipeline"]
+    assert ultralytics["frames"] == 5 and ultralytics["prepost_cpu_ms_per_frame"] > 0
+    assert {"preprocess", "infer", "postprocess"} <= set(ultralytics["latency_ms"])
+    # same graph, same thresholds: the two find the same objects
+    assert ultralytics["detections"] == pytest.approx(pipeline["detections"], abs=2)
+    assert all(t["status"] in ("PASS", "MISS") for t in record["targets"])
+    raw = json.loads((out / bundle_dir.name / "raw" / "ultralytics-1.json").read_text())
+    assert "torch" in raw["heavy_modules_loaded"]  # the check does see heavy imports
+    assert (tmp_path / "p.png").is_file()
+
+
+def test_ultralytics_model_is_the_bundle_graph_with_one_output(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    from device.bundle import Bundle
+
+    path = bench_report.ultralytics_model_for(Bundle.load(bundle_dir), tmp_path / "u.onnx")
+    model = onnx.load(str(path))
+    assert [o.name for o in model.graph.output] == ["output0"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["task"] == "detect" and meta["imgsz"] == "[320, 320]"
+    assert eval(meta["names"])[0] == "red_circle"  # noqa: S307 - ultralytics' own encoding
