@@ -94,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
         print_changes(changes, rootfs, args.dry_run)
         if args.dry_run:
             return 0
-        plan.apply(rootfs, changes)
+        try:
+            plan.apply(rootfs, changes)
+        except PermissionError as exc:
+            raise JetyoloError(f"cannot write {exc.filename}: permission denied; an L4T rootfs "
+                               "belongs to root, run this with sudo") from exc
     finish(rootfs)
     return 0
 

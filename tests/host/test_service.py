@@ -266,6 +266,20 @@ def test_bad_configs_are_refused_before_anything_is_written(
     assert tree(rootfs) == {}
 
 
+@pytest.mark.usefixtures("cached_wheel")
+def test_a_read_only_rootfs_gets_one_line_not_a_traceback(
+    rootfs: Path, small_bundle: Path, wheelhouse: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    def refuse(root: Path, entry: service.Entry) -> None:
+        raise PermissionError(13, "Permission denied", str(root / entry.path.lstrip("/")))
+
+    monkeypatch.setattr(service, "write_entry", refuse)  # as a non-root user on an L4T rootfs
+    assert install("--rootfs", rootfs, "--bundle", small_bundle, "--wheelhouse", wheelhouse) == 2
+    assert "permission denied; an L4T rootfs belongs to root, run this with sudo" in (
+        capsys.readouterr().err)
+
+
 def test_a_config_with_relative_paths_matches_the_staged_bundle(rootfs: Path) -> None:
     # Relative to /etc/jetyolo on the device, like device.config resolves them.
     service.check_config("bundle: ../../opt/jetyolo/bundles/tiny\nsource: /dev/video0\n"
