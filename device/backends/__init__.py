@@ -65,7 +65,12 @@ def _open_tensorrt(
 
 def _onnxruntime_variant(bundle: Bundle, precision: Optional[str], variant: Optional[str]) -> str:
     if variant is not None:
-        bundle.variant(variant)  # names the variants the bundle has when it lacks this one
+        outputs = bundle.variant(variant).get("outputs", {})  # names the variants it does have
+        if "num_dets" in outputs:
+            raise JetyoloError(
+                f"variant {variant!r} ends in the EfficientNMS_TRT plugin, which ONNX Runtime "
+                "cannot run; use it with --backend tensorrt, or pick fp32/uint8 for the CPU"
+            )
         return variant
     if precision not in (None, "fp32"):
         LOG.warning(

@@ -346,3 +346,45 @@ def test_sigterm_drains_and_exits_cleanly(bundle_dir: Path, tmp_path: Path) -> N
     published = [json.loads(line)["payload"] for line in out.read_text().splitlines()]
     indices = [p["frame_index"] for p in published if is_detections(p)]
     assert indices == list(range(frames))  # drained: every processed frame was written
+
+
+@pytest.fixture(scope="module")
+def uint8_bundle(fixture_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from host.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle_uint8") / "synth320u8"
+    export_bundle(fixture_weights, out, imgsz=320, uint8_input=True, nms=True, parity_images=2)
+    return out
+
+
+def run_variant(bundle: Path, video: Path, variant: str) -> List[FrameResult]:
+    config = config_from_mapping(
+        {
+            "bundle": str(bundle),
+            "source": str(video),
+            "backend": "onnxruntime",
+            "variant": variant,
+            "max_frames": 8,
+        }
+    )
+    sink = Collect()
+    run_pipeline(config, sink, handle_signals=False)
+    return sink.results
+
+
+def test_uint8_variant_gives_the_fp32_detections(uint8_bundle: Path, synth_video: Path) -> None:
+    # the uint8 graph takes NHWC uint8: the pipeline switches preprocess by the input dtype
+    uint8 = run_variant(uint8_bundle, synth_video, "uint8")
+    fp32 = run_variant(uint8_bundle, synth_video, "fp32")
+    assert [len(r.detections) for r in uint8] == [len(r.detections) for r in fp32]
+    assert sum(len(r.detections) for r in fp32) > 8
+    for a, b in zip(uint8, fp32):
+        np.testing.assert_allclose(a.detections.xyxy, b.detections.xyxy, atol=0.5)
+        assert a.detections.class_id.tolist() == b.detections.class_id.tolist()
+
+
+def test_the_nms_variant_is_refused_on_onnxruntime(uint8_bundle: Path, synth_video: Path) -> None:
+    from device.errors import JetyoloError
+
+    with pytest.raises(JetyoloError, match="EfficientNMS_TRT plugin, which ONNX Runtime cannot"):
+        run_variant(uint8_bundle, synth_video, "nms")
