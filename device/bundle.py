@@ -22,7 +22,15 @@ from device.errors import JetyoloError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-REQUIRED_KEYS = ("schema_version", "name", "class_names", "preprocess", "postprocess", "variants", "files")
+REQUIRED_KEYS = (
+    "schema_version",
+    "name",
+    "class_names",
+    "preprocess",
+    "postprocess",
+    "variants",
+    "files",
+)
 REQUIRED_VARIANT_KEYS = ("file", "input", "outputs")
 
 
@@ -121,16 +129,24 @@ class Bundle:
 def read_manifest(root: Path) -> Dict[str, Any]:
     manifest_path = root / MANIFEST
     if not root.is_dir():
-        raise JetyoloError(f"bundle {root} is not a directory; pass the folder `jetyolo export --out` made")
+        raise JetyoloError(
+            f"bundle {root} is not a directory; pass the folder `jetyolo export --out` made"
+        )
     if not manifest_path.is_file():
-        raise JetyoloError(f"bundle {root} has no {MANIFEST}; pass the folder `jetyolo export --out` made")
+        raise JetyoloError(
+            f"bundle {root} has no {MANIFEST}; pass the folder `jetyolo export --out` made"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
-        raise JetyoloError(f"{manifest_path} is not valid JSON ({exc}); re-create the bundle") from exc
+        raise JetyoloError(
+            f"{manifest_path} is not valid JSON ({exc}); re-create the bundle"
+        ) from exc
     problems = check_schema(manifest)
     if problems:
-        raise JetyoloError(f"{manifest_path}: {problems[0]}; re-create the bundle with `jetyolo export`")
+        raise JetyoloError(
+            f"{manifest_path}: {problems[0]}; re-create the bundle with `jetyolo export`"
+        )
     return dict(manifest)
 
 
@@ -152,7 +168,9 @@ def check_schema(manifest: Mapping[str, Any]) -> List[str]:
             if key not in variant:
                 problems.append(f"variant {name!r} misses key {key!r}")
         if variant.get("file") not in manifest["files"]:
-            problems.append(f"variant {name!r} names {variant.get('file')!r}, which files does not list")
+            problems.append(
+                f"variant {name!r} names {variant.get('file')!r}, which files does not list"
+            )
     size = manifest["preprocess"].get("size")
     if not (isinstance(size, list) and len(size) == 2):
         problems.append("preprocess.size must be [height, width]")
@@ -167,7 +185,9 @@ def verify_files(root: Path, manifest: Mapping[str, Any]) -> List[str]:
         if not path.is_file():
             problems.append(f"{relative} is missing")
         elif path.stat().st_size != entry["size"]:
-            problems.append(f"{relative} has {path.stat().st_size} bytes, manifest says {entry['size']}")
+            problems.append(
+                f"{relative} has {path.stat().st_size} bytes, manifest says {entry['size']}"
+            )
         elif sha256_file(path) != entry["sha256"]:
             problems.append(f"{relative} sha256 does not match the manifest")
     return problems
@@ -178,7 +198,9 @@ def prepare_output_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise JetyoloError(f"output {out_dir} exists and is not a directory; choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise JetyoloError(f"output {out_dir} exists and is not empty; choose another --out or pass --force")
+        raise JetyoloError(
+            f"output {out_dir} exists and is not empty; choose another --out or pass --force"
+        )
     parent = out_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     if not os.access(parent, os.W_OK):
@@ -207,18 +229,25 @@ def write_new_bundle(
         if problems:
             raise ValueError(f"refusing to write a malformed manifest: {problems}")
         atomic_write_json(staging / MANIFEST, manifest)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        staging.chmod(0o755)  # mkdtemp makes it 0700; a bundle is meant to be read by a service
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Bundle(out_dir, manifest)
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Move the finished directory ``source`` to ``target``, replacing what is there by renames
+    (the old one is moved aside first, so ``target`` is never half old and half new)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
 
 
 def add_files(

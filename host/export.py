@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
-from device.bundle import SCHEMA_VERSION, Bundle, sha256_file, write_new_bundle
+from device.bundle import SCHEMA_VERSION, Bundle, replace_dir, sha256_file, write_new_bundle
 from device.errors import JetyoloError
 from device.postprocess import PostprocessConfig
 from host import parity, surgeon
@@ -182,8 +183,10 @@ def export_bundle(
     uint8_input: bool = False,
     nms: bool = False,
     data: Optional[Path] = None,
-    parity_images: int = 8,
+    parity_images: int = 16,
     tolerance: Optional[parity.Tolerance] = None,
+    reference_images: Optional[Path] = None,
+    reference_num: int = 16,
 ) -> Bundle:
     """Export ``weights`` to the bundle ``out``; raises JetyoloError (writing nothing) on bad input
     or when the ONNX is not at parity with the PyTorch model."""
@@ -219,9 +222,29 @@ def export_bundle(
             nms_pass = surgeon.efficient_nms(config.conf, config.iou, config.max_det)
             files["model_nms.onnx"] = _save(_variant(model, nms_pass), workdir / "model_nms.onnx")
             manifest["variants"]["nms"] = nms_variant(manifest["variants"]["fp32"], config)
-        bundle = _write(out, files, manifest, force)
+        reference = _reference_images(frames, workdir, reference_images) if reference_num else None
+        bundle = _write(out, files, manifest, force, reference, reference_num)
     log.info("export: bundle written to %s", out)
     return bundle
+
+
+def _reference_images(
+    frames: List[Any], workdir: Path, reference_images: Optional[Path]
+) -> Union[Path, List[Path]]:
+    """Images for the bundle's reference: the user's folder, else the parity frames as PNG
+    (lossless, so the reference sees exactly the pixels parity saw)."""
+    if reference_images is not None:
+        return reference_images
+    import cv2
+
+    folder = workdir / "reference-images"
+    folder.mkdir()
+    paths = []
+    for index, frame in enumerate(frames):
+        path = folder / f"frame_{index:03d}.png"
+        cv2.imwrite(str(path), frame)
+        paths.append(path)
+    return paths
 
 
 def checked_parity(
@@ -293,13 +316,34 @@ def _variant(model: Any, graph_pass: surgeon.GraphPass) -> Any:
     return surgeon.apply_passes(model, [graph_pass])[0]
 
 
-def _write(out: Path, files: Dict[str, Path], manifest: Dict[str, Any], force: bool) -> Bundle:
+def _write(
+    out: Path,
+    files: Dict[str, Path],
+    manifest: Dict[str, Any],
+    force: bool,
+    reference: Optional[Union[Path, List[Path]]],
+    reference_num: int,
+) -> Bundle:
+    """Write the bundle beside ``out``, record its reference there, then rename it into place:
+    a failure at any step leaves ``out`` as it was."""
+    from host.reference import make_reference
+
+    staging = out.with_name(f".{out.name}.export-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
     try:
-        return write_new_bundle(out, files, manifest, force=force)
+        bundle = write_new_bundle(staging, files, manifest, force=False)
+        if reference is not None:
+            bundle = make_reference(bundle, reference, num=reference_num)
+        if force and out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
+            log.warning("export: --force replaces %s, which was not a bundle", out)
+        replace_dir(staging, out)
     except OSError as exc:
         raise JetyoloError(
             f"cannot write the bundle {out} ({exc}); choose a writable --out with free space"
         ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Bundle(out, bundle.manifest)
 
 
 def _check_uint8(
@@ -349,12 +393,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="data.yaml whose val images the parity check uses (default: synthetic frames)",
     )
-    parser.add_argument("--parity-images", type=int, default=8, help="images for the parity check")
+    parser.add_argument(
+        "--parity-images", type=int, default=16, help="images for the parity check (default 16)"
+    )
+    parser.add_argument(
+        "--reference-images",
+        type=Path,
+        help="folder of images for the bundle's polygraphy reference (default: the parity images)",
+    )
+    parser.add_argument(
+        "--reference-num",
+        type=int,
+        default=16,
+        help="reference images to record; 0 writes no reference (default 16)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.parity_images < 1:
         raise JetyoloError("--parity-images must be at least 1")
+    if args.reference_num < 0:
+        raise JetyoloError("--reference-num must be 0 (no reference) or more")
     bundle = export_bundle(
         args.weights,
         args.out,
@@ -367,6 +426,8 @@ def run(args: argparse.Namespace) -> int:
         nms=args.nms,
         data=args.data,
         parity_images=args.parity_images,
+        reference_images=args.reference_images,
+        reference_num=args.reference_num,
     )
     for line in parity.report_lines(bundle.manifest["parity"]):
         print(line)

@@ -66,7 +66,10 @@ def test_manifest_lists_every_variant_with_its_input(full_bundle: Path) -> None:
     bundle = Bundle.load(full_bundle)  # schema + hashes
     variants = bundle.manifest["variants"]
     assert set(variants) == {"fp32", "uint8", "nms"}
-    assert set(bundle.manifest["files"]) == {"model.onnx", "model_uint8.onnx", "model_nms.onnx"}
+    models = {"model.onnx", "model_uint8.onnx", "model_nms.onnx"}
+    reference = {f"reference/{name}.json" for name in ("inputs", "outputs", "detections")}
+    assert set(bundle.manifest["files"]) == models | reference  # export records the reference
+    assert bundle.manifest["reference"]["num"] == 16
     assert variants["fp32"]["input"] == {
         "name": "images",
         "shape": [1, 3, IMGSZ, IMGSZ],
@@ -140,7 +143,7 @@ def test_bundle_verify_accepts_the_export(
     full_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["bundle", "verify", str(full_bundle)]) == 0
-    assert "OK (3 files" in capsys.readouterr().out
+    assert "OK (6 files" in capsys.readouterr().out  # 3 models + 3 reference files
 
 
 # ---- parity: the failing case -------------------------------------------------------------------
@@ -442,4 +445,4 @@ def test_synth_train_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture
     printed = capsys.readouterr().out
     assert "parity (4 images" in printed and "agreement" in printed
     assert main(["bundle", "verify", str(out)]) == 0
-    assert "OK (2 files" in capsys.readouterr().out
+    assert "OK (5 files" in capsys.readouterr().out  # 2 models + 3 reference files
