@@ -71,8 +71,12 @@ def _paste_resized(frame: np.ndarray, geometry: Letterbox, canvas: np.ndarray) -
     target = canvas[top : top + resized_h, left : left + resized_w]
     if (frame.shape[1], frame.shape[0]) == geometry.resized:
         target[...] = frame
-    else:
-        target[...] = cv2.resize(frame, geometry.resized, interpolation=cv2.INTER_LINEAR)
+        return
+    # Resize straight into the canvas (no per-frame allocation). An OpenCV build that cannot
+    # write into a strided view returns a new array instead: copy that in.
+    resized = cv2.resize(frame, geometry.resized, dst=target, interpolation=cv2.INTER_LINEAR)
+    if not np.shares_memory(resized, target):
+        target[...] = resized
 
 
 class Preprocessor:
@@ -93,7 +97,8 @@ class Preprocessor:
         shape = self.input_shape(input_size, input_dtype)
         if buffer is None:
             buffer = np.empty(shape, dtype=self.input_dtype)
-        if buffer.shape != shape or buffer.dtype != self.input_dtype or not buffer.flags.c_contiguous:
+        contiguous = buffer.flags.c_contiguous
+        if buffer.shape != shape or buffer.dtype != self.input_dtype or not contiguous:
             raise ValueError(
                 f"preprocess buffer must be C-contiguous {shape} {self.input_dtype}, "
                 f"got {buffer.shape} {buffer.dtype} contiguous={buffer.flags.c_contiguous}"

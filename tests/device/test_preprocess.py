@@ -126,3 +126,22 @@ def test_refuses_a_buffer_of_the_wrong_shape_or_layout() -> None:
         Preprocessor(
             (320, 320), buffer=np.empty((1, 320, 320, 3), np.float32).transpose(0, 3, 1, 2)
         )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_no_frame_sized_allocation_per_frame(dtype: str) -> None:
+    import tracemalloc
+
+    frame = np.random.default_rng(3).integers(0, 256, size=(1080, 1920, 3), dtype=np.uint8)
+    preprocessor = Preprocessor((320, 320), dtype)
+    preprocessor(frame)  # first frame: geometry and canvas set up
+    tracemalloc.start()
+    try:
+        for _ in range(5):
+            preprocessor(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # a resized 320x180 frame alone would be 172,800 bytes, the float input 1,228,800; numpy's
+    # casting buffer for the strided uint8 -> float32 multiply is about 32 kB
+    assert peak < 64_000
