@@ -307,19 +307,13 @@ class Pipeline:
     # ---- main ----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         """Run to the end; returns the summary or raises the first stage error."""
-        started = time.monotonic()
-        infer_thread = self._stage("infer", self._infer_loop)
-        while not self._ready.wait(POLL_S):
-            if self._abort.is_set() or not infer_thread.is_alive():
-                infer_thread.join()
-                self._raise_errors()
-                raise RuntimeError("inference thread ended before it was ready")
-        LOG.info("pipeline: %s ready after %.1f s; reading %s", self.backend.name,
-                 time.monotonic() - started, self.source.name)
-        threads = [self._stage("capture", self._capture_loop),
-                   self._stage("preprocess", self._preprocess_loop), infer_thread]
+        threads: List[threading.Thread] = []
         try:
-            self._publish_loop()
+            threads.append(self._stage("infer", self._infer_loop))
+            if self._wait_ready(threads[0]):
+                threads.append(self._stage("capture", self._capture_loop))
+                threads.append(self._stage("preprocess", self._preprocess_loop))
+                self._publish_loop()
         except _Aborted:
             pass
         except BaseException as exc:
@@ -333,6 +327,16 @@ class Pipeline:
                 self.notifier.stopping(f"stopped: {self.stopped_by}")
         self._raise_errors()
         return self.summary()
+
+    def _wait_ready(self, infer_thread: threading.Thread) -> bool:
+        """True once the backend is active and its buffers exist; False if that failed."""
+        started = time.monotonic()
+        while not self._ready.wait(POLL_S):
+            if self._abort.is_set() or not infer_thread.is_alive():
+                return False
+        LOG.info("pipeline: %s ready after %.1f s; reading %s", self.backend.name,
+                 time.monotonic() - started, self.source.name)
+        return True
 
     def _publish_loop(self) -> None:
         rate = RateMeter()

@@ -221,11 +221,11 @@ def test_an_inference_error_stops_everything_and_is_raised() -> None:
 
 
 def test_a_model_that_does_not_fit_the_bundle_size_is_refused() -> None:
-    pipeline = Pipeline(
-        EchoBackend(), FakeSource(3), (320, 320), PostprocessConfig(), CollectingSink()
-    )
+    source, backend = FakeSource(3), EchoBackend()
+    pipeline = Pipeline(backend, source, (320, 320), PostprocessConfig(), CollectingSink())
     with pytest.raises(JetyoloError, match="does not fit the bundle's preprocess size"):
         pipeline.run()
+    assert source.closed and backend.deactivated and source.captured == 0
 
 
 def test_stats_and_notifications() -> None:
@@ -241,3 +241,23 @@ def test_stats_and_notifications() -> None:
     stats = sink.stats[-1]
     assert stats["backend"] == "echo" and stats["fps"] > 0 and "infer" in stats["latency_ms"]
     assert stats["dropped_frames"] == 0 and stats["decode_errors"] == 0
+
+
+def test_stage_stats_percentiles_window_and_summary_line() -> None:
+    from device.stats import RunSummary, StageStats
+
+    stats = StageStats(stages=("infer", "total"), window=100)
+    for value in range(1, 251):  # 250 frames into a window of 100: frames 151..250 are kept
+        stats.record({"infer": float(value)})  # "total" never measured: left out
+    percentiles = stats.percentiles()
+    assert set(percentiles) == {"infer"}
+    kept = np.arange(151, 251, dtype=float)
+    assert percentiles["infer"] == {
+        f"p{p}": round(float(np.percentile(kept, p)), 3) for p in (50, 90, 99)
+    }
+    assert stats.percentiles(last=10)["infer"]["p50"] == 245.5  # frames 241..250
+    assert stats.count == 250
+    summary = RunSummary(frames=300, seconds=3.871, fps=77.5, latency_ms=percentiles)
+    lines = summary.format_lines()
+    assert lines[0] == "frames 300, seconds 3.87, FPS 77.5"
+    assert lines[1].split()[:4] == ["infer", "ms", "p50", "200.50"]
