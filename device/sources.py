@@ -197,19 +197,27 @@ class VideoFileSource(Source):
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         index = 0
-        failures_in_row = 0
+        failed: List[int] = []  # indices that failed since the last good frame
         while not stop.is_set():
             ok, image = self._capture.read()
             if ok and image is not None:
-                failures_in_row = 0
+                self._count_skipped(failed)
+                failed = []
                 yield Frame(index, time.time(), image)
-            elif index >= self.frame_count or failures_in_row >= MAX_CONSECUTIVE_DECODE_ERRORS:
-                return
+            elif index >= self.frame_count or len(failed) >= MAX_CONSECUTIVE_DECODE_ERRORS:
+                break
             else:
-                failures_in_row += 1
-                self.decode_errors += 1
-                LOG.warning("source: %s frame %d cannot be decoded; skipped", self.name, index)
+                failed.append(index)
             index += 1
+        if failed:  # failures with no good frame after them: the file is shorter than it says
+            LOG.info("source: %s ended at frame %d; its header says %d frames", self.name,
+                     failed[0], self.frame_count)
+
+    def _count_skipped(self, failed: List[int]) -> None:
+        """Failures followed by a good frame were corrupt frames mid-file: count them."""
+        for index in failed:
+            self.decode_errors += 1
+            LOG.warning("source: %s frame %d cannot be decoded; skipped", self.name, index)
 
     def close(self) -> None:
         self._capture.release()

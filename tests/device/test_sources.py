@@ -224,3 +224,11 @@ def test_live_source_reconnects_with_backoff_and_keeps_counting(
 def test_live_source_that_never_opens_fails_at_start() -> None:
     with pytest.raises(JetyoloError, match="cannot open source 'cam'"):
         LiveSource("cam", lambda: FakeCapture(False, 0))  # type: ignore[arg-type, return-value]
+
+
+def test_a_header_that_overstates_the_frame_count_is_not_a_decode_error(tmp_path: Path) -> None:
+    write_mjpeg(tmp_path / "ok.avi", 6)
+    source = open_source(str(tmp_path / "ok.avi"))
+    source.frame_count += 5  # type: ignore[attr-defined]  # an estimated count, too high
+    frames = list(source.frames(threading.Event()))
+    assert len(frames) == 6 and source.decode_errors == 0
