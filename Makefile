@@ -41,46 +41,53 @@ JY := $(BIN)/jetyolo
 DEMO_DATA := $(DEMO)/data/data.yaml
 DEMO_BUNDLE := $(DEMO)/bundle
 DEMO_VIDEO := $(DEMO)/video.mp4
-step = @printf '\n\033[1m== %s\033[0m\n' $(1)
+STEP := printf '\n\033[1m== %s\033[0m\n'
 
 # The whole story on this machine: synthetic data -> train -> export -> calibrate -> reference ->
 # CPU backend over a video -> detections at a real local MQTT broker -> verify -> benchmark.
 demo: $(STAMP)
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(call step,"1/10 synthetic dataset and a 1920x1080 video with ground truth")
+	@$(STEP) "1/10 synthetic dataset and a 1920x1080 video with ground truth"
 	$(JY) data synth $(DEMO)/data --classes 4 --train 160 --val 60 --imgsz 320 --seed 42 \
 	  --video $(DEMO_VIDEO) --frames 150
-	$(call step,"2/10 dataset check")
+	@$(STEP) "2/10 dataset check"
 	$(JY) data check $(DEMO_DATA)
-	$(call step,"3/10 fine-tune the committed synthetic model (transfer learning from a .pt)")
+	@$(STEP) "3/10 fine-tune the committed synthetic model (transfer learning from a .pt)"
 	$(JY) train --data $(DEMO_DATA) --model tests/fixtures/synth_yolo11n.pt --epochs 3 --imgsz 320 \
 	  --batch 16 --name demo --project $(DEMO)/runs
-	$(call step,"4/10 export: ONNX, graph-surgeon passes, parity with PyTorch, reference, bundle")
+	@$(STEP) "4/10 export: ONNX, graph-surgeon passes, parity with PyTorch, reference, bundle"
 	$(JY) export $(DEMO)/runs/demo/weights/best.pt --out $(DEMO_BUNDLE) --imgsz 320 --uint8-input --nms \
 	  --data $(DEMO_DATA)
 	$(JY) bundle verify $(DEMO_BUNDLE)
-	$(call step,"5/10 INT8 calibration on the CPU: TensorRT caches + Q/DQ model, accuracy gate")
+	@$(STEP) "5/10 INT8 calibration on the CPU: TensorRT caches + Q/DQ model, accuracy gate"
 	$(JY) calibrate $(DEMO_BUNDLE) --images $(DEMO)/data/train/images --num 64 --method entropy \
 	  --trt-version 8.5.2 8.6.2 10.3.0 --data $(DEMO_DATA) --max-drop 1.0
-	$(call step,"6/10 accuracy: FP32 vs INT8 Q/DQ on the val split")
+	@$(STEP) "6/10 accuracy: FP32 vs INT8 Q/DQ on the val split"
 	$(JY) eval $(DEMO_BUNDLE) --data $(DEMO_DATA) --variant fp32
 	$(JY) eval $(DEMO_BUNDLE) --data $(DEMO_DATA) --variant int8-qdq
-	$(call step,"7/10 device loop on the CPU backend over the video, detections to a local MQTT broker")
+	@$(STEP) "7/10 device loop on the CPU backend over the video: detections to a local MQTT broker"
 	port=$$($(BIN)/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
-	mosquitto -p $$port > $(DEMO)/mosquitto.log 2>&1 & broker=$$!; \
-	trap 'kill $$broker $$sub 2>/dev/null || true' EXIT; sleep 0.5; \
-	mosquitto_sub -h 127.0.0.1 -p $$port -t 'jetyolo/#' -v > $(DEMO)/subscriber.log & sub=$$!; sleep 0.5; \
+	sub=""; mosquitto -p $$port > $(DEMO)/mosquitto.log 2>&1 & broker=$$!; \
+	trap 'kill $$broker $$sub 2>/dev/null || true' EXIT; \
+	timeout 10 bash -c "until (exec 3<>/dev/tcp/127.0.0.1/$$port) 2>/dev/null; do sleep 0.1; done"; \
+	mosquitto_sub -h 127.0.0.1 -p $$port -q 1 -t 'jetyolo/#' -v > $(DEMO)/subscriber.log & sub=$$!; sleep 0.5; \
 	$(JY) run $(DEMO_BUNDLE) --source $(DEMO_VIDEO) --backend onnxruntime --device-id demo \
-	  --sink mqtt://127.0.0.1:$$port --sink jsonl:$(DEMO)/detections.jsonl --spool-dir $(DEMO)/spool; \
+	  --sink mqtt://127.0.0.1:$$port --sink jsonl:$(DEMO)/detections.jsonl --spool-dir $(DEMO)/spool \
+	  --stats-interval 2; \
 	sleep 1; \
-	echo "subscriber got $$(grep -c '/detections ' $(DEMO)/subscriber.log) detection messages; the first:"; \
-	grep -m1 '/detections ' $(DEMO)/subscriber.log | cut -c1-400
-	$(call step,"8/10 verify host vs device with polygraphy: FP32 (tensors + detections), INT8 (detections)")
+	seqs=$$(grep '/detections ' $(DEMO)/subscriber.log | grep -o '"seq": *[0-9]*' | grep -o '[0-9]*$$' | sort -n); \
+	echo "subscriber got $$(grep -c '/detections ' $(DEMO)/subscriber.log) detection messages" \
+	  "($$(echo "$$seqs" | sort -u | wc -l) distinct seq $$(echo "$$seqs" | head -1)..$$(echo "$$seqs" | tail -1))," \
+	  "$$(grep -c '/stats ' $(DEMO)/subscriber.log) stats; availability:" \
+	  "$$(grep '/available ' $(DEMO)/subscriber.log | cut -d' ' -f2 | xargs)"; \
+	echo "the first detection message:"; \
+	grep -m1 '/detections ' $(DEMO)/subscriber.log | cut -d' ' -f2- | $(BIN)/python -m json.tool | head -24
+	@$(STEP) "8/10 verify host vs device with polygraphy: FP32 (tensors + detections), INT8 (detections)"
 	$(JY) verify $(DEMO_BUNDLE) --backend onnxruntime --variant fp32
 	$(JY) verify $(DEMO_BUNDLE) --backend onnxruntime --variant int8-qdq
-	$(call step,"9/10 benchmark summary: raw backend vs jetyolo pipeline vs ultralytics")
+	@$(STEP) "9/10 benchmark summary: raw backend vs jetyolo pipeline vs ultralytics"
 	$(JY) bench $(DEMO_BUNDLE) --source $(DEMO_VIDEO) --frames 90 --runs 1 --out $(DEMO)/bench
-	$(call step,"10/10 stage the hardened systemd service into a rootfs")
+	@$(STEP) "10/10 stage the hardened systemd service into a rootfs"
 	$(MAKE) --no-print-directory service-demo
 	@echo; echo "demo finished: everything is in $(DEMO)/"
 
