@@ -88,8 +88,24 @@ demo: $(STAMP)
 	@$(STEP) "9/10 benchmark summary: raw backend vs jetyolo pipeline vs ultralytics"
 	$(JY) bench $(DEMO_BUNDLE) --source $(DEMO_VIDEO) --frames 90 --runs 1 --out $(DEMO)/bench
 	@$(STEP) "10/10 stage the hardened systemd service into a rootfs"
-	$(MAKE) --no-print-directory service-demo
+	$(MAKE) --no-print-directory service-demo BUNDLE=$(DEMO_BUNDLE)
 	@echo; echo "demo finished: everything is in $(DEMO)/"
+
+# Stage jetyolo into a Jetson rootfs (Linux_for_Tegra/rootfs before flash.sh, or / on a Jetson).
+# An L4T rootfs belongs to root: sudo make rootfs-install ROOTFS=... BUNDLE=...
+# Optional: CONFIG=file.yaml  WHEELHOUSE=dir-of-aarch64-wheels (offline)  SERVICE_ARGS=--dry-run
+rootfs-install: $(STAMP)
+	@[ -n "$(ROOTFS)" ] || { echo "usage: make rootfs-install ROOTFS=Linux_for_Tegra/rootfs BUNDLE=DIR [CONFIG=FILE] [WHEELHOUSE=DIR] [SERVICE_ARGS=--dry-run]" >&2; exit 2; }
+	$(BIN)/jetyolo service install --rootfs "$(ROOTFS)" \
+	  $(if $(BUNDLE),--bundle "$(BUNDLE)") $(if $(CONFIG),--config "$(CONFIG)") \
+	  $(if $(WHEELHOUSE),--wheelhouse "$(WHEELHOUSE)") $(SERVICE_ARGS)
+
+# Stage into a throw-away rootfs, verify the units, print the systemd-analyze exposure scores.
+SERVICE_BUNDLE := $(DEMO)/service-bundle
+$(SERVICE_BUNDLE)/manifest.json: | $(STAMP)
+	$(BIN)/jetyolo export tests/fixtures/synth_yolo11n.pt --out $(SERVICE_BUNDLE) --imgsz 320 --force
+service-demo: $(STAMP) $(if $(BUNDLE),,$(SERVICE_BUNDLE)/manifest.json)
+	systemd/service-demo.sh $(BIN)/jetyolo "$(or $(BUNDLE),$(SERVICE_BUNDLE))" $(WHEELHOUSE)
 
 clean:
 	rm -rf .work runs .pytest_cache .mypy_cache .ruff_cache
