@@ -63,8 +63,6 @@ class ProgressNotifier(Protocol):
 
     def ready(self, text: Optional[str] = None) -> bool: ...
 
-    def status(self, text: str) -> bool: ...
-
     def frame_done(self, count: int = 1) -> bool: ...
 
     def stopping(self, text: Optional[str] = None) -> bool: ...
@@ -91,6 +89,9 @@ class _Counters:
     first_capture: Optional[float] = None
     last_publish: Optional[float] = None
     errors: List[BaseException] = field(default_factory=list)
+
+
+_IDLE = _Work(Frame(-1, 0.0, np.zeros((1, 1, 3), np.uint8)), 0.0, {})  # "nothing arrived yet"
 
 
 def _ms(since: float) -> float:
@@ -343,14 +344,14 @@ class Pipeline:
         next_stats = time.monotonic() + self.stats_interval_s
         while True:
             try:
-                work = self._inferred.get(timeout=POLL_S)
+                work: Optional[_Work] = self._inferred.get(timeout=POLL_S)
             except queue.Empty:
-                work = False
+                work = _IDLE
             if self._abort.is_set():
                 raise _Aborted
             if work is None:
                 break
-            if work is not False:
+            if work is not _IDLE:
                 self._publish(work)
                 self._notify_progress()
             if time.monotonic() >= next_stats:
