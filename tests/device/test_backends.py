@@ -181,3 +181,24 @@ def test_auto_falls_back_to_onnxruntime_and_says_why(
 def test_explicit_tensorrt_without_tensorrt_names_the_jetpack_package(bundle_dir: Path) -> None:
     with pytest.raises(JetyoloError, match="python3-libnvinfer"):
         open_backend("tensorrt", Bundle.load(bundle_dir))
+
+
+def test_auto_falls_back_when_the_engine_cannot_be_built(
+    bundle_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import device.backends as backends
+
+    def failing_build(*_args: object) -> Backend:
+        raise JetyoloError("engine built for Orin (sm_87) cannot load on this GPU")
+
+    monkeypatch.setattr(backends, "tensorrt_missing", lambda: None)  # pretend TensorRT is here
+    monkeypatch.setattr(backends, "_open_tensorrt", failing_build)
+    with caplog.at_level(logging.INFO, logger="device.backends"):
+        backend = open_backend("auto", Bundle.load(bundle_dir))
+    assert backend.kind == "onnxruntime"
+    assert (
+        "auto: TensorRT engine could not be built or loaded: engine built for Orin" in caplog.text
+    )
+    # asked for explicitly, the same failure is an error, not a silent CPU fallback
+    with pytest.raises(JetyoloError, match="engine built for Orin"):
+        open_backend("tensorrt", Bundle.load(bundle_dir))

@@ -18,6 +18,7 @@ from device.sources import (
     SourceSpec,
     csi_pipeline,
     open_source,
+    opencv_has_gstreamer,
     parse_source,
     rtsp_pipeline,
     with_appsink,
@@ -232,3 +233,16 @@ def test_a_header_that_overstates_the_frame_count_is_not_a_decode_error(tmp_path
     source.frame_count += 5  # type: ignore[attr-defined]  # an estimated count, too high
     frames = list(source.frames(threading.Event()))
     assert len(frames) == 6 and source.decode_errors == 0
+
+
+@pytest.mark.skipif(opencv_has_gstreamer(), reason="this OpenCV has GStreamer")
+@pytest.mark.parametrize("text", ["csi://0", "videotestsrc ! videoconvert"])
+def test_gstreamer_sources_need_an_opencv_with_gstreamer(text: str) -> None:
+    with pytest.raises(JetyoloError, match=r"needs OpenCV with GStreamer.*JetPack's OpenCV"):
+        open_source(text)
+
+
+def test_a_missing_camera_is_one_clear_error() -> None:
+    free = next(f"/dev/video{n}" for n in range(90, 100) if not Path(f"/dev/video{n}").exists())
+    with pytest.raises(JetyoloError, match=f"cannot open source '{free}'.*video` group"):
+        open_source(free)
