@@ -39,10 +39,10 @@ CACHE_DIR = "calibration"
 SPLIT_HEAD_OUTPUTS = ("boxes", "scores")
 # Defaults of calibration/default.yaml (a test keeps the two equal). CLI flags override a recipe.
 DEFAULT_RECIPE: Dict[str, Any] = {
-    "method": "entropy",
+    "method": "percentile",
     "num": 500,
     "min_images": 16,
-    "num_bins": 512,
+    "num_bins": 2048,
     "num_quantized_bins": 128,
     "percentile": 99.999,
     "trt_versions": ["10.3.0"],
