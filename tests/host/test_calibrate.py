@@ -237,6 +237,41 @@ def test_gate_catches_calibration_on_black_images(
     assert after == before  # nothing partial
 
 
+def test_gate_keeps_the_measured_culprit_in_fp16(
+    bundle_dir: Path, calib_images: Path, synth_dataset: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One range sabotaged (clipped to 1/64): sensitivity must rank its layer first, and the
+    gate must pass by keeping exactly that layer in FP16 (in the Q/DQ model and fp16_layers)."""
+    from onnxruntime.quantization.calibrate import TensorData
+
+    tensor, layer = "/model.3/act/Mul_output_0", "/model.4/cv1/conv/Conv"  # its only consumer
+    real_collect = quantize.collect_ranges
+
+    def sabotaged(*args: Any, **kwargs: Any) -> quantize.Ranges:
+        ranges = real_collect(*args, **kwargs)
+        amax = ranges.amax(tensor) / 64
+        ranges.values[tensor] = (-amax, amax)
+        ranges.tensors_data.data[tensor] = TensorData(lowest=np.float32(-amax),
+                                                      highest=np.float32(amax))
+        return ranges
+
+    monkeypatch.setattr(quantize, "collect_ranges", sabotaged)
+    target = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, target)
+    bundle = calibrate(target, calib_images, dict(TEST_RECIPE, max_fp16_layers=4),
+                       data_yaml=synth_dataset)
+    report = json.loads((bundle.root / REPORT_FILE).read_text())
+    steps = report["accuracy"]["steps"]
+    assert steps[0]["fp16_layers"] == 0 and steps[0]["drop"] > 1.0  # the sabotage hurts
+    assert report["accuracy"]["sensitivity_sqnr_db"][0][0] == layer
+    assert report["accuracy"]["passed"] and steps[-1]["fp16_layers"] == 1
+    assert report["excluded_layers"]["sensitivity"] == [layer]
+    assert layer in bundle.manifest["calibration"]["fp16_layers"]
+    qdq = onnx.load(str(bundle.model_path("int8-qdq")))
+    assert layer not in quantize.quantized_layers(qdq)
+
+
 @pytest.mark.parametrize("limit, steps", [(0, []), (1, [1]), (5, [1, 2, 4, 5]), (8, [1, 2, 4, 8])])
 def test_exclusion_steps(limit: int, steps: List[int]) -> None:
     assert exclusion_steps(limit) == steps
