@@ -346,6 +346,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     bundles = [Bundle.load(path) for path in args.bundles]
+    if args.ultralytics_model is not None and len(bundles) > 1:
+        raise JetyoloError("--ultralytics-model is one model for one image size; give one BUNDLE "
+                           "with it (run `jetyolo bench` once per size)")
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise JetyoloError(f"--plot {args.plot}: give a .png path")
     settings.out.mkdir(parents=True, exist_ok=True)

@@ -190,7 +190,18 @@ def target_rows(record: Dict[str, Any]) -> List[str]:
     for check in record["targets"]:
         rows.append(f"| {check['label']} | {_num(check['value'], 2)} | "
                     f"{check['op']} {check['bound']} | **{check['status']}** |")
+    bound = fps_bound(record["contenders"])
+    if bound is not None:
+        rows.append(f"| ceiling FPS / ultralytics FPS (the most the pipeline can reach against "
+                    f"ultralytics on this backend) | {bound:.2f} | - | info |")
     return rows
+
+
+def fps_bound(contenders: Dict[str, Dict[str, Any]]) -> Optional[float]:
+    """A pipeline cannot outrun its own backend call: ceiling/ultralytics bounds the FPS ratio."""
+    ceiling = contenders.get("ceiling", {}).get("fps")
+    ultralytics = contenders.get("ultralytics", {}).get("fps")
+    return ceiling / ultralytics if ceiling and ultralytics else None
 
 
 def profile_rows(profile: Dict[str, Any]) -> List[str]:

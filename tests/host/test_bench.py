@@ -5,6 +5,7 @@ tiny input that must write a well-formed result. No timing is asserted: benchmar
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 from pathlib import Path
 from typing import Any, Dict, List
@@ -85,7 +86,8 @@ def test_aggregate_takes_medians_and_pools_samples() -> None:
     assert figures["fps"] == 20.0 and figures["cold_start_s"] == 2.0
     assert figures["fps_per_run"] == [10.0, 30.0, 20.0]
     assert figures["latency_ms"]["infer"]["p50"] == pytest.approx(3.0)
-    assert figures["latency_ms"]["infer"]["p99"] == pytest.approx(np.percentile([1, 2, 3, 4, 5], 99))
+    expected_p99 = np.percentile([1, 2, 3, 4, 5], 99)
+    assert figures["latency_ms"]["infer"]["p99"] == pytest.approx(expected_p99)
     assert figures["prepost_cpu_ms_per_frame"] is None  # not measured: not invented
 
 
@@ -94,8 +96,8 @@ TRTEXEC_OUTPUT = """\
 [11/24/2026-10:00:00] [I] Throughput: 412.5 qps
 [11/24/2026-10:00:00] [I] Latency: min = 2.1 ms, max = 3.5 ms, mean = 2.4 ms, median = 2.35 ms, \
 percentile(90%) = 2.6 ms, percentile(95%) = 2.7 ms, percentile(99%) = 3.1 ms
-[11/24/2026-10:00:00] [I] Enqueue Time: min = 0.5 ms, max = 0.9 ms, mean = 0.6 ms, median = 0.6 ms, \
-percentile(99%) = 0.8 ms
+[11/24/2026-10:00:00] [I] Enqueue Time: min = 0.5 ms, max = 0.9 ms, mean = 0.6 ms, \
+median = 0.6 ms, percentile(99%) = 0.8 ms
 [11/24/2026-10:00:00] [I] GPU Compute Time: min = 1.9 ms, max = 3.0 ms, mean = 2.2 ms, \
 median = 2.15 ms, percentile(99%) = 2.9 ms
 [11/24/2026-10:00:00] [I] Total Host Walltime: 3.0 s
@@ -128,6 +130,22 @@ def test_bad_source_and_counts_are_refused(bundle_dir: Path, tmp_path: Path) -> 
     with pytest.raises(JetyoloError, match="--runs must be at least 1"):
         bench.run(bench_args(bundle_dir, video, tmp_path / "out", "--runs", "0"))
     assert not (tmp_path / "out").exists()
+
+
+def test_one_ultralytics_model_for_several_sizes_is_refused(
+    bundle_dir: Path, synth_video: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "yolo.onnx"
+    model.write_bytes(b"x")
+    args = bench_args(bundle_dir, synth_video, tmp_path / "out", "--ultralytics-model", str(model))
+    args.bundles = [bundle_dir, bundle_dir]
+    with pytest.raises(JetyoloError, match="one model for one image size"):
+        bench.run(args)
+
+
+def test_fps_bound_is_ceiling_over_ultralytics() -> None:
+    assert bench_report.fps_bound(summary()) == pytest.approx(2.0)
+    assert bench_report.fps_bound({"ceiling": {"fps": 10.0}}) is None
 
 
 def test_bench_writes_json_markdown_and_plot(
@@ -179,6 +197,7 @@ def test_bench_against_ultralytics(bundle_dir: Path, synth_video: Path, tmp_path
     assert all(t["status"] in ("PASS", "MISS") for t in record["targets"])
     raw = json.loads((out / bundle_dir.name / "raw" / "ultralytics-1.json").read_text())
     assert "torch" in raw["heavy_modules_loaded"]  # the check does see heavy imports
+    assert "| ceiling FPS / ultralytics FPS" in (out / "bench.md").read_text()
     assert (tmp_path / "p.png").is_file()
 
 
@@ -194,4 +213,4 @@ def test_ultralytics_model_is_the_bundle_graph_with_one_output(
     assert [o.name for o in model.graph.output] == ["output0"]
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["task"] == "detect" and meta["imgsz"] == "[320, 320]"
-    assert eval(meta["names"])[0] == "red_circle"  # noqa: S307 - ultralytics' own encoding
+    assert ast.literal_eval(meta["names"])[0] == "red_circle"  # how ultralytics reads it
