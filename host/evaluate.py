@@ -187,7 +187,12 @@ def evaluate_model(
 def evaluate_bundle(
     bundle: Bundle, data_yaml: Path, variant: str = "fp32", limit: Optional[int] = None
 ) -> EvalResult:
-    bundle.variant(variant)  # names the bundle's variants when it lacks this one
+    outputs = bundle.variant(variant)["outputs"]  # names the bundle's variants if it lacks this
+    if "boxes" not in outputs or "scores" not in outputs:
+        raise JetyoloError(
+            f"variant {variant!r} ends in {sorted(outputs)} (TensorRT's EfficientNMS plugin), "
+            "which ONNX Runtime cannot run; evaluate the pre-NMS graphs: fp32, uint8, int8-qdq"
+        )
     images, names = val_image_paths(data_yaml)
     if limit is not None:
         images = images[:limit]

@@ -43,6 +43,11 @@ def test_missing_variant_and_bad_dataset(bundle_dir: Path, synth_dataset: Path,
                                          tmp_path: Path) -> None:
     with pytest.raises(JetyoloError, match=r"no variant 'int8-qdq'.*jetyolo calibrate"):
         evaluate_bundle(Bundle.load(bundle_dir), synth_dataset, "int8-qdq")
+    nms_bundle = Bundle.load(bundle_dir)
+    nms_bundle.manifest["variants"]["nms"] = dict(
+        nms_bundle.variant("fp32"), outputs={"num_dets": "", "det_boxes": ""})
+    with pytest.raises(JetyoloError, match=r"variant 'nms' ends in .*EfficientNMS"):
+        evaluate_bundle(nms_bundle, synth_dataset, "nms")
     data = yaml.safe_load(synth_dataset.read_text())
     no_val = tmp_path / "no_val.yaml"
     no_val.write_text(yaml.safe_dump({**data, "val": None, "path": str(synth_dataset.parent)}))
