@@ -281,7 +281,9 @@ def write_plot(report: Dict[str, Any], path: Path) -> bool:
     for row, record in zip(axes, records):
         _latency_boxes(row[0], record)
         _fps_bars(row[1], record)
+    load = report.get("load_average_start", [0.0])[0]
     figure.suptitle(f"jetyolo bench {report['date'][:10]}: {report['machine']['cpu']}, "
+                    f"{report['machine']['cores']} cores (load {load:.1f} at start), "
                     f"{report['settings']['threads']} threads, {report['settings']['backend']}")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -308,6 +310,8 @@ def _latency_boxes(axis: Any, record: Dict[str, Any]) -> None:
     for patch, color in zip(boxes["boxes"], colors):
         patch.set_facecolor(color)
     axis.set_xticks(range(len(PLOT_STAGES)), PLOT_STAGES)
+    axis.set_xlabel("total: pipeline = frame in hand -> published (a file source reads ahead, so "
+                    "mostly queueing); ultralytics = gap between results", fontsize=8)
     axis.set_yscale("log")
     axis.set_ylabel("ms per frame (whiskers p1-p99)")
     axis.set_title(f"{record['bundle']}: per-stage latency")
