@@ -346,6 +346,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     bundles = [Bundle.load(path) for path in args.bundles]
+    names = [bundle.root.name for bundle in bundles]
+    if len(set(names)) != len(names):
+        raise JetyoloError(f"bundle folder names must differ (results go to --out/<name>): {names}")
     if args.ultralytics_model is not None and len(bundles) > 1:
         raise JetyoloError("--ultralytics-model is one model for one image size; give one BUNDLE "
                            "with it (run `jetyolo bench` once per size)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -139,8 +140,28 @@ def test_one_ultralytics_model_for_several_sizes_is_refused(
     model.write_bytes(b"x")
     args = bench_args(bundle_dir, synth_video, tmp_path / "out", "--ultralytics-model", str(model))
     args.bundles = [bundle_dir, bundle_dir]
+    with pytest.raises(JetyoloError, match="bundle folder names must differ"):
+        bench.run(args)
+    args.bundles = [bundle_dir, shutil.copytree(bundle_dir, tmp_path / "other")]
     with pytest.raises(JetyoloError, match="one model for one image size"):
         bench.run(args)
+
+
+def test_a_failing_child_is_reported_with_its_log(
+    bundle_dir: Path, synth_video: Path, tmp_path: Path
+) -> None:
+    # no TensorRT on this machine: the ceiling child exits 2 and its one-line reason comes back
+    args = bench_args(bundle_dir, synth_video, tmp_path / "out", "--frames", "2", "--runs", "1",
+                      "--backend", "tensorrt", "--no-ultralytics")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here; the child would not fail")
+    with pytest.raises(JetyoloError, match=r"ceiling.*failed \(exit 2\).*tensorrt"):
+        bench.run(args)
+    assert not (tmp_path / "out" / "bench.json").exists()
 
 
 def test_fps_bound_is_ceiling_over_ultralytics() -> None:
