@@ -130,6 +130,15 @@ def percentiles(values: Sequence[float]) -> Dict[str, float]:
     return {f"p{p}": round(float(q), 3) for p, q in zip(PERCENTILES, quantiles)}
 
 
+def pooled_samples(runs: List[Dict[str, Any]]) -> Dict[str, List[float]]:
+    """Every run's per-frame samples, by stage."""
+    pooled: Dict[str, List[float]] = {}
+    for run in runs:
+        for stage, samples in run.get("samples_ms", {}).items():
+            pooled.setdefault(stage, []).extend(samples)
+    return pooled
+
+
 def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Medians over runs of the scalar figures; stage percentiles over every run's samples."""
     summary: Dict[str, Any] = {"runs": len(runs), "frames": runs[0]["frames"]}
@@ -137,10 +146,7 @@ def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         values = [run[key] for run in runs if run.get(key) is not None]
         summary[key] = statistics.median(values) if values else None
     summary["fps_per_run"] = [round(run["fps"], 2) for run in runs]
-    pooled: Dict[str, List[float]] = {}
-    for run in runs:
-        for stage, samples in run.get("samples_ms", {}).items():
-            pooled.setdefault(stage, []).extend(samples)
+    pooled = pooled_samples(runs)
     summary["latency_ms"] = {
         stage: percentiles(pooled[stage]) for stage in STAGES if stage in pooled
     }
@@ -262,7 +268,7 @@ def bench_bundle(
     record: Dict[str, Any] = {
         "bundle": name, "input_size": list(bundle.input_size), "frames": settings.frames,
         "contenders": summary, "targets": [asdict(check) for check in checks],
-        "samples_ms": {c: _pooled_samples(results) for c, results in runs.items()},
+        "samples_ms": {c: pooled_samples(results) for c, results in runs.items()},
     }
     if settings.profile and any(check.status == "MISS" for check in checks):
         progress(f"bench {name}: a target was missed; one more pipeline run under cProfile")
@@ -279,14 +285,6 @@ def profile_pipeline(bundle: Bundle, settings: Settings, folder: Path) -> Dict[s
                              profile=True)
     profiled = run_worker(command, result, result.with_suffix(".log"))
     return dict(profiled.get("profile", {}), fps_under_profiler=round(profiled["fps"], 2))
-
-
-def _pooled_samples(runs: List[Dict[str, Any]]) -> Dict[str, List[float]]:
-    pooled: Dict[str, List[float]] = {}
-    for run in runs:
-        for stage, samples in run.get("samples_ms", {}).items():
-            pooled.setdefault(stage, []).extend(samples)
-    return pooled
 
 
 # ---- the verb ----------------------------------------------------------------------------------
