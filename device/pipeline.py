@@ -48,6 +48,7 @@ from device.stats import RateMeter, RunSummary, StageStats
 LOG = logging.getLogger(__name__)
 POLL_S = 0.1  # how often blocked stages look at the stop/abort flags
 JOIN_TIMEOUT_S = 5.0
+DRAIN_TIMEOUT_S = 10.0  # frames in flight after a stop are a handful; more means a stuck read
 
 
 class FrameSink(Protocol):
@@ -142,6 +143,7 @@ class Pipeline:
         self._preprocessors: List[Preprocessor] = []
         self._input_name = ""
         self._counters = _Counters()
+        self._stop_requested_at: Optional[float] = None
         self._lock = threading.Lock()
 
     # ---- control -------------------------------------------------------------------------------
@@ -323,11 +325,20 @@ class Pipeline:
             self._post_done.set()
             for thread in threads:
                 thread.join(JOIN_TIMEOUT_S)
-            self.source.close()
+            self._close_source(threads)
             if self.notifier is not None:
                 self.notifier.stopping(f"stopped: {self.stopped_by}")
         self._raise_errors()
         return self.summary()
+
+    def _close_source(self, threads: List[threading.Thread]) -> None:
+        capture = [thread for thread in threads if thread.name == "jetyolo-capture"]
+        if capture and capture[0].is_alive():
+            # Still blocked in a camera read: releasing the device under it can crash OpenCV.
+            # The thread is a daemon; the process exit releases the device.
+            LOG.warning("pipeline: %s did not return from a read; not closing it", self.source.name)
+            return
+        self.source.close()
 
     def _wait_ready(self, infer_thread: threading.Thread) -> bool:
         """True once the backend is active and its buffers exist; False if that failed."""
@@ -354,9 +365,25 @@ class Pipeline:
             if work is not _IDLE:
                 self._publish(work)
                 self._notify_progress()
+            elif self._drain_overdue():
+                raise _Aborted
             if time.monotonic() >= next_stats:
                 self.sinks.publish_stats(self.stats_message(rate.tick(self._counters.frames)))
                 next_stats = time.monotonic() + self.stats_interval_s
+
+    def _drain_overdue(self) -> bool:
+        """True when a stop was requested ``DRAIN_TIMEOUT_S`` ago and the stages still have not
+        drained: the capture thread is stuck in a read of a stalled camera or stream."""
+        if not self._stop.is_set():
+            return False
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+        if time.monotonic() - self._stop_requested_at < DRAIN_TIMEOUT_S:
+            return False
+        LOG.warning("pipeline: not drained %.0f s after the stop (a read of %s is stuck); "
+                    "stopping without it", DRAIN_TIMEOUT_S, self.source.name)
+        self._abort.set()
+        return True
 
     def _notify_progress(self) -> None:
         if self.notifier is None:

@@ -74,10 +74,12 @@ def run(args: argparse.Namespace) -> int:
     bundle = Bundle.load(config.bundle)
     source, backend = open_run(config, bundle)  # bad sources fail before sinks announce us
     try:
-        with open_sinks(config.sinks, sink_options(config, bundle)) as sinks:
-            summary = run_pipeline(config, sinks, bundle=bundle, opened=(source, backend))
-    finally:
+        sinks = open_sinks(config.sinks, sink_options(config, bundle))
+    except BaseException:
         source.close()
+        raise
+    with sinks:  # the pipeline closes the source
+        summary = run_pipeline(config, sinks, bundle=bundle, opened=(source, backend))
     for line in summary.format_lines():
         print(line, file=sys.stderr, flush=True)
     return 0

@@ -261,3 +261,43 @@ def test_stage_stats_percentiles_window_and_summary_line() -> None:
     lines = summary.format_lines()
     assert lines[0] == "frames 300, seconds 3.87, FPS 77.5"
     assert lines[1].split()[:4] == ["infer", "ms", "p50", "200.50"]
+
+
+class StuckSource(FakeSource):
+    """A live camera that delivers ``count`` frames, then hangs in a read that ignores stops."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count, live=True)
+        self.unstick = threading.Event()
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        yield from super().frames(stop)
+        self.unstick.wait()  # a read that never returns
+
+
+def test_a_stop_does_not_hang_on_a_stuck_camera(monkeypatch: pytest.MonkeyPatch) -> None:
+    import device.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "DRAIN_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(pipeline_module, "JOIN_TIMEOUT_S", 0.2)
+    source = StuckSource(3)
+    holder: Dict[str, Pipeline] = {}
+
+    def stop_after_the_last_frame(published: int) -> None:
+        if published + holder["p"].summary().dropped == 3:  # a live source may drop some
+            holder["p"].request_stop("signal SIGTERM")
+
+    sink = CollectingSink(on_frame=stop_after_the_last_frame)
+    pipeline = make_pipeline(source, EchoBackend(), sink)
+    holder["p"] = pipeline
+    outcome: Dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: outcome.update(summary=pipeline.run()), daemon=True)
+    runner.start()
+    runner.join(5)  # without a drain deadline run() would wait for the stuck read forever
+    returned = not runner.is_alive()
+    source.unstick.set()
+    assert returned, "run() hung on a stop with a stuck capture thread"
+    summary = outcome["summary"]
+    assert summary.frames + summary.dropped == 3 and summary.stopped_by == "signal SIGTERM"
+    assert sink.results[-1].frame_index == 2
+    assert not source.closed  # never release a device under a thread still reading it
