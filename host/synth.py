@@ -102,11 +102,24 @@ def draw_object(image: np.ndarray, obj: SynthObject) -> Tuple[float, float, floa
             -1,
         )
     else:
-        points = _polygon(shape, obj.center, obj.size)
-        cv2.fillPoly(image, [points], colour, cv2.LINE_AA)
-        (left, top), (right, bottom) = points.min(axis=0), points.max(axis=0)
-        return _clip_box((float(left), float(top), float(right), float(bottom)), image)
-    return _clip_box((cx - half, cy - half, cx + half, cy + half), image)
+        cv2.fillPoly(image, [_polygon(shape, obj.center, obj.size)], colour, cv2.LINE_AA)
+    return _clip_box(object_box(obj), image)
+
+
+def object_box(obj: SynthObject) -> Tuple[float, float, float, float]:
+    """The tight box (x1, y1, x2, y2) of ``obj``, unclipped."""
+    shape = CLASSES[obj.class_id][2]
+    if shape in ("circle", "ring", "cross"):
+        half = obj.size / 2
+        return (
+            obj.center[0] - half,
+            obj.center[1] - half,
+            obj.center[0] + half,
+            obj.center[1] + half,
+        )
+    points = _polygon(shape, obj.center, obj.size)
+    (left, top), (right, bottom) = points.min(axis=0), points.max(axis=0)
+    return (float(left), float(top), float(right), float(bottom))
 
 
 def _clip_box(
@@ -302,24 +315,40 @@ def visible_fractions(objects: Sequence[SynthObject], width: int, height: int) -
     """For each object, the fraction of its pixels that objects drawn after it leave visible.
 
     Moving objects cross each other; ground truth keeps every box, and evaluations can skip the
-    ones mostly hidden. Masks are drawn at quarter resolution: plenty for a fraction.
+    ones mostly hidden. Each object is drawn at full resolution in a canvas the size of its box.
     """
-    quarter = [
-        SynthObject(o.class_id, (o.center[0] / 4, o.center[1] / 4), o.size / 4) for o in objects
-    ]
-    masks = []
-    for obj in quarter:
-        canvas = np.zeros((height // 4 + 1, width // 4 + 1, 3), np.uint8)
-        draw_object(canvas, obj)
-        masks.append(canvas.any(axis=2))
     fractions = []
-    for index, mask in enumerate(masks):
-        hidden = np.zeros_like(mask)
-        for later in masks[index + 1 :]:
-            hidden |= later
-        area = int(mask.sum())
-        fractions.append(float((mask & ~hidden).sum()) / area if area else 0.0)
+    for index, obj in enumerate(objects):
+        x1, y1, x2, y2 = (round(v) for v in object_box(obj))
+        fractions.append(
+            _visible_in_box(obj, objects[index + 1 :], (x1, y1, x2, y2), width, height)
+        )
     return fractions
+
+
+def _visible_in_box(
+    obj: SynthObject,
+    later: Sequence[SynthObject],
+    box: Tuple[int, int, int, int],
+    width: int,
+    height: int,
+) -> float:
+    x1, y1, x2, y2 = max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)
+    if x2 <= x1 or y2 <= y1:
+        return 0.0
+
+    def mask_of(items: Sequence[SynthObject]) -> np.ndarray:
+        canvas = np.zeros((y2 - y1, x2 - x1, 3), np.uint8)
+        for item in items:
+            shifted = SynthObject(
+                item.class_id, (item.center[0] - x1, item.center[1] - y1), item.size
+            )
+            draw_object(canvas, shifted)
+        return np.asarray(canvas.any(axis=2))
+
+    own, hidden = mask_of([obj]), mask_of(later)
+    area = int(own.sum())
+    return float((own & ~hidden).sum()) / area if area else 0.0
 
 
 def _move(obj: SynthObject, speed: np.ndarray, width: int, height: int) -> None:

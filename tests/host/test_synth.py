@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import cv2
+import numpy as np
 import pytest
 import yaml
 
@@ -167,3 +168,16 @@ def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(OSError, match="disk full"):
         make_dataset(tmp_path / "ds", 2, 2, 1, 64, seed=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_visible_fractions_follow_the_drawing_order() -> None:
+    # a square half covered by a later one, the later one, and one far away
+    from host.synth import SynthObject, visible_fractions
+
+    objects = [
+        SynthObject(1, (100.0, 100.0), 80.0),  # green_square 60..140
+        SynthObject(1, (140.0, 100.0), 80.0),  # covers x 100..140 of the first
+        SynthObject(1, (400.0, 300.0), 40.0),
+    ]
+    fractions = visible_fractions(objects, 640, 480)
+    np.testing.assert_allclose(fractions, [0.5, 1.0, 1.0], atol=0.03)
