@@ -6,8 +6,14 @@ reused; a changed key or a damaged plan is rebuilt. INT8 comes from the bundle's
 cache (TensorRT 8.5-10.x; its header and tensor names are checked first, and the head stays
 FP16) or from its Q/DQ model (TensorRT >= 10, the only way on 11).
 
+With ``--config FILE`` (the service's form) the bundle, backend, precision, int8_from, variant
+and engine_cache_dir come from the same YAML file ``jetyolo run --config`` reads, so the engine
+built is the one the detector loads; flags override the file. A config whose backend is
+onnxruntime (or auto on a device without TensorRT) needs no engine: the verb says so and exits 0.
+
 examples:
   jetyolo build bundles/synth320 --precision fp16
+  jetyolo build --config /etc/jetyolo/config.yaml
   jetyolo build bundles/synth320 --precision int8 --int8-from cache --workspace 1024
   jetyolo build bundles/synth320 --precision int8 --trt-version-check
 """
@@ -17,9 +23,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from device.backends import tensorrt_missing
 from device.bundle import Bundle
+from device.config import BACKENDS, RunConfig, load_config
 from device.engine import (
     INT8_SOURCES,
     PRECISIONS,
@@ -35,14 +43,22 @@ from device.errors import JetyoloError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", help="bundle directory (made by `jetyolo export`)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp16",
+    parser.add_argument("bundle", nargs="?",
+                        help="bundle directory (made by `jetyolo export`, or `bundle:` in "
+                             "--config)")
+    parser.add_argument("--config", help="the `jetyolo run` YAML file (docs/runtime.md): bundle, "
+                                         "backend, precision, int8_from, variant, "
+                                         "engine_cache_dir")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="tensorrt (default without --config), or auto/onnxruntime as the "
+                             "detector runs: nothing is built for ONNX Runtime")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="engine precision (default fp16)")
     parser.add_argument("--int8-from", choices=INT8_SOURCES, default=None,
                         help="INT8 source: the calibration cache or the Q/DQ model "
                              "(default: qdq on TensorRT >= 10 when the bundle has it, else cache)")
-    parser.add_argument("--variant", default="fp32",
-                        help="bundle graph to build from: fp32 (default), uint8, nms")
+    parser.add_argument("--variant", default=None,
+                        help="bundle graph to build from: fp32 (default), uint8, nms, int8-qdq")
     parser.add_argument("--workspace", default="auto",
                         help="builder workspace: 'auto' (half the free memory, at most 4 GiB) "
                              "or MiB")
@@ -61,19 +77,47 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def request_from_args(args: argparse.Namespace) -> BuildRequest:
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config's build settings (``--config``), flags overriding them. Without a config
+    file the backend is tensorrt: building an engine is what was asked for."""
+    backend = args.backend or (None if args.config else "tensorrt")
+    overrides = {
+        "bundle": args.bundle, "backend": backend, "precision": args.precision,
+        "int8_from": args.int8_from, "variant": args.variant,
+        "engine_cache_dir": str(args.cache_dir) if args.cache_dir is not None else None,
+    }
+    return load_config(args.config, overrides, required_keys=("bundle",))
+
+
+def no_engine_reason(config: RunConfig) -> Optional[str]:
+    """Why the configured backend needs no TensorRT engine, or None when it does."""
+    if config.backend == "onnxruntime":
+        return "the backend is onnxruntime"
+    if config.backend == "auto":
+        missing = tensorrt_missing()
+        if missing:
+            return f"the backend is auto and TensorRT is unavailable ({missing}), so the " \
+                   "detector runs on ONNX Runtime"
+    return None
+
+
+def request_from_args(args: argparse.Namespace, config: RunConfig) -> BuildRequest:
     """Flag checks that need no TensorRT, so a typo fails before the (slow) TensorRT import."""
-    if args.int8_from and args.precision != "int8":
-        raise JetyoloError("--int8-from only applies to --precision int8")
+    precision, int8_from, variant = config.precision or "fp16", config.int8_from, config.variant
+    if variant == "int8-qdq":  # as the TensorRT backend of `jetyolo run` reads it
+        precision, int8_from, variant = "int8", "qdq", None
+    if args.int8_from and precision != "int8":  # a config's int8_from is ignored, as by `run`
+        raise JetyoloError(f"--int8-from only applies to precision int8 (precision is "
+                           f"{precision}); drop it or add --precision int8")
     if args.dla is not None and args.dla < 0:
         raise JetyoloError(f"--dla {args.dla}: a DLA core number is 0 or 1")
     return BuildRequest(
-        precision=args.precision,
-        int8_from=args.int8_from,
-        variant=args.variant,
+        precision=precision,
+        int8_from=int8_from,
+        variant=variant or "fp32",
         workspace_bytes=parse_workspace(args.workspace),
         dla_core=args.dla,
-        cache_dir=args.cache_dir,
+        cache_dir=Path(config.engine_cache_dir).expanduser() if config.engine_cache_dir else None,
         force=args.force,
     )
 
@@ -105,8 +149,13 @@ def check_only(bundle: Bundle, request: BuildRequest, ops: Any) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    bundle = Bundle.load(args.bundle, verify=True)
-    request = request_from_args(args)
+    config = config_from_args(args)
+    reason = no_engine_reason(config)
+    if reason:
+        print(f"jetyolo build: no TensorRT engine is needed: {reason}", flush=True)
+        return 0
+    request = request_from_args(args, config)
+    bundle = Bundle.load(config.bundle, verify=True)
     if request.variant != "fp32":
         bundle.variant(request.variant)  # names the bundle's variants when it lacks this one
     ops = load_tensorrt_ops()

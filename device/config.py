@@ -20,6 +20,7 @@ from device.sinks.base import REPORT_MODES
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_SOURCES = ("cache", "qdq")
+REQUIRED_KEYS = ("bundle", "source")  # what `jetyolo run` needs; `jetyolo build` only the bundle
 PATH_KEYS = ("bundle", "spool_dir", "engine_cache_dir", "mqtt_ca", "mqtt_cert", "mqtt_key")
 
 
@@ -173,9 +174,11 @@ def checked_values(values: Mapping[str, Any], origin: str) -> Dict[str, Any]:
     return checked
 
 
-def _complete(values: Dict[str, Any], origin: str) -> RunConfig:
+def _complete(
+    values: Dict[str, Any], origin: str, required_keys: Tuple[str, ...] = REQUIRED_KEYS
+) -> RunConfig:
     config = RunConfig(**values)
-    for required in ("bundle", "source"):
+    for required in required_keys:
         if not getattr(config, required):
             how = "the BUNDLE argument" if required == "bundle" else "--source"
             raise JetyoloError(
@@ -211,11 +214,16 @@ def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
     return data
 
 
-def load_config(path: Optional[Union[str, Path]], overrides: Mapping[str, Any]) -> RunConfig:
-    """File values (when ``path``), then every override that is not None (the flags)."""
+def load_config(
+    path: Optional[Union[str, Path]],
+    overrides: Mapping[str, Any],
+    required_keys: Tuple[str, ...] = REQUIRED_KEYS,
+) -> RunConfig:
+    """File values (when ``path``), then every override that is not None (the flags).
+    ``required_keys`` must be set by one of them (``jetyolo build`` needs no source)."""
     merged: Dict[str, Any] = {}
     if path:
         merged.update(checked_values(read_config_file(path), str(path)))
     given = {key: value for key, value in overrides.items() if value is not None}
     merged.update(checked_values(given, "flags"))
-    return _complete(merged, str(path) if path else "flags")
+    return _complete(merged, str(path) if path else "flags", required_keys)

@@ -566,8 +566,6 @@ def test_execstart_runs_with_the_staged_config(
     assert any(m.startswith("STOPPING=1") for m in notified), notified
 
 
-@pytest.mark.xfail(strict=True, reason="`jetyolo build` has no --config FILE yet (device/build.py);"
-                   " jetyolo-build.service needs it to build what `jetyolo run --config` loads")
 def test_build_unit_command_is_accepted_by_jetyolo_build() -> None:
     import argparse
 
