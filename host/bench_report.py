@@ -188,7 +188,7 @@ def contender_rows(record: Dict[str, Any]) -> List[str]:
 def target_rows(record: Dict[str, Any]) -> List[str]:
     rows = ["| ratio | value | target | result |", "|---|---|---|---|"]
     for check in record["targets"]:
-        rows.append(f"| {check['label']} | {_num(check['value'], 2)} | "
+        rows.append(f"| {check['label']} | {_num(check['value'], 3)} | "
                     f"{check['op']} {check['bound']} | **{check['status']}** |")
     bound = fps_bound(record["contenders"])
     if bound is not None:
