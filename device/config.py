@@ -73,6 +73,13 @@ FIELD_RULES: Dict[str, Rule] = {
                             optional=False),
     "reconnect_max_s": Rule(float, "longest wait between reconnect attempts of a live source",
                             low=0.1, optional=False),
+    "source_timeout_s": Rule(float, "seconds a live source (camera, stream) may take to open at "
+                                    "start, retrying with the reconnect back-off; 0 fails at "
+                                    "once, inf waits forever (default: inf under systemd, "
+                                    "i.e. with NOTIFY_SOCKET set, else 0)", low=0.0),
+    "spool_max_messages": Rule(int, "most MQTT messages kept in the on-disk spool while the "
+                                    "broker is away; the oldest are dropped beyond it "
+                                    "(default 100000)", low=1),
     "buffers": Rule(int, "input buffers in the preprocess -> infer ring", low=2, high=8,
                     optional=False),
 }
@@ -108,6 +115,8 @@ class RunConfig:
     capture_fps: Optional[int] = None
     rtsp_latency_ms: int = 200
     reconnect_max_s: float = 30.0
+    source_timeout_s: Optional[float] = None
+    spool_max_messages: Optional[int] = None
     buffers: int = 3
 
     def as_dict(self) -> Dict[str, Any]:

@@ -24,6 +24,7 @@ published before ``run`` returns. A second signal aborts without draining.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -31,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -45,10 +46,14 @@ from device.preprocess import Letterbox, Preprocessor
 from device.sources import CaptureOptions, Frame, Source, open_source
 from device.stats import RateMeter, RunSummary, StageStats
 
+if TYPE_CHECKING:
+    from device.sdnotify import Notifier
+
 LOG = logging.getLogger(__name__)
 POLL_S = 0.1  # how often blocked stages look at the stop/abort flags
 JOIN_TIMEOUT_S = 5.0
 DRAIN_TIMEOUT_S = 10.0  # frames in flight after a stop are a handful; more means a stuck read
+START_OPEN_MARGIN_S = 60.0  # FFmpeg's own connect timeouts are in the tens of seconds
 
 
 class FrameSink(Protocol):
@@ -67,6 +72,14 @@ class ProgressNotifier(Protocol):
     def frame_done(self, count: int = 1) -> bool: ...
 
     def stopping(self, text: Optional[str] = None) -> bool: ...
+
+
+class StartNotifier(Protocol):
+    """What waiting for a camera at start needs of ``device.sdnotify.Notifier``."""
+
+    def status(self, text: str) -> bool: ...
+
+    def extend_timeout(self, seconds: float) -> bool: ...
 
 
 class _Aborted(Exception):
@@ -443,23 +456,50 @@ def postprocess_config(config: RunConfig, bundle: Bundle) -> PostprocessConfig:
     )
 
 
-def capture_options(config: RunConfig) -> CaptureOptions:
+def source_timeout_s(config: RunConfig, env: Mapping[str, str] = os.environ) -> float:
+    """How long a live source may take to open at start: the config's, else forever under
+    systemd (``$NOTIFY_SOCKET``: a restart would only burn the start limit) and 0 elsewhere (a
+    wrong URL typed at a shell fails at once)."""
+    if config.source_timeout_s is not None:
+        return config.source_timeout_s
+    return float("inf") if env.get("NOTIFY_SOCKET") else 0.0
+
+
+def capture_options(config: RunConfig, env: Mapping[str, str] = os.environ) -> CaptureOptions:
     return CaptureOptions(
         width=config.capture_width, height=config.capture_height, fps=config.capture_fps,
         rtsp_latency_ms=config.rtsp_latency_ms, reconnect_max_s=config.reconnect_max_s,
+        source_timeout_s=source_timeout_s(config, env),
     )
 
 
-def _default_notifier() -> ProgressNotifier:
+def _default_notifier() -> Notifier:
     from device.sdnotify import Notifier
 
     return Notifier.from_env()
 
 
-def open_run(config: RunConfig, bundle: Bundle) -> Tuple[Source, Backend]:
+def start_wait_reporter(notifier: StartNotifier) -> Callable[[str, float], None]:
+    """``on_wait`` for ``open_source`` while the unit is still starting (before READY=1):
+    ``STATUS=`` names the camera and ``EXTEND_TIMEOUT_USEC`` covers the pause plus one slow
+    open, so ``TimeoutStartSec=`` does not kill a process that is only waiting."""
+
+    def report(name: str, pause_s: float) -> None:
+        notifier.status(f"waiting for camera {name}")
+        notifier.extend_timeout(pause_s + START_OPEN_MARGIN_S)
+
+    return report
+
+
+def open_run(
+    config: RunConfig, bundle: Bundle, notifier: Optional[StartNotifier] = None
+) -> Tuple[Source, Backend]:
     """The source and (not yet activated) backend ``config`` names; the source first, so a bad
-    ``--source`` fails before a minutes-long engine build."""
-    source = open_source(config.source, capture_options(config))
+    ``--source`` fails before a minutes-long engine build. A live source that does not open yet
+    is waited for (``source_timeout_s``), reported through ``notifier`` (default: from the
+    environment)."""
+    reporter = start_wait_reporter(notifier if notifier is not None else _default_notifier())
+    source = open_source(config.source, capture_options(config), reporter)
     try:
         backend = open_backend(
             config.backend, bundle, precision=config.precision, variant=config.variant,

@@ -21,12 +21,14 @@ from typing import Any, Dict, Optional
 from device.bundle import Bundle
 from device.config import FIELD_RULES, RunConfig, load_config
 from device.pipeline import open_run, run_pipeline
+from device.sdnotify import Notifier
 from device.sinks import SinkOptions, open_sinks
 
 LOG = logging.getLogger(__name__)
 
 # Every config key is also a flag: ``stats_interval_s`` <-> ``--stats-interval-s``.
 EXPLICIT_FLAGS = ("bundle", "source", "sinks")
+FLAG_ALIASES = {"source_timeout_s": ("--source-timeout",)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if key in EXPLICIT_FLAGS:
             continue
         parser.add_argument(
-            "--" + key.replace("_", "-"), dest=key, type=rule.kind,
+            "--" + key.replace("_", "-"), *FLAG_ALIASES.get(key, ()), dest=key, type=rule.kind,
             choices=rule.choices or None, help=rule.help.replace("%", "%%"),
         )
 
@@ -56,6 +58,8 @@ def sink_options(config: RunConfig, bundle: Bundle) -> SinkOptions:
         extra["device_id"] = config.device_id
     if config.spool_dir:
         extra["spool_dir"] = config.spool_dir
+    if config.spool_max_messages is not None:
+        extra["spool_max_messages"] = config.spool_max_messages
     return SinkOptions(
         class_names=bundle.class_names, model_id=bundle.model_id, prefix=config.topic_prefix,
         report=config.report, max_rate_hz=config.report_max_rate_hz, qos=config.mqtt_qos,
@@ -72,14 +76,17 @@ def _path(value: Optional[str]) -> Optional[Path]:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     bundle = Bundle.load(config.bundle)
-    source, backend = open_run(config, bundle)  # bad sources fail before sinks announce us
+    notifier = Notifier.from_env()
+    # Bad sources fail (a live one after source_timeout_s) before sinks announce us.
+    source, backend = open_run(config, bundle, notifier)
     try:
         sinks = open_sinks(config.sinks, sink_options(config, bundle))
     except BaseException:
         source.close()
         raise
     with sinks:  # the pipeline closes the source
-        summary = run_pipeline(config, sinks, bundle=bundle, opened=(source, backend))
+        summary = run_pipeline(config, sinks, bundle=bundle, opened=(source, backend),
+                               notifier=notifier)
     for line in summary.format_lines():
         print(line, file=sys.stderr, flush=True)
     return 0

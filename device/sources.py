@@ -8,7 +8,10 @@ values (index, capture timestamp, BGR image) until the source ends or ``stop`` i
 - Files end cleanly. A frame that fails to decode mid-file is skipped and counted
   (``decode_errors``); its index is consumed, so indices stay positions in the file.
 - Live sources (cameras, RTSP, pipelines) reconnect with exponential back-off after a failed
-  read (``reconnects``); the first open must succeed, so a wrong URL fails at start-up.
+  read (``reconnects``). At start-up they wait for the camera with the same back-off for up to
+  ``CaptureOptions.source_timeout_s`` (0: the first open must succeed; ``inf``: wait forever),
+  logging one line per distinct failure and calling ``on_wait`` before each pause (the service
+  turns that into ``STATUS=`` and ``EXTEND_TIMEOUT_USEC``). Files and image folders never wait.
 - The GStreamer strings for CSI cameras and Jetson RTSP decoding are pure functions
   (``csi_pipeline``, ``rtsp_pipeline``).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import re
 import threading
 import time
@@ -62,7 +66,12 @@ class CaptureOptions:
     rtsp_latency_ms: int = 200
     reconnect_max_s: float = 30.0
     jetson: Optional[bool] = None  # None: detect (/etc/nv_tegra_release)
+    source_timeout_s: float = 0.0  # live sources: how long to wait at start (inf: forever)
 
+
+# Called before each pause while a live source waits at start: (source name, pause seconds).
+WaitCallback = Callable[[str, float], None]
+FIRST_RETRY_S = 0.5
 
 # ---- classification and pipeline strings (pure) --------------------------------------------------
 
@@ -224,20 +233,26 @@ class VideoFileSource(Source):
 
 
 class LiveSource(Source):
-    """A camera or stream: reconnects with exponential back-off after a failed read."""
+    """A camera or stream: reconnects with exponential back-off after a failed read.
+
+    ``opener`` is called once here (and retried for up to ``start_timeout_s``, see
+    ``open_waiting``), so a ``LiveSource`` always starts with an open device."""
 
     live = True
 
     def __init__(self, name: str, opener: Callable[[], cv2.VideoCapture],
-                 reconnect_max_s: float = 30.0) -> None:
+                 reconnect_max_s: float = 30.0, start_timeout_s: float = 0.0,
+                 on_wait: Optional[WaitCallback] = None) -> None:
         super().__init__(name)
         self._opener = opener
-        self._capture: Optional[cv2.VideoCapture] = _checked_open(name, opener)
         self.reconnect_max_s = reconnect_max_s
+        self._capture: Optional[cv2.VideoCapture] = open_waiting(
+            name, opener, start_timeout_s, reconnect_max_s, on_wait
+        )
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         index = 0
-        delay = 0.5
+        delay = FIRST_RETRY_S
         while not stop.is_set():
             if self._capture is None:
                 self._capture = self._reopen(stop, delay)
@@ -245,7 +260,7 @@ class LiveSource(Source):
                 continue
             ok, image = self._capture.read()
             if ok and image is not None:
-                delay = 0.5
+                delay = FIRST_RETRY_S
                 yield Frame(index, time.time(), image)
                 index += 1
                 continue
@@ -269,6 +284,63 @@ class LiveSource(Source):
         if self._capture is not None:
             self._capture.release()
             self._capture = None
+
+
+def open_failure(name: str) -> str:
+    """Why ``name`` did not open, as far as the filesystem tells (OpenCV says nothing)."""
+    if name.startswith("/dev/"):
+        device = Path(name)
+        if not device.exists():
+            return f"{name} does not exist (camera unplugged or not yet enumerated)"
+        if not os.access(device, os.R_OK | os.W_OK):
+            return f"{name} is not readable by this user (the `video` group)"
+        return f"{name} exists but does not open (busy or not a capture device)"
+    return "it does not open (not reachable, refused, or no stream there yet)"
+
+
+def open_waiting(
+    name: str,
+    opener: Callable[[], cv2.VideoCapture],
+    timeout_s: float,
+    max_delay_s: float = 30.0,
+    on_wait: Optional[WaitCallback] = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> cv2.VideoCapture:
+    """The open capture of a live source, retried with exponential back-off (0.5 s doubling up
+    to ``max_delay_s``) for up to ``timeout_s`` seconds (0: one try; ``inf``: forever). Logs one
+    line per distinct failure; ``JetyoloError`` (one line) when the time is up."""
+    if timeout_s <= 0:
+        return _checked_open(name, opener)
+    started = clock()
+    delay, attempts, logged = FIRST_RETRY_S, 0, ""
+    while True:
+        capture = opener()
+        attempts += 1
+        if capture.isOpened():
+            if attempts > 1:
+                LOG.info("source: %s opened after %.0f s (%d attempts)", name,
+                         clock() - started, attempts)
+            return capture
+        capture.release()
+        failure = open_failure(name)
+        left = timeout_s - (clock() - started)
+        if left <= 0:
+            raise JetyoloError(
+                f"cannot open source {name!r} within {timeout_s:g} s ({attempts} attempts): "
+                f"{failure}; check that it is connected and reachable, or wait longer with "
+                "--source-timeout (source_timeout_s)"
+            )
+        if failure != logged:
+            limit = "forever" if timeout_s == float("inf") else f"up to {timeout_s:g} s"
+            LOG.warning("source: %s cannot be opened: %s; waiting for it (%s)", name, failure,
+                        limit)
+            logged = failure
+        pause = min(delay, left)
+        if on_wait is not None:
+            on_wait(name, pause)
+        sleep(pause)
+        delay = min(delay * 2, max_delay_s)
 
 
 def _checked_open(name: str, opener: Callable[[], cv2.VideoCapture]) -> cv2.VideoCapture:
@@ -323,8 +395,11 @@ def live_opener(spec: SourceSpec, options: CaptureOptions) -> Callable[[], cv2.V
     return lambda: cv2.VideoCapture(spec.location, cv2.CAP_FFMPEG)
 
 
-def open_source(text: str, options: Optional[CaptureOptions] = None) -> Source:
-    """Classify and open ``text``; ``JetyoloError`` when it cannot be opened."""
+def open_source(
+    text: str, options: Optional[CaptureOptions] = None, on_wait: Optional[WaitCallback] = None
+) -> Source:
+    """Classify and open ``text``; ``JetyoloError`` when it cannot be opened (a live source
+    after waiting ``options.source_timeout_s``; ``on_wait`` as in ``open_waiting``)."""
     options = options or CaptureOptions()
     spec = parse_source(text)
     if spec.kind == "images":
@@ -335,4 +410,5 @@ def open_source(text: str, options: Optional[CaptureOptions] = None) -> Source:
     if spec.kind == "file":
         capture = _checked_open(text, lambda: cv2.VideoCapture(spec.location, cv2.CAP_FFMPEG))
         return VideoFileSource(text, capture)
-    return LiveSource(text, live_opener(spec, options), options.reconnect_max_s)
+    return LiveSource(text, live_opener(spec, options), options.reconnect_max_s,
+                      options.source_timeout_s, on_wait)

@@ -4,7 +4,7 @@ allowed; flags override the file; relative paths follow the file."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import pytest
 
@@ -131,3 +131,43 @@ def test_every_key_is_also_a_flag() -> None:
     assert set(FIELD_RULES) <= destinations
     args = parser.parse_args(["b", "--source", "s", "--stats-interval-s", "2", "--buffers", "4"])
     assert (args.stats_interval_s, args.buffers, args.sinks) == (2.0, 4, None)
+
+
+def run_config_from(argv: List[str], tmp_path: Path, text: str = "") -> RunConfig:
+    import argparse
+
+    from device.run import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    extra = ["--config", str(write(tmp_path / "run.yaml", text))] if text else []
+    return config_from_args(parser.parse_args([*argv, *extra]))
+
+
+def test_spool_max_messages_reaches_the_sink_options(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from device.run import sink_options
+
+    bundle = SimpleNamespace(class_names=["a"], model_id="m")
+    from_file = run_config_from([], tmp_path, "bundle: /b\nsource: s\nspool_max_messages: 500\n")
+    assert sink_options(from_file, bundle).spool_max_messages == 500  # type: ignore[arg-type]
+    from_flag = run_config_from(["/b", "--source", "s", "--spool-max-messages", "7"], tmp_path,
+                                "spool_max_messages: 500\n")
+    assert sink_options(from_flag, bundle).spool_max_messages == 7  # type: ignore[arg-type]
+    default = run_config_from(["/b", "--source", "s"], tmp_path)
+    assert sink_options(default, bundle).spool_max_messages == 100_000  # type: ignore[arg-type]
+    with pytest.raises(JetyoloError, match="spool_max_messages: 0 is below the minimum 1"):
+        run_config_from(["/b", "--source", "s", "--spool-max-messages", "0"], tmp_path)
+
+
+def test_source_timeout_flag_and_key(tmp_path: Path) -> None:
+    base = ["/b", "--source", "rtsp://cam/x"]
+    assert run_config_from([*base, "--source-timeout", "20"], tmp_path).source_timeout_s == 20.0
+    assert run_config_from([*base, "--source-timeout-s", "inf"], tmp_path).source_timeout_s \
+        == float("inf")
+    from_file = run_config_from(base, tmp_path, "source_timeout_s: .inf\n")
+    assert from_file.source_timeout_s == float("inf")
+    assert run_config_from(base, tmp_path).source_timeout_s is None  # default: see pipeline
+    with pytest.raises(JetyoloError, match=r"source_timeout_s: -1\.0 is below the minimum 0"):
+        run_config_from([*base, "--source-timeout", "-1"], tmp_path)
