@@ -33,7 +33,7 @@ def host_verbs() -> Dict[str, metadata.EntryPoint]:
 
 
 def _split_verb(argv: List[str], known: Sequence[str]) -> tuple:
-    """``["data", "check", "x"]`` -> ``("data.check", ["x"])``; ``["run", ...]`` -> ``("run", [...])``."""
+    """Split the verb off: ``["data", "check", "x"]`` -> ``("data.check", ["x"])``."""
     if len(argv) >= 2 and f"{argv[0]}.{argv[1]}" in known:
         return f"{argv[0]}.{argv[1]}", argv[2:]
     return argv[0], argv[1:]
@@ -47,7 +47,11 @@ def _load_verb(verb: str) -> ModuleType:
 
 
 def _usage(known: Sequence[str]) -> str:
-    lines = ["usage: jetyolo VERB [options]   (jetyolo VERB --help for a verb's options)", "", "verbs:"]
+    lines = [
+        "usage: jetyolo VERB [options]   (jetyolo VERB --help for a verb's options)",
+        "",
+        "verbs:",
+    ]
     lines += [f"  {name.replace('.', ' ')}" for name in sorted(known)]
     return "\n".join(lines)
 

@@ -46,7 +46,9 @@ class Detections:
         items = []
         for box, score, cls in zip(self.xyxy.tolist(), self.confidence.tolist(), self.class_id):
             cls_int = int(cls)
-            label = class_names[cls_int] if class_names and cls_int < len(class_names) else str(cls_int)
+            label = (
+                class_names[cls_int] if class_names and cls_int < len(class_names) else str(cls_int)
+            )
             items.append(
                 {
                     "label": label,

@@ -26,7 +26,9 @@ def require(module: str, verb: str, extra: str = "host") -> ModuleType:
 
 def ultralytics_offline(verb: str) -> ModuleType:
     """Import ultralytics configured to run with no network: no hub, no font download."""
-    config_dir = Path(os.environ.setdefault("YOLO_CONFIG_DIR", str(PROJECT_CONFIG_DIR / "ultralytics")))
+    config_dir = Path(
+        os.environ.setdefault("YOLO_CONFIG_DIR", str(PROJECT_CONFIG_DIR / "ultralytics"))
+    )
     os.environ.setdefault("YOLO_OFFLINE", "1")
     font = config_dir / "Ultralytics" / "Arial.ttf"
     if not font.exists():

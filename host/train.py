@@ -88,9 +88,19 @@ def train(
     else:
         yolo = load_detect_model(model)
         yolo.train(
-            data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, freeze=freeze,
-            device=device, project=str(project.resolve()), name=name, exist_ok=True, seed=seed,
-            deterministic=True, workers=0 if device == "cpu" else 8, amp=device != "cpu",
+            data=str(data),
+            epochs=epochs,
+            imgsz=imgsz,
+            batch=batch,
+            freeze=freeze,
+            device=device,
+            project=str(project.resolve()),
+            name=name,
+            exist_ok=True,
+            seed=seed,
+            deterministic=True,
+            workers=0 if device == "cpu" else 8,
+            amp=device != "cpu",
             plots=True,
         )
     trainer = yolo.trainer
@@ -129,8 +139,11 @@ def checked_data_yaml(data: Path) -> Path:
     if report.data_yaml != data:
         log.info("data check: training on %s (%s is unchanged)", report.data_yaml, data.name)
     if report.warnings:
-        log.info("data check: %d warnings (`jetyolo data check %s` lists them)",
-                 len(report.warnings), data)
+        log.info(
+            "data check: %d warnings (`jetyolo data check %s` lists them)",
+            len(report.warnings),
+            data,
+        )
     return report.data_yaml
 
 
@@ -150,8 +163,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = train(
-        args.data, args.model, args.epochs, args.imgsz, args.batch, args.freeze, args.device,
-        args.name, args.project, args.resume, args.seed,
+        args.data,
+        args.model,
+        args.epochs,
+        args.imgsz,
+        args.batch,
+        args.freeze,
+        args.device,
+        args.name,
+        args.project,
+        args.resume,
+        args.seed,
     )
     print(f"training finished ({result.run_dir}):")
     for key, value in result.metrics.items():

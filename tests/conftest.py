@@ -35,7 +35,9 @@ def synth_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 960x540, 40-frame synthetic MP4 with its ground-truth sidecar (<video>.json)."""
     from host.synth import make_video
 
-    return make_video(tmp_path_factory.mktemp("video") / "synth.mp4", CLASSES, (960, 540), 40, seed=1)
+    return make_video(
+        tmp_path_factory.mktemp("video") / "synth.mp4", CLASSES, (960, 540), 40, seed=1
+    )
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +49,7 @@ def fixture_weights() -> Path:
 
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory, fixture_weights: Path) -> Path:
-    """A bundle exported from the fixture model at 320 px (read-only: copy it before changing it)."""
+    """A bundle exported from the fixture model at 320 px (read-only: copy it to change it)."""
     from host.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "synth320"

@@ -192,9 +192,18 @@ def test_reference_of_another_model_is_refused(verify_bundle: Path, tmp_path: Pa
         verify(copy, backend="onnxruntime")
 
 
-def test_bundle_without_reference_is_refused(bundle_dir: Path) -> None:
+def test_bundle_without_reference_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    # export records a reference; take it out again (a consistent manifest, no reference files)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest.pop("reference")
+    files = manifest["files"]
+    manifest["files"] = {k: v for k, v in files.items() if not k.startswith("reference/")}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(copy / "reference")
     with pytest.raises(JetyoloError, match="no reference data"):
-        verify(bundle_dir, backend="onnxruntime")
+        verify(copy, backend="onnxruntime")
 
 
 def test_fp16_on_onnxruntime_is_refused(verify_bundle: Path) -> None:
