@@ -41,6 +41,7 @@ from device.bundle import Bundle
 from device.config import RunConfig
 from device.detections import FrameResult
 from device.errors import JetyoloError
+from device.jetson_stats import jetson_readings
 from device.postprocess import PostprocessConfig, postprocess
 from device.preprocess import Letterbox, Preprocessor
 from device.sources import CaptureOptions, Frame, Source, open_source
@@ -128,6 +129,8 @@ class Pipeline:
         max_frames: Optional[int] = None,
         stats_interval_s: float = 10.0,
         notifier: Optional[ProgressNotifier] = None,
+        precision: Optional[str] = None,
+        readings: Callable[[], Dict[str, Any]] = jetson_readings,
     ) -> None:
         if buffers < 2:
             raise ValueError("the pipeline needs at least 2 input buffers to overlap stages")
@@ -140,6 +143,9 @@ class Pipeline:
         self.max_frames = max_frames
         self.stats_interval_s = stats_interval_s
         self.notifier = notifier
+        self.precision = precision  # what the stats message reports (see reported_precision)
+        self.readings = readings  # device health for the stats message ({}: none)
+        self.started = time.monotonic()
         self.stats = StageStats()
         self.stopped_by = "end of source"
         self._stop = threading.Event()
@@ -324,6 +330,7 @@ class Pipeline:
     def run(self) -> RunSummary:
         """Run to the end; returns the summary or raises the first stage error."""
         threads: List[threading.Thread] = []
+        self.started = time.monotonic()
         try:
             threads.append(self._stage("infer", self._infer_loop))
             if self._wait_ready(threads[0]):
@@ -410,9 +417,11 @@ class Pipeline:
             raise self._counters.errors[0]
 
     def stats_message(self, fps: float) -> Dict[str, Any]:
-        """The periodic stats dict handed to ``sinks.publish_stats``."""
-        return {
+        """The periodic stats dict handed to ``sinks.publish_stats`` (the sinks add their own
+        queue and spool depths as ``sinks``)."""
+        message: Dict[str, Any] = {
             "fps": round(fps, 2),
+            "uptime_s": round(time.monotonic() - self.started, 1),
             "frames": self._counters.frames,
             "dropped_frames": self._counters.dropped,
             "decode_errors": self.source.decode_errors,
@@ -420,7 +429,16 @@ class Pipeline:
             "backend": self.backend.kind,
             "source": self.source.name,
             "latency_ms": self.stats.percentiles(last=max(1, int(fps * self.stats_interval_s))),
+            "queues": {"captured": self._captured.qsize(),
+                       "preprocessed": self._preprocessed.qsize(),
+                       "inferred": self._inferred.qsize()},
         }
+        if self.precision is not None:
+            message["precision"] = self.precision
+        readings = self.readings()
+        if readings:
+            message["jetson"] = readings
+        return message
 
     def summary(self) -> RunSummary:
         counters = self._counters
@@ -442,6 +460,16 @@ class Pipeline:
 
 
 # ---- from a RunConfig ---------------------------------------------------------------------------
+
+
+def reported_precision(backend_kind: str, config: RunConfig) -> str:
+    """The arithmetic the backend runs: the engine's precision on TensorRT (fp16 unless asked),
+    fp32 on ONNX Runtime (the uint8 graph only takes uint8 input), int8 for the Q/DQ graph."""
+    if config.variant == "int8-qdq":
+        return "int8"
+    if backend_kind == "tensorrt":
+        return config.precision or "fp16"
+    return "fp32"
 
 
 def postprocess_config(config: RunConfig, bundle: Bundle) -> PostprocessConfig:
@@ -537,6 +565,7 @@ def run_pipeline(
         max_frames=max_frames if max_frames is not None else config.max_frames,
         stats_interval_s=config.stats_interval_s,
         notifier=notifier if notifier is not None else _default_notifier(),
+        precision=reported_precision(backend.kind, config),
     )
     with _signals_stop(pipeline, handle_signals):
         return pipeline.run()

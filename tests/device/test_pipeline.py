@@ -301,3 +301,22 @@ def test_a_stop_does_not_hang_on_a_stuck_camera(monkeypatch: pytest.MonkeyPatch)
     assert summary.frames + summary.dropped == 3 and summary.stopped_by == "signal SIGTERM"
     assert sink.results[-1].frame_index == 2
     assert not source.closed  # never release a device under a thread still reading it
+
+
+def test_stats_carry_uptime_precision_queues_and_device_readings() -> None:
+    readings = {"temperatures_c": {"GPU-therm": 41.5}, "gpu_load_pct": 37.2}
+    sink = CollectingSink()
+    pipeline = make_pipeline(FakeSource(30), EchoBackend(delay_s=0.005), sink,
+                             stats_interval_s=0.05, precision="fp16", readings=lambda: readings)
+    started = time.monotonic()
+    pipeline.run()
+    stats = sink.stats[-1]
+    assert 0 < stats["uptime_s"] <= time.monotonic() - started + 0.1
+    assert stats["precision"] == "fp16" and stats["jetson"] == readings
+    assert set(stats["queues"]) == {"captured", "preprocessed", "inferred"}
+    assert all(0 <= depth <= 3 for depth in stats["queues"].values())
+    # off a Jetson (no readings) there is no block at all, and no precision when none is known
+    sink = CollectingSink()
+    make_pipeline(FakeSource(10), EchoBackend(delay_s=0.005), sink, stats_interval_s=0.02,
+                  readings=dict).run()
+    assert sink.stats and all("jetson" not in s and "precision" not in s for s in sink.stats)
