@@ -18,6 +18,7 @@ values (index, capture timestamp, BGR image) until the source ends or ``stop`` i
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -298,6 +299,22 @@ def open_failure(name: str) -> str:
     return "it does not open (not reachable, refused, or no stream there yet)"
 
 
+@contextlib.contextmanager
+def _opencv_warnings_off(enabled: bool) -> Iterator[None]:
+    """OpenCV's own log at ERROR while ``enabled`` (FFmpeg's and GStreamer's lines stay: OpenCV
+    reads their log level once, at start-up)."""
+    logging_api = getattr(getattr(cv2, "utils", None), "logging", None)
+    if not enabled or logging_api is None:
+        yield
+        return
+    previous = logging_api.getLogLevel()
+    logging_api.setLogLevel(logging_api.LOG_LEVEL_ERROR)
+    try:
+        yield
+    finally:
+        logging_api.setLogLevel(previous)
+
+
 def open_waiting(
     name: str,
     opener: Callable[[], cv2.VideoCapture],
@@ -315,7 +332,8 @@ def open_waiting(
     started = clock()
     delay, attempts, logged = FIRST_RETRY_S, 0, ""
     while True:
-        capture = opener()
+        with _opencv_warnings_off(attempts > 0):  # its warning says nothing new after the first
+            capture = opener()
         attempts += 1
         if capture.isOpened():
             if attempts > 1:

@@ -288,3 +288,20 @@ def test_jetyolo_run_under_systemd_waits_for_the_camera_then_runs(
     assert first_ready > messages.index(waiting[-1])
     assert len(out.read_text().splitlines()) >= 5
     assert stderr.count("cannot be opened") == 1  # one line for the one distinct failure
+
+
+def test_opencv_warnings_are_quiet_only_during_retries() -> None:
+    api = cv2.utils.logging
+    before = api.getLogLevel()
+    levels: List[int] = []
+    made: List[FakeCapture] = []
+    opener = failing_opener(2, made)
+
+    def recording_opener() -> cv2.VideoCapture:
+        levels.append(api.getLogLevel())
+        return opener()
+
+    fake = FakeTime()
+    open_waiting("cam", recording_opener, 10.0, clock=fake.clock, sleep=fake.sleep)
+    assert levels == [before, api.LOG_LEVEL_ERROR, api.LOG_LEVEL_ERROR]
+    assert api.getLogLevel() == before
