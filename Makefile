@@ -56,7 +56,7 @@ demo: $(STAMP)
 	$(JY) train --data $(DEMO_DATA) --model tests/fixtures/synth_yolo11n.pt --epochs 3 --imgsz 320 \
 	  --batch 16 --name demo --project $(DEMO)/runs
 	@$(STEP) "4/10 export: ONNX, graph-surgeon passes, parity with PyTorch, reference, bundle"
-	$(JY) export $(DEMO)/runs/demo/weights/best.pt --out $(DEMO_BUNDLE) --imgsz 320 --uint8-input --nms \
+	$(JY) export $(DEMO)/runs/demo/weights/best.pt --out $(DEMO_BUNDLE) --name synth-demo --imgsz 320 --uint8-input --nms \
 	  --data $(DEMO_DATA)
 	$(JY) bundle verify $(DEMO_BUNDLE)
 	@$(STEP) "5/10 INT8 calibration on the CPU: TensorRT caches + Q/DQ model, accuracy gate"
@@ -73,7 +73,7 @@ demo: $(STAMP)
 	mosquitto_sub -h 127.0.0.1 -p $$port -q 1 -t 'jetyolo/#' -v > $(DEMO)/subscriber.log & sub=$$!; sleep 0.5; \
 	$(JY) run $(DEMO_BUNDLE) --source $(DEMO_VIDEO) --backend onnxruntime --device-id demo \
 	  --sink mqtt://127.0.0.1:$$port --sink jsonl:$(DEMO)/detections.jsonl --spool-dir $(DEMO)/spool \
-	  --stats-interval 2; \
+	  --stats-interval 1; \
 	sleep 1; \
 	seqs=$$(grep '/detections ' $(DEMO)/subscriber.log | grep -o '"seq": *[0-9]*' | grep -o '[0-9]*$$' | sort -n); \
 	echo "subscriber got $$(grep -c '/detections ' $(DEMO)/subscriber.log) detection messages" \
@@ -81,7 +81,8 @@ demo: $(STAMP)
 	  "$$(grep -c '/stats ' $(DEMO)/subscriber.log) stats; availability:" \
 	  "$$(grep '/available ' $(DEMO)/subscriber.log | cut -d' ' -f2 | xargs)"; \
 	echo "the first detection message:"; \
-	grep -m1 '/detections ' $(DEMO)/subscriber.log | cut -d' ' -f2- | $(BIN)/python -m json.tool | head -24
+	grep -m1 '/detections ' $(DEMO)/subscriber.log | cut -d' ' -f2- | $(BIN)/python -c \
+	  'import json, sys; m = json.load(sys.stdin); d = m.pop("detections"); print(json.dumps(m)); [print(" ", x) for x in d]'
 	@$(STEP) "8/10 verify host vs device with polygraphy: FP32 (tensors + detections), INT8 (detections)"
 	$(JY) verify $(DEMO_BUNDLE) --backend onnxruntime --variant fp32
 	$(JY) verify $(DEMO_BUNDLE) --backend onnxruntime --variant int8-qdq

@@ -50,6 +50,8 @@ FIELD_RULES: Dict[str, Rule] = {
     "sinks": Rule(list, "where results go: stdout, jsonl:PATH, mqtt://, tcp://, udp://",
                   optional=False),
     "device_id": Rule(str, "name of this device in messages (default: the hostname)"),
+    "source_name": Rule(str, "name of the source in topics and messages (default: from the "
+                             "source: file stem, videoN, csiN, the stream's host)"),
     "spool_dir": Rule(str, "on-disk spool for MQTT messages not yet acknowledged"),
     "engine_cache_dir": Rule(str, "where TensorRT engines are cached (default: JETYOLO_HOME)"),
     "threads": Rule(int, "ONNX Runtime intra-op threads (default: one per core)", low=1, high=256),
@@ -98,6 +100,7 @@ class RunConfig:
     max_det: Optional[int] = None
     sinks: List[str] = field(default_factory=lambda: ["stdout"])
     device_id: Optional[str] = None
+    source_name: Optional[str] = None
     spool_dir: Optional[str] = None
     engine_cache_dir: Optional[str] = None
     threads: Optional[int] = None

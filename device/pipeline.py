@@ -44,7 +44,7 @@ from device.errors import JetyoloError
 from device.jetson_stats import jetson_readings
 from device.postprocess import PostprocessConfig, postprocess
 from device.preprocess import Letterbox, Preprocessor
-from device.sources import CaptureOptions, Frame, Source, open_source
+from device.sources import CaptureOptions, Frame, Source, default_source_name, open_source
 from device.stats import RateMeter, RunSummary, StageStats
 
 if TYPE_CHECKING:
@@ -131,11 +131,13 @@ class Pipeline:
         notifier: Optional[ProgressNotifier] = None,
         precision: Optional[str] = None,
         readings: Callable[[], Dict[str, Any]] = jetson_readings,
+        source_name: Optional[str] = None,
     ) -> None:
         if buffers < 2:
             raise ValueError("the pipeline needs at least 2 input buffers to overlap stages")
         self.backend = backend
         self.source = source
+        self.source_name = source_name or source.name  # what topics and messages call it
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.postprocess_config = postprocess_config
         self.sinks = sinks
@@ -312,7 +314,7 @@ class Pipeline:
         self._free_outputs.put(outputs)
         image = work.frame.image
         result = FrameResult(
-            source=self.source.name,
+            source=self.source_name,
             frame_index=work.frame.index,
             timestamp=work.frame.timestamp,
             frame_size=(int(image.shape[1]), int(image.shape[0])),
@@ -454,7 +456,7 @@ class Pipeline:
             decode_errors=self.source.decode_errors,
             reconnects=self.source.reconnects,
             backend=self.backend.kind,
-            source=self.source.name,
+            source=self.source_name,
             stopped_by=self.stopped_by,
         )
 
@@ -566,6 +568,7 @@ def run_pipeline(
         stats_interval_s=config.stats_interval_s,
         notifier=notifier if notifier is not None else _default_notifier(),
         precision=reported_precision(backend.kind, config),
+        source_name=config.source_name or default_source_name(config.source),
     )
     with _signals_stop(pipeline, handle_signals):
         return pipeline.run()

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -75,6 +76,25 @@ WaitCallback = Callable[[str, float], None]
 FIRST_RETRY_S = 0.5
 
 # ---- classification and pipeline strings (pure) --------------------------------------------------
+
+
+def default_source_name(text: str) -> str:
+    """A short, stable name for a source, for MQTT topics and messages (cameras are known by
+    name, as in Frigate): ``videos/gate.mp4`` -> ``gate``, ``/dev/video0`` -> ``video0``,
+    ``csi://1`` -> ``csi1``, ``rtsp://user:pw@cam3:554/live`` -> ``cam3``."""
+    spec = parse_source(text)
+    if spec.kind == "csi":
+        return f"csi{spec.location}"
+    if spec.kind == "v4l2":
+        return Path(spec.location).name
+    if spec.kind in ("rtsp", "stream"):
+        host = urlsplit(spec.location).hostname
+        return host or spec.kind
+    if spec.kind == "gstreamer":
+        return "gstreamer"
+    if spec.kind == "images" and any(char in spec.location for char in "*?["):
+        return Path(spec.location).parent.name or "images"
+    return Path(spec.location).stem or spec.kind
 
 
 def parse_source(text: str) -> SourceSpec:

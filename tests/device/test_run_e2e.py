@@ -191,6 +191,13 @@ def test_jetyolo_run_writes_jsonl_and_prints_the_summary(
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     frames = [line["payload"] for line in lines if is_detections(line["payload"])]
     assert [f["frame_index"] for f in frames] == list(range(6))
+    # the source is named after the file (synth.mp4 -> synth) in messages and topics
+    assert {f["source"] for f in frames} == {"synth"}
+    assert all(
+        line["topic"].endswith("/synth/detections")
+        for line in lines
+        if is_detections(line["payload"])
+    )
     assert all(f["detections"] for f in frames)
     summary = err.splitlines()
     fps_line = next(line for line in summary if line.startswith("frames "))

@@ -246,3 +246,31 @@ def test_a_missing_camera_is_one_clear_error() -> None:
     free = next(f"/dev/video{n}" for n in range(90, 100) if not Path(f"/dev/video{n}").exists())
     with pytest.raises(JetyoloError, match=f"cannot open source '{free}'.*video` group"):
         open_source(free)
+
+
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        ("/dev/video0", "video0"),  # V4L2 camera
+        ("0", "video0"),  # V4L2 by index
+        ("csi://1", "csi1"),  # Jetson CSI sensor
+        ("rtsp://user:pw@cam3:554/live", "cam3"),  # the stream's host, never its credentials
+        ("http://127.0.0.1:8080/mjpeg", "127.0.0.1"),
+        ("videotestsrc ! videoconvert ! appsink", "gstreamer"),
+    ],
+)
+def test_default_source_name_is_short_and_topic_safe(source: str, name: str) -> None:
+    from device.sources import default_source_name
+
+    assert default_source_name(source) == name
+
+
+def test_default_source_name_of_files_and_folders(tmp_path: Path) -> None:
+    from device.sources import default_source_name
+
+    video = tmp_path / "gate.mp4"
+    video.write_bytes(b"")
+    (tmp_path / "shots").mkdir()
+    assert default_source_name(str(video)) == "gate"
+    assert default_source_name(str(tmp_path / "shots")) == "shots"
+    assert default_source_name(str(tmp_path / "shots" / "*.jpg")) == "shots"
