@@ -193,18 +193,35 @@ def verify_files(root: Path, manifest: Mapping[str, Any]) -> List[str]:
     return problems
 
 
-def prepare_output_dir(out_dir: Path, force: bool) -> None:
-    """Refuse an existing non-empty or unwritable output directory unless ``force``."""
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """Refuse a bad output directory before any work: a file, a non-empty folder without
+    ``force``, or a place this user cannot create files in. Writability is probed by creating and
+    removing a temp folder in the nearest existing ancestor (``os.access`` says yes to root even
+    on read-only mounts). Creates nothing."""
     if out_dir.exists() and not out_dir.is_dir():
         raise JetyoloError(f"output {out_dir} exists and is not a directory; choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise JetyoloError(
             f"output {out_dir} exists and is not empty; choose another --out or pass --force"
         )
-    parent = out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise JetyoloError(f"cannot write into {parent}; choose a writable --out")
+    existing = out_dir.resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        Path(tempfile.mkdtemp(prefix=".jetyolo-probe-", dir=existing)).rmdir()
+    except OSError as exc:
+        raise JetyoloError(
+            f"cannot write {out_dir}: {existing} is not writable "
+            f"({exc.strerror or exc}); choose a writable --out"
+        ) from exc
+
+
+def prepare_output_dir(out_dir: Path, force: bool) -> None:
+    """``check_output_dir``, then create the parent folders the output will be renamed into."""
+    check_output_dir(out_dir, force)
+    out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
 
 
 def write_new_bundle(

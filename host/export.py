@@ -13,7 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from device.bundle import SCHEMA_VERSION, Bundle, replace_dir, sha256_file, write_new_bundle
+from device.bundle import (
+    SCHEMA_VERSION,
+    Bundle,
+    check_output_dir,
+    replace_dir,
+    sha256_file,
+    write_new_bundle,
+)
 from device.errors import JetyoloError
 from device.postprocess import PostprocessConfig
 from host import parity, surgeon
@@ -96,29 +103,6 @@ def build_manifest(
             "dataset": str(yolo.ckpt.get("train_args", {}).get("data")) if yolo.ckpt else None,
         },
     }
-
-
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse a bad ``--out`` before any work: a file, a non-empty folder without ``--force``, or a
-    place this user cannot create files in (probed by creating and removing a temp folder)."""
-    if out.exists() and not out.is_dir():
-        raise JetyoloError(f"output {out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise JetyoloError(
-            f"output {out} exists and is not empty; choose another --out or pass --force"
-        )
-    existing = out.resolve().parent
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is not a directory")
-        Path(tempfile.mkdtemp(prefix=".jetyolo-probe-", dir=existing)).rmdir()
-    except OSError as exc:
-        raise JetyoloError(
-            f"cannot write the bundle {out}: {existing} is not writable "
-            f"({exc.strerror or exc}); choose a writable --out"
-        ) from exc
 
 
 def _load_weights(weights: Path) -> Any:
