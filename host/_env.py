@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 from types import ModuleType
+from typing import Dict, Iterable
 
 from device.errors import JetyoloError
 
@@ -40,3 +41,16 @@ def ultralytics_offline(verb: str) -> ModuleType:
 def _any_ttf() -> Path:
     matplotlib = require("matplotlib", "train")
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+
+
+def installed_versions(packages: Iterable[str]) -> Dict[str, str]:
+    """``package -> version`` of those installed (for reports); missing ones are left out."""
+    from importlib import metadata
+
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

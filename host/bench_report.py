@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from device.bundle import Bundle, atomic_write_bytes
 from device.errors import JetyoloError
-from host._env import require
+from host._env import installed_versions, require
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +125,7 @@ def cpu_model() -> str:
 
 
 def machine_facts(backend: str) -> Dict[str, Any]:
-    versions = {"python": platform.python_version()}
-    for package in VERSIONED:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
+    versions = {"python": platform.python_version(), **installed_versions(VERSIONED)}
     facts: Dict[str, Any] = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
         "system": platform.platform(terse=True), "versions": versions, "backend": backend,

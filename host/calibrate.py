@@ -25,10 +25,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from device import calibcache
-from device.bundle import Bundle, add_files
+from device.bundle import Bundle, add_files, atomic_write_json
 from device.errors import JetyoloError
 from host import quantize
-from host._env import require
+from host._env import installed_versions, require
 from host.evaluate import EvalResult, evaluate_model, val_image_paths
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ QDQ_FILE = "model_int8_qdq.onnx"
 REPORT_FILE = "calibration.json"
 CACHE_DIR = "calibration"
 SPLIT_HEAD_OUTPUTS = ("boxes", "scores")
+REPORT_VERSIONS = ("jetyolo", "onnxruntime", "onnx", "numpy", "opencv-python",
+                   "opencv-python-headless", "ultralytics")
 # Defaults of calibration/default.yaml (a test keeps the two equal). CLI flags override a recipe.
 DEFAULT_RECIPE: Dict[str, Any] = {
     "method": "percentile",
@@ -290,7 +292,7 @@ def calibrate(
         report = calibration_report(ctx, chosen, Path(images), versions, fp16_by_sensitivity, gate,
                                     qdq_path, recipe)
         report_path = Path(tmp) / REPORT_FILE
-        report_path.write_text(_json(report))
+        atomic_write_json(report_path, report)
         files[REPORT_FILE] = report_path
         updated = add_files(bundle, files, manifest_updates(bundle, report))
     return updated
@@ -377,21 +379,8 @@ def calibration_report(
         },
         "ranges": {name: [low, high] for name, (low, high) in ctx.ranges.values.items()},
         "accuracy": gate.to_dict() if gate else None,
-        "versions": tool_versions(),
+        "versions": installed_versions(REPORT_VERSIONS),
     }
-
-
-def tool_versions() -> Dict[str, str]:
-    from importlib import metadata
-
-    versions = {}
-    for package in ("jetyolo", "onnxruntime", "onnx", "numpy", "opencv-python",
-                    "opencv-python-headless", "ultralytics"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def manifest_updates(bundle: Bundle, report: Mapping[str, Any]) -> Dict[str, Any]:
@@ -422,12 +411,6 @@ def manifest_updates(bundle: Bundle, report: Mapping[str, Any]) -> Dict[str, Any
             },
         },
     }
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2) + "\n"
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

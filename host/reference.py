@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from device.bundle import Bundle, add_files, sha256_file
+from device.bundle import Bundle, add_files, atomic_write_json, sha256_file
 from device.errors import JetyoloError
 from device.postprocess import PostprocessConfig
 from device.preprocess import Letterbox, Preprocessor
@@ -178,7 +178,7 @@ def make_reference(
         with G_LOGGER.verbosity(G_LOGGER.WARNING):
             save_json(feeds, str(staged / "inputs.json"), description="reference inputs")
             results.save(str(staged / "outputs.json"))
-        (staged / "detections.json").write_text(_json(detections_doc))
+        atomic_write_json(staged / "detections.json", detections_doc)
         updated = add_files(
             bundle,
             {REFERENCE_INPUTS: staged / "inputs.json", REFERENCE_OUTPUTS: staged / "outputs.json",
@@ -187,12 +187,6 @@ def make_reference(
         )
     log.info("reference: wrote %s/reference/ (%d images)", bundle.root, len(paths))
     return updated
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=1) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
