@@ -358,6 +358,26 @@ def list_images(source: Path, report: DatasetReport) -> List[str]:
     return images
 
 
+def split_images(
+    data_yaml: Path, splits: Sequence[str]
+) -> Tuple[DatasetReport, Dict[str, List[Path]]]:
+    """The sorted images of ``splits``, resolved the way ultralytics and ``check_dataset`` do
+    (no repair, labels unchecked); what does not resolve is in the report's errors."""
+    data_yaml = Path(data_yaml)
+    data = load_data_yaml(data_yaml)
+    errors: List[str] = []
+    names = class_names(data, data_yaml, errors)
+    report = DatasetReport(data_yaml, data_yaml, dataset_root(data, data_yaml), names,
+                           errors=errors)
+    resolve_splits(data, data_yaml, report)
+    images = {
+        split: sorted(Path(image) for source in report.splits[split].sources
+                      for image in list_images(source, report))
+        for split in splits if split in report.splits
+    }
+    return report, images
+
+
 @dataclass
 class LabelFile:
     """What one label file holds, and what is wrong with it (messages without the file name)."""

@@ -61,26 +61,17 @@ class EvalResult:
 # ---- the val split ------------------------------------------------------------------------------
 def val_image_paths(data_yaml: Path) -> Tuple[List[Path], List[str]]:
     """Val images (resolved the way ultralytics and `jetyolo data check` do) and class names."""
-    from host import dataset
+    from host.dataset import split_images
 
-    data_yaml = Path(data_yaml)
-    data = dataset.load_data_yaml(data_yaml)
-    errors: List[str] = []
-    names = dataset.class_names(data, data_yaml, errors)
-    report = dataset.DatasetReport(data_yaml, data_yaml, dataset.dataset_root(data, data_yaml),
-                                   names, errors=errors)
-    dataset.resolve_splits(data, data_yaml, report)
+    report, images = split_images(data_yaml, ("val",))
     split = report.splits.get("val")
-    sources = split.sources if split is not None else []
-    if not sources:
+    if split is None or not split.sources:
         report.errors.append("it has no resolvable 'val' split")
     report.raise_if_errors()
-    images = [Path(p) for source in sources for p in dataset.list_images(source, report)]
-    report.raise_if_errors()
-    if not images:
+    if not images.get("val"):
         raise JetyoloError(f"dataset {data_yaml}: the val split has no images; "
                            f"run `jetyolo data check {data_yaml}`")
-    return sorted(images), names
+    return images["val"], report.names
 
 
 def read_labels(image: Path, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:

@@ -95,20 +95,12 @@ def synthetic_frames(classes: int, count: int, seed: int = 0) -> List[np.ndarray
 def dataset_frames(data_yaml: Path, count: int) -> List[np.ndarray]:
     """The first ``count`` images of the dataset's val split (train when val has none), with the
     split paths resolved the way ``jetyolo data check`` (and ultralytics) resolve them."""
-    from host import dataset
+    from host.dataset import split_images
 
-    data_yaml = Path(data_yaml)
-    data = dataset.load_data_yaml(data_yaml)
-    report = dataset.DatasetReport(data_yaml, data_yaml, dataset.dataset_root(data, data_yaml), [])
-    dataset.resolve_splits(data, data_yaml, report)
+    report, images = split_images(data_yaml, ("val", "train"))
     for split in ("val", "train"):
-        sources = report.splits[split].sources if split in report.splits else []
-        paths = [image for source in sources for image in dataset.list_images(source, report)]
-        frames: List[np.ndarray] = []
-        for path in paths[:count]:
-            frame = cv2.imread(str(path))
-            if frame is not None:
-                frames.append(frame)
+        read = (cv2.imread(str(path)) for path in images.get(split, [])[:count])
+        frames = [frame for frame in read if frame is not None]
         if frames:
             return frames
     raise JetyoloError(
