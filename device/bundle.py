@@ -32,6 +32,7 @@ REQUIRED_KEYS = (
     "files",
 )
 REQUIRED_VARIANT_KEYS = ("file", "input", "outputs")
+MAPPING_KEYS = ("preprocess", "postprocess", "variants", "files")
 
 
 def sha256_file(path: Union[str, Path]) -> str:
@@ -155,26 +156,65 @@ def check_schema(manifest: Mapping[str, Any]) -> List[str]:
     if not isinstance(manifest, Mapping):
         return ["manifest is not a JSON object"]
     problems = [f"missing key {key!r}" for key in REQUIRED_KEYS if key not in manifest]
+    problems += [
+        f"{key} must be a JSON object, not {type(manifest[key]).__name__}"
+        for key in MAPPING_KEYS
+        if key in manifest and not isinstance(manifest[key], Mapping)
+    ]
     if problems:
         return problems
     if manifest["schema_version"] != SCHEMA_VERSION:
         problems.append(
             f"schema_version {manifest['schema_version']!r} is not {SCHEMA_VERSION} (this jetyolo)"
         )
-    if "fp32" not in manifest["variants"]:
-        problems.append("variants has no 'fp32' entry")
-    for name, variant in manifest["variants"].items():
-        for key in REQUIRED_VARIANT_KEYS:
-            if key not in variant:
-                problems.append(f"variant {name!r} misses key {key!r}")
-        if variant.get("file") not in manifest["files"]:
+    names = manifest["class_names"]
+    if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        problems.append("class_names must be a list of strings")
+    problems += _variant_problems(manifest["variants"], manifest["files"])
+    problems += _file_entry_problems(manifest["files"])
+    size = manifest["preprocess"].get("size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):
+        problems.append("preprocess.size must be [height, width] in pixels")
+    return problems
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _variant_problems(variants: Mapping[str, Any], files: Mapping[str, Any]) -> List[str]:
+    problems = [] if "fp32" in variants else ["variants has no 'fp32' entry"]
+    for name, variant in variants.items():
+        if not isinstance(variant, Mapping):
+            problems.append(f"variant {name!r} must be a JSON object")
+            continue
+        problems += [
+            f"variant {name!r} misses key {key!r}"
+            for key in REQUIRED_VARIANT_KEYS
+            if key not in variant
+        ]
+        file = variant.get("file")
+        if not isinstance(file, str) or file not in files:
             problems.append(
                 f"variant {name!r} names {variant.get('file')!r}, which files does not list"
             )
-    size = manifest["preprocess"].get("size")
-    if not (isinstance(size, list) and len(size) == 2):
-        problems.append("preprocess.size must be [height, width]")
     return problems
+
+
+def _file_entry_problems(files: Mapping[str, Any]) -> List[str]:
+    """Each ``files`` entry must carry the sha256 and size ``verify_files`` compares."""
+    return [
+        f"files entry {relative!r} needs a sha256 string and a size in bytes"
+        for relative, entry in files.items()
+        if not _file_entry_ok(entry)
+    ]
+
+
+def _file_entry_ok(entry: Any) -> bool:
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("sha256"), str):
+        return False
+    size = entry.get("size")
+    return isinstance(size, int) and not isinstance(size, bool) and size >= 0
 
 
 def verify_files(root: Path, manifest: Mapping[str, Any]) -> List[str]:
