@@ -28,8 +28,9 @@ from device import calibcache
 from device.bundle import Bundle, add_files, atomic_write_json
 from device.errors import JetyoloError
 from host import quantize
-from host._env import installed_versions, require
+from host._env import installed_versions
 from host.evaluate import EvalResult, evaluate_model, val_image_paths
+from host.surgeon import load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,7 @@ class Calibration:
         excluded = [*self.head_nodes, *self.user_excluded, *fp16_layers]
         path = self.workdir / QDQ_FILE
         quantize.build_qdq_model(self.bundle.model_path("fp32"), self.ranges, path, excluded)
-        onnx = require("onnx", "calibrate")
-        qdq = onnx.load(str(path))
+        qdq = load_onnx(path, "calibrate")
         problems = quantize.qdq_problems(qdq, quantize.head_tensors(self.model, self.head_nodes))
         if problems:
             raise JetyoloError(f"the Q/DQ model fails TensorRT's rules: {problems[0]} "
@@ -262,10 +262,9 @@ def calibrate(
     eval_limit: Optional[int] = None,
 ) -> Bundle:
     """Run the whole calibration and add its files to the bundle; nothing is written on failure."""
-    onnx = require("onnx", "calibrate")
     bundle = Bundle.load(bundle_root)
     versions = checked_trt_versions(recipe["trt_versions"])
-    model = onnx.load(str(bundle.model_path("fp32")))
+    model = load_onnx(bundle.model_path("fp32"), "calibrate")
     head_nodes = split_head_nodes(bundle, model)
     user_excluded = _checked_layers(recipe["exclude_layers"], model)
     input_name = bundle.variant("fp32")["input"]["name"]
@@ -338,7 +337,7 @@ def calibration_report(
     recipe: Mapping[str, Any],
 ) -> Dict[str, Any]:
     entries, left_out = quantize.cache_entries(ctx.model, ctx.ranges, ctx.head_nodes)
-    qdq = require("onnx", "calibrate").load(str(qdq_path))
+    qdq = load_onnx(qdq_path, "calibrate")
     algorithm = quantize.TRT_ALGORITHMS[ctx.ranges.method]
     return {
         "schema": 1,

@@ -26,10 +26,13 @@ from device.bundle import sha256_file
 from device.errors import JetyoloError
 from device.preprocess import Preprocessor
 from host._env import require
+from host.surgeon import load_onnx
 
 log = logging.getLogger(__name__)
 
-METHODS = ("entropy", "minmax", "percentile")
+# --method -> the onnxruntime.quantization.CalibrationMethod member
+ORT_METHODS = {"entropy": "Entropy", "minmax": "MinMax", "percentile": "Percentile"}
+METHODS = tuple(ORT_METHODS)
 TRT_ALGORITHMS = {
     "entropy": "EntropyCalibration2",
     "minmax": "MinMaxCalibration",
@@ -229,14 +232,13 @@ def collect_ranges(
     quantization = require("onnxruntime.quantization", "calibrate")
     if method not in METHODS:
         raise JetyoloError(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    enum = {"entropy": "Entropy", "minmax": "MinMax", "percentile": "Percentile"}[method]
     progress = Progress(f"calibrate ({method})", len(paths))
     with tempfile.TemporaryDirectory(prefix="jetyolo-calib-") as tmp:
         calibrator = quantization.create_calibrator(
             str(model_path),
             None,  # every float tensor: the TensorRT cache needs them all
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=getattr(quantization.CalibrationMethod, enum),
+            calibrate_method=getattr(quantization.CalibrationMethod, ORT_METHODS[method]),
             extra_options=calibrator_options(method, recipe),
         )
         with _quiet_ort_prints():
@@ -313,7 +315,7 @@ def build_qdq_model(
     activations per tensor, Q/DQ on the inputs of Conv/Gemm only, ``exclude_nodes`` untouched."""
     quantization = require("onnxruntime.quantization", "calibrate")
     calibrate_module = require("onnxruntime.quantization.calibrate", "calibrate")
-    enum = {"entropy": "Entropy", "minmax": "MinMax", "percentile": "Percentile"}[ranges.method]
+    method = getattr(quantization.CalibrationMethod, ORT_METHODS[ranges.method])
     with tempfile.TemporaryDirectory(prefix="jetyolo-qdq-") as tmp:
         ranges_file = Path(tmp) / "ranges.json"
         calibrate_module.save_tensors_data(ranges.tensors_data, ranges_file)
@@ -330,7 +332,7 @@ def build_qdq_model(
                 activation_type=quantization.QuantType.QInt8,
                 weight_type=quantization.QuantType.QInt8,
                 nodes_to_exclude=sorted(set(exclude_nodes)),
-                calibrate_method=getattr(quantization.CalibrationMethod, enum),
+                calibrate_method=method,
                 extra_options=dict(QDQ_EXTRA_OPTIONS),
                 calibration_cache_path=str(ranges_file),
             )
@@ -386,9 +388,8 @@ def layer_sensitivity(
     """Quantized layers, most sensitive first, with the SQNR (dB) of their quantized activation
     input vs that input in float, measured by ``onnxruntime.quantization.qdq_loss_debug`` on
     ``paths``. Low SQNR = INT8 loses most of that layer's input signal."""
-    onnx = require("onnx", "calibrate")
     debug = require("onnxruntime.quantization.qdq_loss_debug", "calibrate")
-    model = onnx.load(str(qdq_model))
+    model = load_onnx(qdq_model, "calibrate")
     dequantized_input = _dequantized_input_of_layers(model)
     with tempfile.TemporaryDirectory(prefix="jetyolo-sens-") as tmp:
         augmented = Path(tmp) / "qdq_aug.onnx"

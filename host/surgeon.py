@@ -39,9 +39,10 @@ def export_model(graph: Graph) -> Any:
     return _gs().export_onnx(graph.cleanup().toposort())
 
 
-def load_onnx(path: Union[str, Path]) -> Any:
-    """Read an ONNX file, or fail with one line saying which file and what is wrong with it."""
-    onnx = _onnx()
+def load_onnx(path: Union[str, Path], verb: str = "export") -> Any:
+    """Read an ONNX file, or fail with one line saying which file and what is wrong with it
+    (``verb``: the jetyolo command named when onnx is not installed)."""
+    onnx = require("onnx", verb)
     path = Path(path)
     if not path.is_file():
         raise JetyoloError(f"ONNX model {path} does not exist")

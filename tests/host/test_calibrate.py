@@ -325,8 +325,13 @@ def test_bundle_without_split_head_is_refused(
     shutil.copytree(bundle_dir, target)
     model = onnx.load(str(target / "model.onnx"))
     model.graph.node.append(helper.make_node("Concat", ["boxes", "scores"], ["output0"], axis=1))
+    boxes, scores = ([d.dim_value for d in out.type.tensor_type.shape.dim]
+                     for out in model.graph.output)
+    joined_shape = [boxes[0], boxes[1] + scores[1], boxes[2]]
     del model.graph.output[:]
-    model.graph.output.append(helper.make_tensor_value_info("output0", TensorProto.FLOAT, None))
+    model.graph.output.append(
+        helper.make_tensor_value_info("output0", TensorProto.FLOAT, joined_shape)
+    )
     joined = tmp_path / "joined.onnx"
     onnx.save(model, str(joined))
     add_files(Bundle.load(target), {"model.onnx": joined})
