@@ -210,9 +210,14 @@ def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise JetyoloError(f"config file {path} does not exist")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise JetyoloError(f"config file {path} {what}; pass the YAML file (docs/runtime.md)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JetyoloError(f"config file {path} cannot be read as UTF-8 text ({exc})") from exc
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         reason = str(exc).replace("\n", " ")
         raise JetyoloError(f"config file {path} is not valid YAML: {reason}") from exc

@@ -120,6 +120,15 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml", {})
 
 
+def test_unreadable_config_files_are_one_error_line(tmp_path: Path) -> None:
+    with pytest.raises(JetyoloError, match=r"config file .* is a directory"):
+        load_config(tmp_path, {})
+    latin1 = tmp_path / "run.yaml"
+    latin1.write_bytes("bundle: caf\xe9\n".encode("latin-1"))  # not UTF-8
+    with pytest.raises(JetyoloError, match=r"cannot be read as UTF-8 text"):
+        load_config(latin1, {})
+
+
 def test_every_key_is_also_a_flag() -> None:
     import argparse
 
