@@ -417,15 +417,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="bundle directory (from `jetyolo export`)")
     parser.add_argument("--images", type=Path, required=True,
                         help="folder of calibration images (recursive) or a .txt list of paths")
-    parser.add_argument("--num", type=int, help="images to use, first N in sorted order (500)")
-    parser.add_argument("--method", choices=quantize.METHODS, help="range method (entropy)")
+    parser.add_argument("--num", type=int, help="images to use, first N in sorted order "
+                        f"({DEFAULT_RECIPE['num']})")
+    parser.add_argument("--method", choices=quantize.METHODS,
+                        help=f"range method ({DEFAULT_RECIPE['method']})")
     parser.add_argument("--trt-version", nargs="+", metavar="X.Y.Z",
                         help="TensorRT version(s) of the Jetson(s), 8.5-10.x: one cache each "
-                             "(10.3.0 = JetPack 6.1/6.2, 8.6.2 = JP 6.0, 8.5.2 = JP 5.1)")
+                             "(10.3.0 = JetPack 6.1/6.2, 8.6.2 = JP 6.0, 8.5.2 = JP 5.1; "
+                             f"default {' '.join(DEFAULT_RECIPE['trt_versions'])})")
     parser.add_argument("--data", type=Path, help="data.yaml: gate INT8 on its val split mAP")
-    parser.add_argument("--max-drop", type=float, help="allowed mAP50-95 drop in points (1.0)")
+    parser.add_argument("--max-drop", type=float,
+                        help=f"allowed mAP50-95 drop in points ({DEFAULT_RECIPE['max_drop']})")
     parser.add_argument("--max-fp16-layers", type=int,
-                        help="most sensitive layers the gate may keep in FP16 (8; 0 = none)")
+                        help="most sensitive layers the gate may keep in FP16 "
+                             f"({DEFAULT_RECIPE['max_fp16_layers']}; 0 = none)")
     parser.add_argument("--exclude", nargs="+", metavar="NODE", help="ONNX nodes to keep in FP16")
     parser.add_argument("--eval-limit", type=int, help="gate on the first N val images only")
     parser.add_argument("--recipe", type=Path, help="recipe YAML (see calibration/default.yaml)")

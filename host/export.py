@@ -32,10 +32,9 @@ BASE_PASSES = (surgeon.fold_constants, surgeon.remove_identity, surgeon.split_he
 UINT8_ATOL = 1e-6  # the uint8 graph must compute what the fp32 one does on the device's float input
 
 
-def ultralytics_onnx(
-    yolo: Any, weights: Path, workdir: Path, imgsz: int, batch: int, opset: int
-) -> Path:
-    """Plain ultralytics ONNX export (static shape), written in ``workdir``, not beside the .pt."""
+def ultralytics_onnx(weights: Path, workdir: Path, imgsz: int, batch: int, opset: int) -> Path:
+    """Plain ultralytics ONNX export (static shape), written in ``workdir``, not beside the .pt
+    (of a copy of ``weights`` loaded there: ultralytics writes beside the model file)."""
     copied = workdir / weights.name
     shutil.copyfile(weights, copied)
     yolo = load_detect_model(str(copied), "export")
@@ -182,7 +181,7 @@ def export_bundle(
     config = PostprocessConfig()
     with tempfile.TemporaryDirectory(prefix="jetyolo-export-") as tmp:
         workdir = Path(tmp)
-        model, applied = fp32_model(yolo, weights, workdir, imgsz, batch, opset)
+        model, applied = fp32_model(weights, workdir, imgsz, batch, opset)
         files = {"model.onnx": _save(model, workdir / "model.onnx")}
         head_nodes = surgeon.head_postprocess_nodes(surgeon.import_graph(model))
         manifest = build_manifest(
@@ -265,14 +264,14 @@ def check_shape_args(yolo: Any, imgsz: int, batch: int) -> None:
 
 
 def fp32_model(
-    yolo: Any, weights: Path, workdir: Path, imgsz: int, batch: int, opset: int
+    weights: Path, workdir: Path, imgsz: int, batch: int, opset: int
 ) -> Tuple[Any, List[str]]:
     """ultralytics' export, checked to have the asked-for input, then the base passes."""
     log.info(
         "export: ultralytics ONNX export of %s at %dx%d, opset %d", weights, imgsz, imgsz, opset
     )
     try:
-        exported = ultralytics_onnx(yolo, weights, workdir, imgsz, batch, opset)
+        exported = ultralytics_onnx(weights, workdir, imgsz, batch, opset)
     except Exception as exc:  # ultralytics raises many types; keep its first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise JetyoloError(

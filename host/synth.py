@@ -258,13 +258,7 @@ def make_video(
 ) -> Path:
     """Write an MP4 of objects moving and bouncing, and ``<path>.json``: the boxes per frame."""
     width, height = size
-    if not 1 <= classes <= MAX_CLASSES:
-        raise JetyoloError(f"--classes must be between 1 and {MAX_CLASSES}, got {classes}")
-    if frames < 1 or min(width, height) < 32:
-        raise JetyoloError(
-            f"--frames must be >= 1 and --video-size at least 32x32, "
-            f"got {frames} frames, {width}x{height}"
-        )
+    check_video_args(classes, size, frames)
     rng = np.random.default_rng(seed + 7919)
     scene = background(rng, width, height)
     # A 16:9 frame letterboxed to a square model input shrinks objects by width/imgsz; 15% of the
@@ -309,6 +303,17 @@ def make_video(
         },
     )
     return path
+
+
+def check_video_args(classes: int, size: Tuple[int, int], frames: int) -> None:
+    width, height = size
+    if not 1 <= classes <= MAX_CLASSES:
+        raise JetyoloError(f"--classes must be between 1 and {MAX_CLASSES}, got {classes}")
+    if frames < 1 or min(width, height) < 32:
+        raise JetyoloError(
+            f"--frames must be >= 1 and --video-size at least 32x32, "
+            f"got {frames} frames, {width}x{height}"
+        )
 
 
 def visible_fractions(objects: Sequence[SynthObject], width: int, height: int) -> List[float]:
@@ -389,7 +394,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    video_size = _parse_size(args.video_size)  # before writing anything
+    video_size = _parse_size(args.video_size)
+    if args.video:  # before writing anything
+        check_video_args(args.classes, video_size, args.frames)
     data_yaml = make_dataset(
         args.out, args.classes, args.train, args.val, args.imgsz, args.seed, args.force
     )

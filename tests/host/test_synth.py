@@ -181,3 +181,13 @@ def test_visible_fractions_follow_the_drawing_order() -> None:
     ]
     fractions = visible_fractions(objects, 640, 480)
     np.testing.assert_allclose(fractions, [0.5, 1.0, 1.0], atol=0.03)
+
+
+def test_bad_video_frames_are_refused_before_writing_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["data", "synth", str(tmp_path / "ds"), "--train", "2", "--val", "1", "--imgsz", "64",
+            "--video", str(tmp_path / "v.mp4"), "--frames", "0"]
+    assert main(argv) == 2
+    assert "--frames must be >= 1" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
