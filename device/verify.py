@@ -636,6 +636,12 @@ def run(args: argparse.Namespace) -> int:
     )
     print(report.format_text())
     if args.report:
-        atomic_write_json(args.report, report.to_dict())
+        try:
+            atomic_write_json(args.report, report.to_dict())
+        except OSError as exc:
+            raise JetyoloError(
+                f"cannot write the report {args.report} ({exc.strerror or exc}); the result is "
+                "printed above; pass a --report path in a writable folder"
+            ) from exc
         print(f"report: {args.report}")
     return 0 if report.passed else 1

@@ -116,6 +116,27 @@ def test_cli_passes_and_writes_report(verify_bundle: Path, tmp_path: Path,
     assert json.loads(report_path.read_text())["passed"] is True
 
 
+def test_an_unwritable_report_path_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    class Passed:
+        passed = True
+
+        def format_text(self) -> str:
+            return "RESULT: PASS"
+
+        def to_dict(self) -> Dict[str, bool]:
+            return {"passed": True}
+
+    monkeypatch.setattr("device.verify.verify", lambda *args, **kwargs: Passed())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["verify", str(tmp_path), "--report", str(blocker / "verify.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jetyolo: error: cannot write the report") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [blocker]  # nothing partial
+
+
 def test_gate_flags_override_defaults(verify_bundle: Path, capsys: pytest.CaptureFixture) -> None:
     # an impossible agreement gate fails even for identical outputs
     code = main(["verify", str(verify_bundle), "--backend", "onnxruntime", "--min-map", "0.999"])
