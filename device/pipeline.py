@@ -411,7 +411,7 @@ class Pipeline:
         if self.notifier is None:
             return
         if self._counters.frames == 1:
-            self.notifier.ready(f"running: {self.backend.kind} on {self.source.name}")
+            self.notifier.ready(f"running: {self.backend.kind} on {self.source_name}")
         self.notifier.frame_done()
 
     def _raise_errors(self) -> None:
@@ -429,7 +429,7 @@ class Pipeline:
             "decode_errors": self.source.decode_errors,
             "reconnects": self.source.reconnects,
             "backend": self.backend.kind,
-            "source": self.source.name,
+            "source": self.source_name,
             "latency_ms": self.stats.percentiles(last=max(1, int(fps * self.stats_interval_s))),
             "queues": {"captured": self._captured.qsize(),
                        "preprocessed": self._preprocessed.qsize(),

@@ -97,6 +97,17 @@ def default_source_name(text: str) -> str:
     return Path(spec.location).stem or spec.kind
 
 
+def redact_url(text: str) -> str:
+    """``text`` with a URL password replaced by ``***`` (``rtsp://user:***@cam/live``): what logs,
+    errors and ``STATUS=`` show of a stream."""
+    parts = urlsplit(text)
+    if parts.password is None or "@" not in parts.netloc:
+        return text
+    credentials, _, host = parts.netloc.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 def parse_source(text: str) -> SourceSpec:
     """Classify a ``--source`` value. Does not touch the device, only the filesystem."""
     text = text.strip()
@@ -448,5 +459,5 @@ def open_source(
     if spec.kind == "file":
         capture = _checked_open(text, lambda: cv2.VideoCapture(spec.location, cv2.CAP_FFMPEG))
         return VideoFileSource(text, capture)
-    return LiveSource(text, live_opener(spec, options), options.reconnect_max_s,
+    return LiveSource(redact_url(text), live_opener(spec, options), options.reconnect_max_s,
                       options.source_timeout_s, on_wait)

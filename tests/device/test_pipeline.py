@@ -243,6 +243,20 @@ def test_stats_and_notifications() -> None:
     assert stats["dropped_frames"] == 0 and stats["decode_errors"] == 0
 
 
+def test_stats_and_status_name_the_source_by_its_short_name() -> None:
+    # a stream URL with a password must not reach the MQTT stats message or systemd's STATUS=
+    source = FakeSource(10)
+    source.name = "rtsp://user:s3cret@cam3/live"
+    sink, notifier = CollectingSink(), RecordingNotifier()
+    texts: List[str] = []
+    notifier.ready = lambda text=None: texts.append(str(text)) or True  # type: ignore[method-assign]
+    make_pipeline(source, EchoBackend(delay_s=0.005), sink, stats_interval_s=0.01,
+                  notifier=notifier, source_name="cam3").run()
+    assert sink.stats and {s["source"] for s in sink.stats} == {"cam3"}
+    assert texts == ["running: echo on cam3"]
+    assert {r.source for r in sink.results} == {"cam3"}
+
+
 def test_stage_stats_percentiles_window_and_summary_line() -> None:
     from device.stats import RunSummary, StageStats
 

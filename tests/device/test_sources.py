@@ -274,3 +274,25 @@ def test_default_source_name_of_files_and_folders(tmp_path: Path) -> None:
     assert default_source_name(str(video)) == "gate"
     assert default_source_name(str(tmp_path / "shots")) == "shots"
     assert default_source_name(str(tmp_path / "shots" / "*.jpg")) == "shots"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("rtsp://user:s3cret@cam3:554/live", "rtsp://user:***@cam3:554/live"),  # password hidden
+        ("rtsp://user@cam3/live", "rtsp://user@cam3/live"),  # no password: unchanged
+        ("http://127.0.0.1:8080/mjpeg", "http://127.0.0.1:8080/mjpeg"),
+        ("/dev/video0", "/dev/video0"),  # not a URL
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    from device.sources import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_a_stream_that_does_not_open_never_shows_its_password() -> None:
+    # nothing listens on port 9 of this machine: FFmpeg fails at once
+    with pytest.raises(JetyoloError) as error:
+        open_source("http://user:s3cret@127.0.0.1:9/stream")
+    assert "s3cret" not in str(error.value) and "user:***@127.0.0.1" in str(error.value)
