@@ -25,6 +25,7 @@ from device.errors import JetyoloError
 from device.postprocess import PostprocessConfig
 from host import parity, surgeon
 from host._env import require
+from host.reference import make_reference, select_images
 from host.train import load_detect_model
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,8 @@ def export_bundle(
     yolo = _load_weights(weights)
     check_shape_args(yolo, imgsz, batch)
     frames, source = parity.frames_for(data, len(yolo.names), parity_images)  # bad --data: fail now
+    if reference_images is not None and reference_num:
+        select_images(reference_images, reference_num)  # a bad --reference-images: fail now too
     config = PostprocessConfig()
     with tempfile.TemporaryDirectory(prefix="jetyolo-export-") as tmp:
         workdir = Path(tmp)
@@ -309,8 +312,6 @@ def _write(
 ) -> Bundle:
     """Write the bundle beside ``out``, record its reference there, then rename it into place:
     a failure at any step leaves ``out`` as it was."""
-    from host.reference import make_reference
-
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
