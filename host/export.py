@@ -180,7 +180,7 @@ def export_bundle(
     check_shape_args(yolo, imgsz, batch)
     frames, source = parity.frames_for(data, len(yolo.names), parity_images)  # bad --data: fail now
     if reference_images is not None and reference_num:
-        select_images(reference_images, reference_num)  # a bad --reference-images: fail now too
+        select_images(reference_images, reference_num, "--reference-images")  # fail now too
     config = PostprocessConfig()
     with tempfile.TemporaryDirectory(prefix="jetyolo-export-") as tmp:
         workdir = Path(tmp)

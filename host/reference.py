@@ -43,14 +43,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_NUM = 16
 
 
-def select_images(images: Union[Path, Sequence[Path]], num: int) -> List[Path]:
-    """``num`` images spread evenly over the sorted candidates (folders searched recursively)."""
+def select_images(
+    images: Union[Path, Sequence[Path]], num: int, flag: str = "--images"
+) -> List[Path]:
+    """``num`` images spread evenly over the sorted candidates (folders searched recursively);
+    ``flag`` names the option in errors."""
     if num < 1:
         raise JetyoloError(f"--num {num}: need at least one reference image")
     if isinstance(images, (str, Path)):
         folder = Path(images)
         if not folder.is_dir():
-            raise JetyoloError(f"--images {folder} is not a folder; pass e.g. data/valid/images")
+            raise JetyoloError(f"{flag} {folder} is not a folder; pass e.g. data/valid/images")
         candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         where = str(folder)
     else:

@@ -307,7 +307,7 @@ def test_export_refuses_an_unwritable_out(
         (["--batch", "0"], "--batch must be at least 1"),
         (["--parity-images", "0"], "--parity-images must be at least 1"),
         (["--data", "/nonexistent/data.yaml"], "does not exist"),  # parity images from a bad yaml
-        (["--reference-images", "/nonexistent"], "is not a folder"),  # checked before the export
+        (["--reference-images", "/nonexistent"], "--reference-images /nonexistent is not a folder"),
     ],
 )
 def test_export_refuses_bad_flags(
