@@ -233,6 +233,15 @@ def verify_files(root: Path, manifest: Mapping[str, Any]) -> List[str]:
     return problems
 
 
+def make_writable_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) and prove this user can create files in it with a probe
+    file (``os.access`` says yes to root even on read-only mounts). Raises ``OSError``."""
+    path.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_output_dir(out_dir: Path, force: bool) -> None:
     """Refuse a bad output directory before any work: a file, a non-empty folder without
     ``force``, or a place this user cannot create files in. Writability is probed by creating and

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from device.bundle import atomic_write_bytes, atomic_write_json, sha256_file
+from device.bundle import atomic_write_bytes, atomic_write_json, make_writable_dir, sha256_file
 from device.calibcache import parse_trt_version
 from device.errors import JetyoloError
 
@@ -259,6 +259,17 @@ def write_plan(
     meta.update(extra or {})
     atomic_write_json(sidecar_path(plan), meta)
     return plan
+
+
+def check_cache_dir(folder: Path) -> None:
+    """Refuse an engine cache this user cannot write before the build, not after its minutes."""
+    try:
+        make_writable_dir(folder)
+    except OSError as exc:
+        raise JetyoloError(
+            f"engine cache {folder} is not writable ({exc.strerror or exc}); pass --cache-dir "
+            "(engine_cache_dir in the config) or set JETYOLO_ENGINE_CACHE to a writable folder"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -595,6 +606,7 @@ def ensure_engine(
         log(f"engine: reusing {reason}")
         return EngineResult(plan, key, False, reason)
     log(f"engine: building ({'--force' if not rebuild else reason})")
+    check_cache_dir(plan.parent)
     if why:
         log(f"engine: INT8 from {why}")
     onnx_path = bundle.model_path(build.variant if build.variant != "fp32" else request.variant)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, List, Optional, Sequence
 
+from device.bundle import make_writable_dir
 from device.errors import JetyoloError
 from device.sinks.base import Outgoing
 
@@ -93,10 +94,7 @@ class SpoolLock:
 def prepare_spool_dir(spool_dir: Path) -> Path:
     """Create ``spool_dir`` and check it is writable; the path of the database in it."""
     try:
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        probe = spool_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_dir(spool_dir)
     except OSError as err:
         raise JetyoloError(
             f"spool directory {spool_dir} is not writable ({err.strerror or err}); "

@@ -413,6 +413,17 @@ def test_build_then_reuse_then_rebuild_on_new_tensorrt(tmp_path):
     assert third.built and "trt_version: '10.3.0' -> '10.13.0'" in third.reason
 
 
+def test_an_unwritable_engine_cache_is_refused_before_building(tmp_path):
+    bundle = make_bundle(tmp_path, {}, {})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a folder cannot be made below a file (root included)
+    ops = RecordingOps()
+    request = BuildRequest(precision="fp16", cache_dir=blocker / "engines")
+    with pytest.raises(JetyoloError, match=r"engine cache .* is not writable.*--cache-dir"):
+        ensure_engine(bundle, request, ops, lambda line: None)
+    assert ops.builds == []  # no minutes-long build whose plan could not be saved
+
+
 def test_free_memory_changes_do_not_invalidate_auto_workspace(tmp_path):
     bundle = make_bundle(tmp_path, {}, {})
     request = BuildRequest(precision="fp16", cache_dir=tmp_path / "engines")
