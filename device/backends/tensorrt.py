@@ -110,8 +110,10 @@ class TensorRTBuildOps(TensorRTOps):
     ) -> Tuple[List[Tuple[str, str]], List[LayerRecord]]:
         trt = import_tensorrt()
         major = int(trt.__version__.split(".")[0])
-        _, network, _ = parse_onnx(trt, onnx_path, major < 10, strongly_typed)
-        return layer_records(network)
+        builder, network, parser = parse_onnx(trt, onnx_path, major < 10, strongly_typed)
+        records = layer_records(network)
+        del network, parser, builder  # the network first: the builder made it
+        return records
 
     def build_engine(self, onnx_path: Path, build: BuildPlan, **options: Any) -> bytes:
         return build_engine(onnx_path, build, **options)
@@ -342,6 +344,16 @@ def build_engine(
     log_progress("engine: building (minutes on a Jetson; the timing cache shortens rebuilds)")
     with Heartbeat(log_progress, HEARTBEAT_SECONDS if monitor is None else 4 * HEARTBEAT_SECONDS):
         serialized = builder.build_serialized_network(network, config)
+    _check_build(trt, serialized, calibrator)
+    if timing_cache_path is not None:  # the builder added this build's tactic timings
+        _save_timing_cache(config, timing_cache_path, log_progress)
+    plan = bytes(serialized)
+    # The parser owns the weights the builder read; release network, parser, builder in order.
+    del serialized, config, network, parser, builder
+    return plan
+
+
+def _check_build(trt: Any, serialized: Any, calibrator: Any) -> None:
     if calibrator is not None and calibrator.batches_requested:
         raise JetyoloError(
             "TensorRT did not accept the calibration cache and asked for calibration images; "
@@ -353,10 +365,14 @@ def build_engine(
             "TensorRT could not build the engine (see its log above); try --workspace with more "
             "MiB, free memory, or --precision fp16"
         )
-    if timing_cache_path is not None:  # the builder added this build's tactic timings
-        atomic_write_bytes(timing_cache_path, bytes(config.get_timing_cache().serialize()))
-    del parser  # kept alive until here: it owns the weights the builder reads
-    return bytes(serialized)
+
+
+def _save_timing_cache(config: Any, path: Path, log: Callable[[str], None]) -> None:
+    """A timing cache that cannot be written costs the next build time, not this engine."""
+    try:
+        atomic_write_bytes(path, bytes(config.get_timing_cache().serialize()))
+    except OSError as exc:
+        log(f"engine: timing cache {path} not saved ({exc.strerror or exc}); the engine is kept")
 
 
 # ---- runtime -----------------------------------------------------------------------------------

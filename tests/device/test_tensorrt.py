@@ -116,6 +116,25 @@ def test_build_heartbeat_reports_elapsed_time():
     assert len(lines) == count  # stopped with the block
 
 
+def test_an_unwritable_timing_cache_does_not_cost_the_engine(tmp_path):
+    from device.backends.tensorrt import _save_timing_cache
+
+    class Config:  # what _save_timing_cache reads of an IBuilderConfig
+        def get_timing_cache(self) -> Any:
+            return self
+
+        def serialize(self) -> bytes:
+            return b"timings"
+
+    lines: List[str] = []
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _save_timing_cache(Config(), blocker / "timing.cache", lines.append)  # must not raise
+    assert len(lines) == 1 and "not saved" in lines[0] and "the engine is kept" in lines[0]
+    _save_timing_cache(Config(), tmp_path / "timing.cache", lines.append)
+    assert (tmp_path / "timing.cache").read_bytes() == b"timings" and len(lines) == 1
+
+
 # ---- with TensorRT (a Jetson) ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trt() -> Any:
