@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from device.backends import tensorrt_missing
+from device.backends import BACKEND_KINDS, tensorrt_missing
 from device.bundle import Bundle
-from device.config import BACKENDS, RunConfig, load_config
+from device.config import RunConfig, load_config
 from device.engine import (
     INT8_SOURCES,
     PRECISIONS,
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="the `jetyolo run` YAML file (docs/runtime.md): bundle, "
                                          "backend, precision, int8_from, variant, "
                                          "engine_cache_dir")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
+    parser.add_argument("--backend", choices=BACKEND_KINDS, default=None,
                         help="tensorrt (default without --config), or auto/onnxruntime as the "
                              "detector runs: nothing is built for ONNX Runtime")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,

@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from device.backends import BACKEND_KINDS
+from device.engine import INT8_SOURCES, PRECISIONS
 from device.errors import JetyoloError
 from device.sinks.base import REPORT_MODES
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "int8")
-INT8_SOURCES = ("cache", "qdq")
 REQUIRED_KEYS = ("bundle", "source")  # what `jetyolo run` needs; `jetyolo build` only the bundle
 PATH_KEYS = ("bundle", "spool_dir", "engine_cache_dir", "mqtt_ca", "mqtt_cert", "mqtt_key")
 
@@ -38,7 +37,8 @@ FIELD_RULES: Dict[str, Rule] = {
     "bundle": Rule(str, "bundle folder made by `jetyolo export`", optional=False),
     "source": Rule(str, "video file, image folder/glob, /dev/videoN, csi://N, rtsp://URL or a "
                         "GStreamer pipeline", optional=False),
-    "backend": Rule(str, "inference backend; auto prefers TensorRT", BACKENDS, optional=False),
+    "backend": Rule(str, "inference backend; auto prefers TensorRT", BACKEND_KINDS,
+                    optional=False),
     "precision": Rule(str, "TensorRT engine precision (default fp16); ONNX Runtime runs fp32",
                       PRECISIONS),
     "variant": Rule(str, "bundle graph to run (fp32, uint8, nms, int8-qdq); default per backend"),

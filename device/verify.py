@@ -29,8 +29,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from device.backends import BACKEND_KINDS
 from device.bundle import Bundle, atomic_write_json
 from device.detections import Detections
+from device.engine import PRECISIONS
 from device.errors import JetyoloError
 from device.matching import ImageAgreement, compare_image, map_vs_reference
 from device.postprocess import PostprocessConfig, postprocess
@@ -45,8 +47,6 @@ REFERENCE_FILES = (REFERENCE_INPUTS, REFERENCE_OUTPUTS, REFERENCE_DETECTIONS)
 # Both sides are decoded down to this score so a box near ``conf`` that moves a little is a score
 # delta, not a missing box (see device.matching). Deltas up to conf - FLOOR_CONF are handled.
 FLOOR_CONF = 0.05
-PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
 
 
 # ---- gates ---------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def make_runner(bundle: Bundle, backend: str, variant: str, precision: str,
         return tensorrt_runner(bundle, variant, precision, engine)
     if backend == "onnxruntime":
         return onnxruntime_runner(bundle, variant, precision)
-    raise JetyoloError(f"backend {backend!r} is not one of {list(BACKENDS)}")
+    raise JetyoloError(f"backend {backend!r} is not one of {list(BACKEND_KINDS)}")
 
 
 def check_variant_inputs(bundle: Bundle, variant: str, reference: Reference) -> None:
@@ -588,7 +588,7 @@ def verify(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path,
                         help="bundle with reference data (`jetyolo reference`)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+    parser.add_argument("--backend", choices=BACKEND_KINDS, default="auto",
                         help="auto: TensorRT when importable (or --engine given), "
                         "else ONNX Runtime")
     parser.add_argument("--engine", type=Path, help="a TensorRT plan to verify (default: the one "

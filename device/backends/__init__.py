@@ -17,12 +17,12 @@ from typing import Optional, Tuple
 
 from device.backends.base import Backend, TensorSpec
 from device.bundle import Bundle
+from device.engine import PRECISIONS
 from device.errors import JetyoloError
 
 LOG = logging.getLogger(__name__)
 
 BACKEND_KINDS = ("auto", "tensorrt", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "int8")
 TENSORRT_PACKAGE_HINT = (
     "install JetPack's TensorRT Python bindings (`sudo apt install python3-libnvinfer`) and "
     "pycuda, and use a venv made with --system-site-packages; `jetyolo doctor` lists what is "
