@@ -409,8 +409,13 @@ class TensorRTBackend(Backend):
         self._context_stack.push()
         try:
             self._load(trt, cuda)
-        except BaseException:
+        except BaseException as exc:
             self.deactivate_impl()
+            if isinstance(exc, (OSError, cuda.Error)):  # unreadable plan, no GPU memory left
+                raise JetyoloError(
+                    f"TensorRT engine {self.plan_path} cannot be loaded ({exc}); check that this "
+                    "user may read it and that other processes leave GPU memory free"
+                ) from exc
             raise
 
     def _load(self, trt: Any, cuda: Any) -> None:
@@ -422,6 +427,11 @@ class TensorRTBackend(Backend):
                 "GPU, or damaged); rebuild it with `jetyolo build BUNDLE --force`"
             )
         self._context = self._engine.create_execution_context()
+        if self._context is None:  # TensorRT returns None when it cannot allocate its memory
+            raise JetyoloError(
+                f"TensorRT cannot create an execution context for {self.plan_path.name} (see "
+                "its log above; usually too little free GPU memory): stop other GPU processes"
+            )
         self._stream = cuda.Stream()
         for index in range(self._engine.num_io_tensors):
             name = self._engine.get_tensor_name(index)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, List
@@ -133,6 +134,84 @@ def test_an_unwritable_timing_cache_does_not_cost_the_engine(tmp_path):
     assert len(lines) == 1 and "not saved" in lines[0] and "the engine is kept" in lines[0]
     _save_timing_cache(Config(), tmp_path / "timing.cache", lines.append)
     assert (tmp_path / "timing.cache").read_bytes() == b"timings" and len(lines) == 1
+
+
+class _FakeCudaContext:
+    def __init__(self, log: List[str]) -> None:
+        self.log = log
+
+    def push(self) -> None:
+        self.log.append("push")
+
+    def pop(self) -> None:
+        self.log.append("pop")
+
+    def detach(self) -> None:
+        self.log.append("detach")
+
+
+def _fake_cuda_stack(monkeypatch, engine: Any) -> List[str]:
+    """Stand-ins for ``tensorrt`` and ``pycuda.driver`` that reach TensorRTBackend's error paths
+    (no inference result is faked: the engine never runs)."""
+    import types
+
+    log: List[str] = []
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.3.0"  # type: ignore[attr-defined]
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.init_libnvinfer_plugins = lambda logger, namespace: True  # type: ignore[attr-defined]
+    trt.Runtime = lambda logger: types.SimpleNamespace(  # type: ignore[attr-defined]
+        deserialize_cuda_engine=lambda data: engine
+    )
+    cuda = types.ModuleType("pycuda.driver")
+    cuda.Error = type("Error", (Exception,), {})  # type: ignore[attr-defined]
+    cuda.init = lambda: None  # type: ignore[attr-defined]
+    cuda.Device = lambda index: types.SimpleNamespace(  # type: ignore[attr-defined]
+        retain_primary_context=lambda: _FakeCudaContext(log)
+    )
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver = cuda  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", cuda)
+    monkeypatch.setattr("device.backends.tensorrt._LOGGER", None)
+    return log
+
+
+def test_an_engine_without_gpu_memory_for_its_context_is_one_clear_error(tmp_path, monkeypatch):
+    from device.backends.tensorrt import TensorRTBackend
+
+    class NoMemoryEngine:
+        def create_execution_context(self) -> None:
+            return None  # what TensorRT returns when it cannot allocate the context's memory
+
+    log = _fake_cuda_stack(monkeypatch, NoMemoryEngine())
+    plan = tmp_path / "fp16.plan"
+    plan.write_bytes(b"plan")
+    with pytest.raises(JetyoloError, match=r"cannot create an execution context.*GPU memory"):
+        TensorRTBackend(plan).activate()
+    assert log == ["push", "pop", "detach"]  # the CUDA context is not left pushed
+
+
+def test_an_unreadable_engine_is_one_clear_error(tmp_path, monkeypatch):
+    from device.backends.tensorrt import TensorRTBackend
+
+    log = _fake_cuda_stack(monkeypatch, engine=None)
+    plan = tmp_path / "fp16.plan"
+    plan.mkdir()  # is_file() is False: refused before CUDA starts
+    with pytest.raises(JetyoloError, match="does not exist; run `jetyolo build`"):
+        TensorRTBackend(plan).activate()
+    assert log == []
+    plan.rmdir()
+    plan.write_bytes(b"plan")
+
+    def unreadable(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    with pytest.raises(JetyoloError, match=r"cannot be loaded .*Permission denied"):
+        TensorRTBackend(plan).activate()
+    assert log == ["push", "pop", "detach"]
 
 
 # ---- with TensorRT (a Jetson) ------------------------------------------------------------------
