@@ -87,8 +87,12 @@ class Backend:
         if self.is_active:
             return self
         self.activate_impl()
-        self._input_specs = dict(self.input_specs_impl())
-        self._output_specs = dict(self.output_specs_impl())
+        try:
+            self._input_specs = dict(self.input_specs_impl())
+            self._output_specs = dict(self.output_specs_impl())
+        except BaseException:  # e.g. a dynamic shape: release the session or CUDA context
+            self.deactivate_impl()
+            raise
         self.is_active = True
         return self
 

@@ -100,6 +100,18 @@ def test_context_manager_activates_once_and_deactivates() -> None:
         backend.infer({"x": good_input()})
 
 
+def test_a_model_refused_at_activation_is_released() -> None:
+    class DynamicBackend(DoublingBackend):
+        def output_specs_impl(self) -> Dict[str, TensorSpec]:
+            raise JetyoloError("ONNX tensor 'y' has dynamic shape")
+
+    backend = DynamicBackend()
+    with pytest.raises(JetyoloError, match="dynamic shape"):
+        backend.activate()
+    assert not backend.is_active
+    assert backend.calls["deactivate"] == 1  # what activate_impl acquired is freed again
+
+
 def test_out_arrays_are_checked_and_written_in_place() -> None:
     with DoublingBackend() as backend:
         out = backend.allocate_outputs()
