@@ -394,9 +394,9 @@ def parse_label_text(text: str, nc: int) -> LabelFile:
     result = LabelFile()
     rows: List[Tuple[int, List[str]]] = [(n, line.split()) for n, line in
                                           enumerate(text.splitlines(), 1) if line.strip()]
-    kinds = {_row_kind(values) for _n, values in rows}
+    kinds = {row_kind(values) for _n, values in rows}
     if {"box", "polygon"} <= kinds:
-        first = next(n for n, values in rows if _row_kind(values) == "polygon")
+        first = next(n for n, values in rows if row_kind(values) == "polygon")
         result.errors.append(f"{first}: mixes polygons and boxes in one file; ultralytics reads "
                              "every row as a polygon then; keep one kind per file")
         return result
@@ -411,11 +411,11 @@ def parse_label_text(text: str, nc: int) -> LabelFile:
         seen.add(tuple(values))
         result.warnings += [f"{number}: {text}" for text in _tolerated(values)]
         result.boxes.append(int(float(values[0])))
-        result.polygons += _row_kind(values) == "polygon"
+        result.polygons += row_kind(values) == "polygon"
     return result
 
 
-def _row_kind(values: Sequence[str]) -> str:
+def row_kind(values: Sequence[str]) -> str:
     if len(values) == 5:
         return "box"
     if len(values) >= 7 and len(values) % 2 == 1:
@@ -424,7 +424,7 @@ def _row_kind(values: Sequence[str]) -> str:
 
 
 def _check_row(values: Sequence[str], nc: int) -> Optional[str]:
-    if _row_kind(values) == "bad":
+    if row_kind(values) == "bad":
         return f"expected 5 numbers (class x_center y_center width height), got {len(values)}"
     try:
         numbers = [float(value) for value in values]

@@ -75,28 +75,36 @@ def val_image_paths(data_yaml: Path) -> Tuple[List[Path], List[str]]:
 
 
 def read_labels(image: Path, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
-    """YOLO label file of ``image`` (missing = background image) -> (xyxy pixels, class ids)."""
-    from host.dataset import img2label_path
+    """YOLO label file of ``image`` (missing = background image) -> (xyxy pixels, class ids).
+    A polygon row (a segmentation export) counts as its bounding box, as in ultralytics'
+    ``segments2boxes`` and `jetyolo data check`."""
+    from host.dataset import img2label_path, row_kind
 
     label = Path(img2label_path(str(image)))
-    width, height = size
     rows = []
-    if label.is_file():
-        for number, line in enumerate(label.read_text().splitlines(), 1):
-            values = line.split()
-            if not values:
-                continue
-            if len(values) != 5:
-                raise JetyoloError(f"{label}:{number}: expected 'class x y w h', got {line!r}; "
-                                   f"run `jetyolo data check`")
-            rows.append([float(v) for v in values])
+    for number, line in enumerate(label.read_text().splitlines() if label.is_file() else [], 1):
+        values = line.split()
+        if not values:
+            continue
+        if row_kind(values) == "bad":
+            raise JetyoloError(f"{label}:{number}: expected 'class x y w h' or a polygon "
+                               f"'class x1 y1 x2 y2 ...', got {line!r}; run `jetyolo data check`")
+        rows.append(_normalized_xyxy([float(v) for v in values]))
     if not rows:
         return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
     table = np.asarray(rows, dtype=np.float32)
-    cx, cy = table[:, 1] * width, table[:, 2] * height
-    w, h = table[:, 3] * width, table[:, 4] * height
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-    return boxes, table[:, 0].astype(np.int64)
+    width, height = size
+    scale = np.asarray([width, height, width, height], dtype=np.float32)
+    return table[:, 1:] * scale, table[:, 0].astype(np.int64)
+
+
+def _normalized_xyxy(numbers: List[float]) -> List[float]:
+    """``[class, x1, y1, x2, y2]`` (normalized) of a box row or a polygon row."""
+    if len(numbers) == 5:
+        class_id, cx, cy, w, h = numbers
+        return [class_id, cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+    xs, ys = numbers[1::2], numbers[2::2]
+    return [numbers[0], min(xs), min(ys), max(xs), max(ys)]
 
 
 # ---- metrics ------------------------------------------------------------------------------------
