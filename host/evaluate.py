@@ -86,10 +86,14 @@ def read_labels(image: Path, size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndar
         values = line.split()
         if not values:
             continue
-        if row_kind(values) == "bad":
+        try:
+            if row_kind(values) == "bad":
+                raise ValueError
+            rows.append(_normalized_xyxy([float(v) for v in values]))
+        except ValueError:
             raise JetyoloError(f"{label}:{number}: expected 'class x y w h' or a polygon "
-                               f"'class x1 y1 x2 y2 ...', got {line!r}; run `jetyolo data check`")
-        rows.append(_normalized_xyxy([float(v) for v in values]))
+                               f"'class x1 y1 x2 y2 ...', got {line!r}; run `jetyolo data check`"
+                               ) from None
     if not rows:
         return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
     table = np.asarray(rows, dtype=np.float32)

@@ -73,6 +73,9 @@ def test_read_labels(tmp_path: Path) -> None:
     (labels / "b.txt").write_text("1 0.5 0.5\n")
     with pytest.raises(JetyoloError, match=r"b.txt:1: expected 'class x y w h'"):
         read_labels(images / "b.jpg", (200, 100))
+    (labels / "d.txt").write_text("1 0.5 0.5 0.2 x\n")  # not a number: one line too
+    with pytest.raises(JetyoloError, match=r"d.txt:1: expected 'class x y w h'"):
+        read_labels(images / "d.jpg", (200, 100))
     # a polygon row (segmentation export, legal for `data check`) is its bounding box
     (labels / "c.txt").write_text("3 0.4 0.2 0.6 0.5 0.5 0.8\n")
     boxes, classes = read_labels(images / "c.jpg", (200, 100))
