@@ -27,6 +27,7 @@ from device.bundle import Bundle, add_files, atomic_write_json, sha256_file
 from device.errors import JetyoloError
 from device.postprocess import PostprocessConfig
 from device.preprocess import Letterbox, Preprocessor
+from device.sources import IMAGE_SUFFIXES  # what `jetyolo run` reads as images
 from device.verify import (
     FLOOR_CONF,
     REFERENCE_DETECTIONS,
@@ -39,7 +40,6 @@ from device.verify import (
 from host._env import require
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_NUM = 16
 
 
