@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def _display_name(path: Path, root: Optional[Path]) -> str:
 
 def preprocess_images(
     bundle: Bundle, variant: str, paths: Sequence[Path]
-) -> tuple[List[Dict[str, np.ndarray]], List[Letterbox]]:
+) -> Tuple[List[Dict[str, np.ndarray]], List[Letterbox]]:
     """One feed dict per image (a copy of the preprocess buffer) and its letterbox geometry."""
     spec = bundle.variant(variant)["input"]
     preprocessor = Preprocessor(bundle.input_size, spec["dtype"])
@@ -134,11 +134,6 @@ def make_reference(
 ) -> Bundle:
     """Record reference inputs, outputs and detections for ``bundle`` (see the module docstring);
     returns the updated bundle. `jetyolo export` calls it when given images."""
-    import onnxruntime
-    import polygraphy
-    from polygraphy.json import save_json
-    from polygraphy.logger import G_LOGGER
-
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle, verify=True)
     root: Optional[Path] = None
@@ -156,11 +151,24 @@ def make_reference(
         image_record(_display_name(path, root), path, geometry, iteration, config, bundle)
         for path, geometry, iteration in zip(paths, geometries, results[0][1])
     ]
-    counts = [sum(d["score"] >= config.conf for d in r["detections"]) for r in image_records]
-    log.info("reference: %d detections at conf %.2f over %d images", sum(counts), config.conf,
-             len(paths))
-    runner = (f"polygraphy {polygraphy.__version__} OnnxrtRunner, onnxruntime "
-              f"{onnxruntime.__version__} CPUExecutionProvider, float32")
+    detections_doc, section = reference_documents(bundle, variant, runner_name, config,
+                                                  image_records)
+    updated = _save_reference(bundle, feeds, results, detections_doc, section)
+    log.info("reference: wrote %s/reference/ (%d images)", bundle.root, len(paths))
+    return updated
+
+
+def reference_documents(
+    bundle: Bundle, variant: str, runner_name: str, config: PostprocessConfig,
+    image_records: List[Dict[str, Any]],
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(detections.json, the manifest's ``reference`` section) from the per-image records."""
+    at_conf = sum(d["score"] >= config.conf for r in image_records for d in r["detections"])
+    log.info("reference: %d detections at conf %.2f over %d images", at_conf, config.conf,
+             len(image_records))
+    runner = (f"polygraphy {require('polygraphy', 'reference').__version__} OnnxrtRunner, "
+              f"onnxruntime {require('onnxruntime', 'reference').__version__} "
+              "CPUExecutionProvider, float32")
     detections_doc = {
         "model_id": bundle.model_id, "variant": variant, "runner": runner,
         "conf": config.conf, "floor_conf": FLOOR_CONF,
@@ -170,26 +178,35 @@ def make_reference(
     section = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "variant": variant, "model_sha256": bundle.model_sha256(variant), "runner": runner,
-        "runner_name": runner_name, "num": len(paths),
+        "runner_name": runner_name, "num": len(image_records),
         "images": [{"name": r["name"], "sha256": r["sha256"]} for r in image_records],
-        "detections_at_conf": sum(counts),
+        "detections_at_conf": at_conf,
         "files": {"inputs": REFERENCE_INPUTS, "outputs": REFERENCE_OUTPUTS,
                   "detections": REFERENCE_DETECTIONS},
     }
+    return detections_doc, section
+
+
+def _save_reference(
+    bundle: Bundle, feeds: List[Dict[str, np.ndarray]], results: Any,
+    detections_doc: Dict[str, Any], section: Dict[str, Any],
+) -> Bundle:
+    """Stage the three files in a temp folder; ``add_files`` renames them in, manifest last."""
+    from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
+
     with tempfile.TemporaryDirectory(prefix="jetyolo-reference-") as tmp:
         staged = Path(tmp)
         with G_LOGGER.verbosity(G_LOGGER.WARNING):
             save_json(feeds, str(staged / "inputs.json"), description="reference inputs")
             results.save(str(staged / "outputs.json"))
         atomic_write_json(staged / "detections.json", detections_doc)
-        updated = add_files(
+        return add_files(
             bundle,
             {REFERENCE_INPUTS: staged / "inputs.json", REFERENCE_OUTPUTS: staged / "outputs.json",
              REFERENCE_DETECTIONS: staged / "detections.json"},
             {"reference": section},
         )
-    log.info("reference: wrote %s/reference/ (%d images)", bundle.root, len(paths))
-    return updated
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
