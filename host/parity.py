@@ -22,6 +22,7 @@ import numpy as np
 
 from device.detections import Detections
 from device.errors import JetyoloError
+from device.matching import match_pairs
 from device.postprocess import PostprocessConfig, decode_split_head
 from device.preprocess import Preprocessor
 from host._env import require
@@ -226,28 +227,10 @@ def _agreement(
 
 
 def match_detections(reference: Detections, candidate: Detections, min_iou: float = 0.5) -> int:
-    """Greedy one-to-one matches: same class, IoU >= ``min_iou``, highest IoU first."""
-    if not len(reference) or not len(candidate):
-        return 0
-    iou = box_iou(reference.xyxy, candidate.xyxy)
-    iou[reference.class_id[:, None] != candidate.class_id[None, :]] = 0.0
-    matched = 0
-    while True:
-        row, col = np.unravel_index(int(iou.argmax()), iou.shape)
-        if iou[row, col] < min_iou:
-            return matched
-        matched += 1
-        iou[row, :] = 0.0
-        iou[:, col] = 0.0
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(bottom_right - top_left, 0, None).prod(axis=2)
-    area_a = (a[:, 2:] - a[:, :2]).prod(axis=1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+    """Greedy one-to-one matches: same class, IoU >= ``min_iou``, highest IoU first (the device's
+    ``match_pairs`` takes same-class pairs first; cross-class pairs do not count here)."""
+    pairs = match_pairs(reference, candidate, min_iou)
+    return sum(1 for r, d, _ in pairs if reference.class_id[r] == candidate.class_id[d])
 
 
 def problems_of(report: ParityReport, tolerance: Tolerance) -> List[str]:
