@@ -39,12 +39,11 @@ COLORS = {"ceiling": "#7f7f7f", "pipeline": "#1f77b4", "ultralytics": "#ff7f0e"}
 def join_head(graph: Any) -> Any:
     """Concat ``boxes`` [B,4,N] and ``scores`` [B,nc,N] into ``output0`` [B,4+nc,N] (the inverse
     of ``host.surgeon.split_head``)."""
+    from host.surgeon import split_outputs
+
     gs = require("onnx_graphsurgeon", "bench")
-    by_name = {tensor.name: tensor for tensor in graph.outputs}
-    if set(by_name) != {"boxes", "scores"}:
-        raise JetyoloError(f"bench: the bundle's fp32 graph has outputs {sorted(by_name)}, "
-                           "expected boxes and scores; re-export it with `jetyolo export`")
-    boxes, scores = by_name["boxes"], by_name["scores"]
+    boxes, scores = split_outputs(graph, "bench's ultralytics contender",
+                                  "re-export the bundle with `jetyolo export`")
     batch, _, anchors = boxes.shape
     output = gs.Variable("output0", dtype=np.float32,
                          shape=[batch, 4 + int(scores.shape[1]), anchors])

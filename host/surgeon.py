@@ -179,7 +179,7 @@ def efficient_nms(score_threshold: float, iou_threshold: float, max_output_boxes
 
     def efficient_nms(graph: Graph) -> Graph:
         gs = _gs()
-        boxes, scores = _split_outputs(graph)
+        boxes, scores = split_outputs(graph, "--nms")
         batch, _, anchors = boxes.shape
         classes = scores.shape[1]
         boxes_t = gs.Variable("boxes_bn4", dtype=np.float32, shape=[batch, anchors, 4])
@@ -230,12 +230,16 @@ def efficient_nms(score_threshold: float, iou_threshold: float, max_output_boxes
     return efficient_nms
 
 
-def _split_outputs(graph: Graph) -> Tuple[Any, Any]:
+def split_outputs(
+    graph: Graph, needed_by: str, fix: str = "run split_head first"
+) -> Tuple[Any, Any]:
+    """The ``boxes`` and ``scores`` outputs of a split-head graph, or one line saying what
+    ``needed_by`` needs and ``fix``."""
     by_name = {t.name: t for t in graph.outputs}
     if set(by_name) != {"boxes", "scores"}:
         raise JetyoloError(
-            f"--nms needs the split head (outputs boxes, scores), the graph has "
-            f"{sorted(by_name)}; run split_head first"
+            f"{needed_by} needs the split head (outputs boxes, scores), the graph has "
+            f"{sorted(by_name)}; {fix}"
         )
     return by_name["boxes"], by_name["scores"]
 
