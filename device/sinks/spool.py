@@ -69,7 +69,13 @@ class SpoolLock:
         self._handle: Optional[IO[str]] = None
 
     def acquire(self) -> None:
-        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the life of the lock
+        try:
+            handle = open(self.path, "a+")  # noqa: SIM115 - held open for the life of the lock
+        except OSError as err:  # e.g. left behind by a run as another user
+            raise JetyoloError(
+                f"cannot open the spool lock {self.path} ({err.strerror or err}); remove it or "
+                "point --spool-dir at a directory this user owns"
+            ) from err
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -80,3 +80,9 @@ def test_two_processes_cannot_share_a_spool_dir(tmp_path: Path) -> None:
         SpoolLock(tmp_path).acquire()  # a second open file description conflicts like a process
     first.release()
     SpoolLock(tmp_path).acquire()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "spool.lock").mkdir()  # not openable as a file, whoever runs the test
+    with pytest.raises(JetyoloError, match=r"cannot open the spool lock .*--spool-dir"):
+        SpoolLock(tmp_path).acquire()
