@@ -74,6 +74,7 @@ def train(
     resume: bool = False,
     seed: int = 0,
 ) -> TrainResult:
+    check_train_args(epochs, imgsz, batch)
     data = checked_data_yaml(data)
     run_dir = project.resolve() / name
     last = run_dir / "weights" / "last.pt"
@@ -110,6 +111,18 @@ def train(
     }
     weights = run_dir / "weights"
     return TrainResult(run_dir, weights / "best.pt", weights / "last.pt", metrics)
+
+
+def check_train_args(epochs: int, imgsz: int, batch: int) -> None:
+    """What ultralytics would refuse with a traceback (or deep inside a run), refused first."""
+    if epochs < 1:
+        raise JetyoloError(f"--epochs must be at least 1, got {epochs}")
+    if imgsz < 32:
+        raise JetyoloError(f"--imgsz must be at least 32 (the model stride), got {imgsz}")
+    if batch == 0 or batch < -1:
+        raise JetyoloError(
+            f"--batch must be at least 1 (or -1: ultralytics' AutoBatch), got {batch}"
+        )
 
 
 def _require_unfinished(last: Path, name: str) -> None:

@@ -140,3 +140,20 @@ def test_training_uses_the_repaired_copy(tmp_path: Path) -> None:
     data_yaml.write_text(original)
     assert checked_data_yaml(data_yaml) == data_yaml.with_name("data.repaired.yaml")
     assert data_yaml.read_text() == original
+
+
+# (flag values that ultralytics would refuse with a traceback, expected message)
+BAD_TRAIN_ARGS = [
+    (dict(epochs=0), "--epochs must be at least 1, got 0"),  # ultralytics: ValueError
+    (dict(imgsz=16), "--imgsz must be at least 32"),  # smaller than the stride
+    (dict(batch=0), "--batch must be at least 1 (or -1"),  # -1 is AutoBatch
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_TRAIN_ARGS)
+def test_bad_train_args_are_refused_before_any_work(
+    tiny_dataset: Path, tmp_path: Path, kwargs: Any, message: str
+) -> None:
+    with pytest.raises(JetyoloError, match=re.escape(message)):
+        train(tiny_dataset, project=tmp_path / "runs", **kwargs)
+    assert not (tmp_path / "runs").exists()
