@@ -440,6 +440,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = apply_flags(load_recipe(args.recipe), args)
     if args.data is None and args.max_drop is not None:
         raise JetyoloError("--max-drop needs --data DATA.yaml (the val split it is measured on)")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise JetyoloError(f"--eval-limit must be at least 1, got {args.eval_limit}")
     bundle = calibrate(args.bundle, args.images, recipe, args.data, args.eval_limit)
     calibration = bundle.manifest["calibration"]
     print(f"calibration: {calibration['images']} images, method {calibration['method']}, "

@@ -353,3 +353,12 @@ def test_unknown_exclude_layer_and_recipe_key(
 def test_default_recipe_file_matches_the_code() -> None:
     recipe = yaml.safe_load((REPO / "calibration" / "default.yaml").read_text())
     assert recipe == DEFAULT_RECIPE
+
+
+def test_eval_limit_below_one_is_refused(
+    bundle_dir: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a negative limit used to slice images[:-N] silently
+    argv = ["calibrate", str(bundle_dir), "--images", str(calib_images), "--eval-limit", "-3"]
+    assert main(argv) == 2
+    assert "--eval-limit must be at least 1, got -3" in capsys.readouterr().err
