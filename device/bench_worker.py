@@ -37,7 +37,6 @@ T0 = start_time()
 import numpy as np  # noqa: E402 - everything below counts as import time (IMPORTS_DONE - T0)
 
 from device import pipeline as pipeline_module  # noqa: E402
-from device.backends import open_backend  # noqa: E402
 from device.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from device.bench_common import (  # noqa: E402
     CpuTimer,
@@ -178,11 +177,7 @@ def first_frame(source: str) -> np.ndarray:
 
 def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
     bundle = Bundle.load(config.bundle)
-    backend = open_backend(
-        config.backend, bundle, precision=config.precision, variant=config.variant,
-        threads=config.threads, engine_cache_dir=_path(config.engine_cache_dir),
-        int8_from=config.int8_from,
-    )
+    backend = pipeline_module.open_configured_backend(config, bundle)
     if isinstance(backend, OnnxRuntimeBackend):
         # A tight loop of calls is what spinning workers are good at (ORT's default); the
         # pipeline turns spinning off because its other stages need the cores.
@@ -258,10 +253,6 @@ def _columns(rows: List[Dict[str, float]]) -> Dict[str, List[float]]:
         for stage, value in row.items():
             stages.setdefault(stage, []).append(round(float(value), 3))
     return stages
-
-
-def _path(value: Optional[str]) -> Optional[Path]:
-    return Path(value).expanduser() if value else None
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from device.backends import BACKEND_KINDS, tensorrt_missing
 from device.bundle import Bundle
-from device.config import RunConfig, load_config
+from device.config import RunConfig, load_config, optional_path
 from device.engine import (
     INT8_SOURCES,
     PRECISIONS,
@@ -117,7 +117,7 @@ def request_from_args(args: argparse.Namespace, config: RunConfig) -> BuildReque
         variant=variant or "fp32",
         workspace_bytes=parse_workspace(args.workspace),
         dla_core=args.dla,
-        cache_dir=Path(config.engine_cache_dir).expanduser() if config.engine_cache_dir else None,
+        cache_dir=optional_path(config.engine_cache_dir),
         force=args.force,
     )
 

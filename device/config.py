@@ -126,6 +126,12 @@ class RunConfig:
         return asdict(self)
 
 
+def optional_path(value: Optional[str]) -> Optional[Path]:
+    """A path-valued key (``spool_dir``, ``mqtt_ca``, ...) as a Path with ``~`` expanded; None
+    when unset."""
+    return Path(value).expanduser() if value else None
+
+
 def _reject(origin: str, key: str, message: str) -> JetyoloError:
     return JetyoloError(f"{origin}: {key}: {message}")
 

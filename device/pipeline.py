@@ -30,7 +30,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
@@ -38,7 +37,7 @@ import numpy as np
 
 from device.backends import Backend, open_backend
 from device.bundle import Bundle
-from device.config import RunConfig
+from device.config import RunConfig, optional_path
 from device.detections import FrameResult
 from device.errors import JetyoloError
 from device.jetson_stats import jetson_readings
@@ -521,6 +520,15 @@ def start_wait_reporter(notifier: StartNotifier) -> Callable[[str, float], None]
     return report
 
 
+def open_configured_backend(config: RunConfig, bundle: Bundle) -> Backend:
+    """The (not yet activated) backend, precision, variant and engine cache ``config`` names."""
+    return open_backend(
+        config.backend, bundle, precision=config.precision, variant=config.variant,
+        threads=config.threads, engine_cache_dir=optional_path(config.engine_cache_dir),
+        int8_from=config.int8_from,
+    )
+
+
 def open_run(
     config: RunConfig, bundle: Bundle, notifier: Optional[StartNotifier] = None
 ) -> Tuple[Source, Backend]:
@@ -531,11 +539,7 @@ def open_run(
     reporter = start_wait_reporter(notifier if notifier is not None else _default_notifier())
     source = open_source(config.source, capture_options(config), reporter)
     try:
-        backend = open_backend(
-            config.backend, bundle, precision=config.precision, variant=config.variant,
-            threads=config.threads, engine_cache_dir=_optional_path(config.engine_cache_dir),
-            int8_from=config.int8_from,
-        )
+        backend = open_configured_backend(config, bundle)
     except BaseException:
         source.close()
         raise
@@ -572,10 +576,6 @@ def run_pipeline(
     )
     with _signals_stop(pipeline, handle_signals):
         return pipeline.run()
-
-
-def _optional_path(value: Optional[str]) -> Optional[Path]:
-    return Path(value).expanduser() if value else None
 
 
 class _signals_stop:

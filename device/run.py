@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from device.bundle import Bundle
-from device.config import FIELD_RULES, RunConfig, load_config
+from device.config import FIELD_RULES, RunConfig, load_config, optional_path
 from device.pipeline import open_run, run_pipeline
 from device.sdnotify import Notifier
 from device.sinks import SinkOptions, open_sinks
@@ -63,14 +62,10 @@ def sink_options(config: RunConfig, bundle: Bundle) -> SinkOptions:
     return SinkOptions(
         class_names=bundle.class_names, model_id=bundle.model_id, prefix=config.topic_prefix,
         report=config.report, max_rate_hz=config.report_max_rate_hz, qos=config.mqtt_qos,
-        mqtt_ca=_path(config.mqtt_ca), mqtt_cert=_path(config.mqtt_cert),
-        mqtt_key=_path(config.mqtt_key),
+        mqtt_ca=optional_path(config.mqtt_ca), mqtt_cert=optional_path(config.mqtt_cert),
+        mqtt_key=optional_path(config.mqtt_key),
         stats_interval_s=config.stats_interval_s, **extra,
     )
-
-
-def _path(value: Optional[str]) -> Optional[Path]:
-    return Path(value).expanduser() if value else None
 
 
 def run(args: argparse.Namespace) -> int:
