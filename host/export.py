@@ -53,10 +53,12 @@ def build_manifest(
     head_nodes: List[str],
     weights: Path,
     passes: List[str],
+    opset: int,
 ) -> Dict[str, Any]:
     torch = require("torch", "export")
     onnx = require("onnx", "export")
     ultralytics = require("ultralytics", "export")
+    onnxruntime = require("onnxruntime", "export")
     class_names = [yolo.names[i] for i in range(len(yolo.names))]
     defaults = PostprocessConfig()
     return {
@@ -95,7 +97,8 @@ def build_manifest(
             "ultralytics": ultralytics.__version__,
             "torch": torch.__version__,
             "onnx": onnx.__version__,
-            "opset": None,
+            "onnxruntime": onnxruntime.__version__,
+            "opset": opset,
         },
         "provenance": {
             "weights": weights.name,
@@ -188,10 +191,7 @@ def export_bundle(
         files = {"model.onnx": _save(model, workdir / "model.onnx")}
         head_nodes = surgeon.head_postprocess_nodes(surgeon.import_graph(model))
         manifest = build_manifest(
-            yolo, name or out.name, imgsz, batch, head_nodes, weights, applied
-        )
-        manifest["versions"].update(
-            opset=opset, onnxruntime=require("onnxruntime", "export").__version__
+            yolo, name or out.name, imgsz, batch, head_nodes, weights, applied, opset
         )
         manifest["parity"] = checked_parity(
             yolo, files["model.onnx"], frames, source, (batch, imgsz), tolerance
