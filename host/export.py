@@ -25,11 +25,13 @@ from device.errors import JetyoloError
 from device.postprocess import PostprocessConfig
 from host import parity, surgeon
 from host._env import require
+from host.reference import DEFAULT_NUM as REFERENCE_NUM
 from host.reference import make_reference, select_images
 from host.train import load_detect_model
 
 log = logging.getLogger(__name__)
 BASE_PASSES = (surgeon.fold_constants, surgeon.remove_identity, surgeon.split_head)
+PARITY_IMAGES = 16
 UINT8_ATOL = 1e-6  # the uint8 graph must compute what the fp32 one does on the device's float input
 
 
@@ -170,10 +172,10 @@ def export_bundle(
     uint8_input: bool = False,
     nms: bool = False,
     data: Optional[Path] = None,
-    parity_images: int = 16,
+    parity_images: int = PARITY_IMAGES,
     tolerance: Optional[parity.Tolerance] = None,
     reference_images: Optional[Path] = None,
-    reference_num: int = 16,
+    reference_num: int = REFERENCE_NUM,
 ) -> Bundle:
     """Export ``weights`` to the bundle ``out``; raises JetyoloError (writing nothing) on bad input
     or when the ONNX is not at parity with the PyTorch model."""
@@ -378,7 +380,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="data.yaml whose val images the parity check uses (default: synthetic frames)",
     )
     parser.add_argument(
-        "--parity-images", type=int, default=16, help="images for the parity check (default 16)"
+        "--parity-images",
+        type=int,
+        default=PARITY_IMAGES,
+        help=f"images for the parity check (default {PARITY_IMAGES})",
     )
     parser.add_argument(
         "--reference-images",
@@ -388,8 +393,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference-num",
         type=int,
-        default=16,
-        help="reference images to record; 0 writes no reference (default 16)",
+        default=REFERENCE_NUM,
+        help=f"reference images to record; 0 writes no reference (default {REFERENCE_NUM})",
     )
 
 
