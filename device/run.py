@@ -21,7 +21,7 @@ from device.bundle import Bundle
 from device.config import FIELD_RULES, RunConfig, load_config, optional_path
 from device.pipeline import open_run, run_pipeline
 from device.sdnotify import Notifier
-from device.sinks import SinkOptions, open_sinks
+from device.sinks import SinkOptions, check_sinks, open_sinks
 
 LOG = logging.getLogger(__name__)
 
@@ -72,10 +72,12 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     bundle = Bundle.load(config.bundle)
     notifier = Notifier.from_env()
+    options = sink_options(config, bundle)
+    check_sinks(config.sinks, options)  # a --sink typo fails before an engine build
     # Bad sources fail (a live one after source_timeout_s) before sinks announce us.
     source, backend = open_run(config, bundle, notifier)
     try:
-        sinks = open_sinks(config.sinks, sink_options(config, bundle))
+        sinks = open_sinks(config.sinks, options)
     except BaseException:
         source.close()
         raise

@@ -13,7 +13,7 @@ See docs/mqtt.md for topics, payloads and the no-loss design.
 """
 
 from device.sinks.base import Outgoing, Sink, SinkOptions
-from device.sinks.sinkset import ReportPolicy, SinkSet, open_sinks
+from device.sinks.sinkset import ReportPolicy, SinkSet, check_sinks, open_sinks
 from device.sinks.urls import SinkUrl, parse_sink_url
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "SinkOptions",
     "SinkSet",
     "SinkUrl",
+    "check_sinks",
     "open_sinks",
     "parse_sink_url",
 ]

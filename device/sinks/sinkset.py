@@ -221,10 +221,21 @@ def _check_urls(parsed: Sequence[SinkUrl], options: SinkOptions) -> None:
         )
 
 
-def open_sinks(urls: Sequence[str], options: SinkOptions) -> SinkSet:
-    """Parse ``--sink`` URLs, open every sink (or none: JetyoloError) and start their threads."""
+def check_sinks(urls: Sequence[str], options: SinkOptions) -> List[SinkUrl]:
+    """What can be checked without opening a sink: the URLs, repeats, and the TLS files (so a
+    typo fails at once, not after a minutes-long engine build). The parsed URLs."""
     parsed = [parse_sink_url(url) for url in urls]
     _check_urls(parsed, options)
+    if any(url.kind == "mqtt" and url.tls for url in parsed):
+        from device.sinks.mqtt import make_ssl_context  # ssl only; paho is not imported
+
+        make_ssl_context(options.mqtt_ca, options.mqtt_cert, options.mqtt_key)
+    return parsed
+
+
+def open_sinks(urls: Sequence[str], options: SinkOptions) -> SinkSet:
+    """Check (``check_sinks``) and open every sink (or none: JetyoloError), start their threads."""
+    parsed = check_sinks(urls, options)
     spool_path = prepare_spool_dir(options.spool_dir)
     lock = SpoolLock(options.spool_dir)
     lock.acquire()

@@ -288,6 +288,27 @@ def test_bad_input_is_one_line_and_exit_2(
     assert out == ""
 
 
+@pytest.mark.parametrize(
+    ("sinks", "message"),
+    [
+        (["--sink", "mqtt:/broker"], "bad --sink 'mqtt:/broker'"),  # a typo in the URL
+        (["--sink", "mqtts://127.0.0.1:8883", "--mqtt-ca", "/nonexistent/ca.pem"],
+         "--mqtt-ca /nonexistent/ca.pem does not exist"),  # a TLS file that is not there
+    ],
+)
+def test_bad_sinks_fail_before_the_source_and_backend_open(
+    sinks: List[str], message: str, bundle_dir: Path, synth_video: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened: List[str] = []
+    monkeypatch.setattr("device.run.open_run", lambda *args: opened.append("open_run"))
+    code, out, err = run_cli(["run", str(bundle_dir), "--source", str(synth_video),
+                              "--spool-dir", str(tmp_path / "spool"), *sinks], capsys)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1].startswith("jetyolo: error: ") and message in err
+    assert opened == []  # no engine build, no camera wait before the sink typo is reported
+
+
 def test_sigterm_drains_and_exits_cleanly(bundle_dir: Path, tmp_path: Path) -> None:
     from host.synth import make_video  # a longer video than the fixture's 40 frames
 
