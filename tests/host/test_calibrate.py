@@ -158,7 +158,9 @@ def test_qdq_model_runs_with_the_fp32_contract(calibrated: Bundle, synth_dataset
 
     image = sorted((synth_dataset.parent / "valid" / "images").glob("*.jpg"))[0]
     preprocessor = Preprocessor(calibrated.input_size)
-    preprocessor(cv2.imread(str(image)))
+    frame = cv2.imread(str(image))
+    assert frame is not None
+    preprocessor(frame)
     with OnnxRuntimeBackend(calibrated.model_path("fp32")) as fp32, \
             OnnxRuntimeBackend(calibrated.model_path("int8-qdq")) as int8:
         assert int8.input_specs == fp32.input_specs
