@@ -53,7 +53,8 @@ FIELD_RULES: Dict[str, Rule] = {
     "source_name": Rule(str, "name of the source in topics and messages (default: from the "
                              "source: file stem, videoN, csiN, the stream's host)"),
     "spool_dir": Rule(str, "on-disk spool for MQTT messages not yet acknowledged"),
-    "engine_cache_dir": Rule(str, "where TensorRT engines are cached (default: JETYOLO_HOME)"),
+    "engine_cache_dir": Rule(str, "where TensorRT engines are cached (default: "
+                                  "$JETYOLO_ENGINE_CACHE, else ~/.cache/jetyolo/engines)"),
     "threads": Rule(int, "ONNX Runtime intra-op threads (default: one per core)", low=1, high=256),
     "report": Rule(str, "which frames are published: every frame, frames with detections, or "
                         "at most report_max_rate_hz per source", REPORT_MODES, optional=False),
