@@ -54,7 +54,8 @@ demo: $(STAMP)
 	$(JY) data check $(DEMO_DATA)
 	@$(STEP) "3/10 fine-tune the committed synthetic model (transfer learning from a .pt)"
 	$(JY) train --data $(DEMO_DATA) --model tests/fixtures/synth_yolo11n.pt --epochs 3 --imgsz 320 \
-	  --batch 16 --name demo --project $(DEMO)/runs
+	  --batch 16 --freeze 10 --optimizer AdamW --lr0 0.0001 --warmup-epochs 0 \
+	  --name demo --project $(DEMO)/runs
 	@$(STEP) "4/10 export: ONNX, graph-surgeon passes, parity with PyTorch, reference, bundle"
 	$(JY) export $(DEMO)/runs/demo/weights/best.pt --out $(DEMO_BUNDLE) --name synth-demo --imgsz 320 --uint8-input --nms \
 	  --data $(DEMO_DATA)

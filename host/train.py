@@ -73,8 +73,13 @@ def train(
     project: Path = Path("runs"),
     resume: bool = False,
     seed: int = 0,
+    *,
+    optimizer: str = "auto",
+    lr0: Optional[float] = None,
+    warmup_epochs: Optional[float] = None,
 ) -> TrainResult:
     check_train_args(epochs, imgsz, batch)
+    tuning = fine_tuning_args(optimizer, lr0, warmup_epochs)
     data = checked_data_yaml(data)
     run_dir = project.resolve() / name
     last = run_dir / "weights" / "last.pt"
@@ -103,6 +108,7 @@ def train(
             workers=0 if device == "cpu" else 8,
             amp=device != "cpu",
             plots=True,
+            **tuning,
         )
     trainer = yolo.trainer
     run_dir = Path(trainer.save_dir)
@@ -111,6 +117,29 @@ def train(
     }
     weights = run_dir / "weights"
     return TrainResult(run_dir, weights / "best.pt", weights / "last.pt", metrics)
+
+
+def fine_tuning_args(
+    optimizer: str, lr0: Optional[float], warmup_epochs: Optional[float]
+) -> Dict[str, Any]:
+    """ultralytics arguments for the optimizer; None means ultralytics' default. A short
+    fine-tune from a trained .pt wants a small fixed learning rate and no warm-up (ultralytics'
+    3-epoch warm-up starts biases at lr 0.1, which undoes a trained head in a 3-epoch run)."""
+    if lr0 is not None and optimizer == "auto":
+        raise JetyoloError(
+            "--lr0 needs --optimizer (SGD, Adam, AdamW, ...): ultralytics' auto optimizer picks "
+            "its own learning rate and would ignore --lr0"
+        )
+    if lr0 is not None and not 0 < lr0 < 1:
+        raise JetyoloError(f"--lr0 must be between 0 and 1, got {lr0}")
+    if warmup_epochs is not None and warmup_epochs < 0:
+        raise JetyoloError(f"--warmup-epochs must be 0 or more, got {warmup_epochs}")
+    tuning: Dict[str, Any] = {"optimizer": optimizer}
+    if lr0 is not None:
+        tuning["lr0"] = lr0
+    if warmup_epochs is not None:
+        tuning["warmup_epochs"] = warmup_epochs
+    return tuning
 
 
 def check_train_args(epochs: int, imgsz: int, batch: int) -> None:
@@ -172,6 +201,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project", type=Path, default=Path("runs"), help="where runs are written")
     parser.add_argument("--resume", action="store_true", help="resume run --name from its last.pt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--optimizer", default="auto", help="SGD, Adam, AdamW, ... (default: ultralytics' auto)"
+    )
+    parser.add_argument("--lr0", type=float, help="initial learning rate (needs --optimizer)")
+    parser.add_argument(
+        "--warmup-epochs", type=float, help="learning-rate warm-up epochs (ultralytics: 3)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
         args.project,
         args.resume,
         args.seed,
+        optimizer=args.optimizer,
+        lr0=args.lr0,
+        warmup_epochs=args.warmup_epochs,
     )
     print(f"training finished ({result.run_dir}):")
     for key, value in result.metrics.items():

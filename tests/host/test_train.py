@@ -49,7 +49,8 @@ def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Cli
         patch.setattr(host.train, "train", keep_result)
         code = main(["train", "--data", str(tiny_dataset), "--model", "yolo11n.yaml",
                      "--epochs", "1", "--imgsz", str(IMGSZ), "--batch", "8",
-                     "--project", str(project), "--name", "tiny"])
+                     "--project", str(project), "--name", "tiny",
+                     "--optimizer", "AdamW", "--lr0", "0.0005", "--warmup-epochs", "0"])
     return CliRun(code, stdout.getvalue(), project, returned[0])
 
 
@@ -70,6 +71,14 @@ def test_one_epoch_writes_weights_results_and_prints_metrics(trained: CliRun) ->
         line = next(line for line in printed if line.split()[0] == short)
         assert 0.0 <= float(line.split()[1]) <= 1.0
     assert f"  best.pt      {run_dir / 'weights' / 'best.pt'}" in printed
+
+
+@pytest.mark.slow
+def test_optimizer_flags_reach_ultralytics(trained: CliRun) -> None:
+    import yaml
+
+    used = yaml.safe_load((trained.result.run_dir / "args.yaml").read_text())
+    assert (used["optimizer"], used["lr0"], used["warmup_epochs"]) == ("AdamW", 0.0005, 0.0)
 
 
 @pytest.mark.slow
@@ -147,6 +156,9 @@ BAD_TRAIN_ARGS = [
     (dict(epochs=0), "--epochs must be at least 1, got 0"),  # ultralytics: ValueError
     (dict(imgsz=16), "--imgsz must be at least 32"),  # smaller than the stride
     (dict(batch=0), "--batch must be at least 1 (or -1"),  # -1 is AutoBatch
+    (dict(lr0=0.001), "--lr0 needs --optimizer"),  # ultralytics' auto optimizer would ignore it
+    (dict(optimizer="AdamW", lr0=2.0), "--lr0 must be between 0 and 1, got 2.0"),
+    (dict(warmup_epochs=-1.0), "--warmup-epochs must be 0 or more"),
 ]
 
 
