@@ -64,8 +64,8 @@ demo: $(STAMP)
 	$(JY) calibrate $(DEMO_BUNDLE) --images $(DEMO)/data/train/images --num 64 \
 	  --trt-version 8.5.2 8.6.2 10.3.0 --data $(DEMO_DATA) --max-drop 1.0
 	@$(STEP) "6/10 accuracy: FP32 vs INT8 Q/DQ on the val split"
-	$(JY) eval $(DEMO_BUNDLE) --data $(DEMO_DATA) --variant fp32
-	$(JY) eval $(DEMO_BUNDLE) --data $(DEMO_DATA) --variant int8-qdq
+	$(JY) eval $(DEMO_BUNDLE) --data $(DEMO_DATA) --variant fp32 --plots $(DEMO)/curves-fp32
+	$(JY) eval $(DEMO_BUNDLE) --data $(DEMO_DATA) --variant int8-qdq --plots $(DEMO)/curves-int8
 	@$(STEP) "7/10 device loop on the CPU backend over the video: detections to a local MQTT broker"
 	port=$$($(BIN)/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
 	sub=""; mosquitto -p $$port > $(DEMO)/mosquitto.log 2>&1 & broker=$$!; \

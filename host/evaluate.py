@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -143,8 +144,13 @@ class Metrics:
             "target_cls": classes, "target_img": np.unique(classes), "im_name": name,
         })
 
-    def result(self) -> Tuple[float, float]:
-        self.metrics.process()
+    def result(self, plot_dir: Optional[Path] = None) -> Tuple[float, float]:
+        """mAP50-95 and mAP50; with ``plot_dir``, also ultralytics' PR, F1, P and R curves."""
+        if plot_dir is not None:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics.process(save_dir=plot_dir, plot=True)
+        else:
+            self.metrics.process()
         return float(self.metrics.box.map), float(self.metrics.box.map50)
 
 
@@ -156,6 +162,7 @@ def evaluate_model(
     class_names: Sequence[str],
     variant: str = "fp32",
     config: PostprocessConfig = EVAL_CONFIG,
+    plot_dir: Optional[Path] = None,
 ) -> EvalResult:
     """mAP of the ONNX model at ``model_path`` (a graph with the bundle's input/output contract)."""
     if len(class_names) != len(bundle.class_names):
@@ -182,13 +189,17 @@ def evaluate_model(
                         detections.confidence, detections.class_id)
             if index % 50 == 0:
                 log.info("eval %s: %d/%d images", variant, index, len(images))
-        map50_95, map50 = metrics.result()
+        map50_95, map50 = metrics.result(plot_dir)
     return EvalResult(variant, map50_95, map50, len(images), metrics.instances,
                       time.perf_counter() - started)
 
 
 def evaluate_bundle(
-    bundle: Bundle, data_yaml: Path, variant: str = "fp32", limit: Optional[int] = None
+    bundle: Bundle,
+    data_yaml: Path,
+    variant: str = "fp32",
+    limit: Optional[int] = None,
+    plot_dir: Optional[Path] = None,
 ) -> EvalResult:
     outputs = bundle.variant(variant)["outputs"]  # names the bundle's variants if it lacks this
     if "boxes" not in outputs or "scores" not in outputs:
@@ -199,7 +210,9 @@ def evaluate_bundle(
     images, names = val_image_paths(data_yaml)
     if limit is not None:
         images = images[:limit]
-    return evaluate_model(bundle.model_path(variant), bundle, images, names, variant)
+    return evaluate_model(
+        bundle.model_path(variant), bundle, images, names, variant, plot_dir=plot_dir
+    )
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
@@ -210,6 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundle graph to evaluate: fp32 (default), int8-qdq, uint8")
     parser.add_argument("--limit", type=int, help="evaluate only the first N val images")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--plots", type=Path, help="write PR, F1, precision and recall curves (PNG) here"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise JetyoloError(f"--limit must be >= 1, got {args.limit}")
     bundle = Bundle.load(args.bundle)
-    result = evaluate_bundle(bundle, args.data, args.variant, args.limit)
+    result = evaluate_bundle(bundle, args.data, args.variant, args.limit, args.plots)
     print(json.dumps(result.to_dict()) if args.json else result.line())
+    if args.plots is not None:
+        print(f"curves: {args.plots}/BoxPR_curve.png (and F1, P, R)", file=sys.stderr)
     return 0

@@ -39,6 +39,14 @@ def test_cli_prints_both_metrics(bundle_dir: Path, synth_dataset: Path,
     assert out.startswith("fp32: mAP50-95 0.") and "mAP50 0." in out and "(2 images" in out
 
 
+def test_cli_draws_the_curves(bundle_dir: Path, synth_dataset: Path, tmp_path: Path) -> None:
+    plots = tmp_path / "curves"
+    args = ["eval", str(bundle_dir), "--data", str(synth_dataset), "--limit", "4"]
+    assert main([*args, "--plots", str(plots)]) == 0
+    for curve in ("BoxPR_curve", "BoxF1_curve", "BoxP_curve", "BoxR_curve"):
+        assert (plots / f"{curve}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_missing_variant_and_bad_dataset(bundle_dir: Path, synth_dataset: Path,
                                          tmp_path: Path) -> None:
     with pytest.raises(JetyoloError, match=r"no variant 'int8-qdq'.*jetyolo calibrate"):
