@@ -97,3 +97,26 @@ def common_result(
 def heavy_modules_loaded() -> List[str]:
     """Packages a device process must not load (their RSS would not be the runtime's)."""
     return sorted({name.split(".")[0] for name in sys.modules} & set(HEAVY_PACKAGES))
+
+
+def write_result(path: Any, contender: str, result: Dict[str, Any], threads: int) -> int:
+    """Finish a worker: record threads and heavy modules, write ``result`` as JSON, say so."""
+    from device.bundle import atomic_write_json
+
+    result["threads"] = threads
+    result["heavy_modules_loaded"] = heavy_modules_loaded()
+    atomic_write_json(path, result)
+    print(f"{contender}: {result['frames']} frames, {result['fps']:.1f} FPS", file=sys.stderr)
+    return 0
+
+
+def run_worker(main: Callable[[], int]) -> None:
+    """A worker's ``__main__``: a user error is one line and exit 2, as in the CLI."""
+    from device.errors import JetyoloError
+
+    try:
+        code = main()
+    except JetyoloError as error:
+        print(f"jetyolo bench worker: error: {error}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import sys
 import threading
 import time
 from pathlib import Path
@@ -41,13 +40,14 @@ from device.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from device.bench_common import (  # noqa: E402
     CpuTimer,
     common_result,
-    heavy_modules_loaded,
     process_cpu_s,
+    run_worker,
     stage_cpu_ms,
     steady_fps,
     steady_seconds,
+    write_result,
 )
-from device.bundle import Bundle, atomic_write_json  # noqa: E402
+from device.bundle import Bundle  # noqa: E402
 from device.config import RunConfig, config_from_mapping  # noqa: E402
 from device.detections import FrameResult  # noqa: E402
 from device.errors import JetyoloError  # noqa: E402
@@ -295,16 +295,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = measure_ceiling(config, args.frames)
     else:
         result = measure_pipeline(config, args.frames, args.profile)
-    result["threads"] = args.threads
-    result["heavy_modules_loaded"] = heavy_modules_loaded()
-    atomic_write_json(args.result, result)
-    print(f"{args.contender}: {result['frames']} frames, {result['fps']:.1f} FPS", file=sys.stderr)
-    return 0
+    return write_result(args.result, args.contender, result, args.threads)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except JetyoloError as error:
-        print(f"jetyolo bench worker: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_worker(main)

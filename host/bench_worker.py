@@ -22,7 +22,6 @@ ultralytics' own figures) is recorded per frame too.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,17 +29,17 @@ from typing import Any, Dict, List, Optional
 from device.bench_common import (
     CpuTimer,
     common_result,
-    heavy_modules_loaded,
     process_cpu_s,
+    run_worker,
     stage_cpu_ms,
     start_time,
     steady_fps,
     steady_seconds,
+    write_result,
 )
 
 T0 = start_time()
 
-from device.bundle import atomic_write_json  # noqa: E402
 from device.errors import JetyoloError  # noqa: E402
 from host._env import ultralytics_offline  # noqa: E402
 
@@ -140,16 +139,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     result = measure_ultralytics(args)
-    result["threads"] = args.threads
-    result["heavy_modules_loaded"] = heavy_modules_loaded()
-    atomic_write_json(args.result, result)
-    print(f"ultralytics: {result['frames']} frames, {result['fps']:.1f} FPS", file=sys.stderr)
-    return 0
+    return write_result(args.result, "ultralytics", result, args.threads)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except JetyoloError as error:
-        print(f"jetyolo bench worker: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_worker(main)
