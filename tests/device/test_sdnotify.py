@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Tuple
 
 import pytest
+from http_camera import MjpegCamera  # tests/ is on sys.path (tests/device/conftest.py)
 
 from device import sdnotify
 from device.sdnotify import Notifier, Watchdog, socket_address, watchdog_seconds
@@ -185,59 +186,6 @@ try:  # the runtime is another part of the project; these tests need it
     RUNTIME_MISSING = ""
 except ImportError as exc:
     RUNTIME_MISSING = f"device.run / device.pipeline not importable yet ({exc})"
-
-
-class MjpegCamera:
-    """An HTTP multipart-JPEG camera on localhost (what many IP cameras serve) that sends
-    frames at ~20 fps while ``flowing`` is set and holds the connection silent otherwise."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(4)
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/stream.mjpg"
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self.sent = 0
-        self.closed = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        import time
-
-        import cv2
-        import numpy as np
-
-        self.server.settimeout(0.2)
-        while not self.closed.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                continue
-            conn.recv(4096)
-            conn.sendall(b"HTTP/1.0 200 OK\r\n"
-                         b"Content-Type: multipart/x-mixed-replace; boundary=frame\r\n\r\n")
-            try:
-                while not self.closed.is_set():
-                    if not self.flowing.is_set():
-                        time.sleep(0.02)
-                        continue
-                    image = np.full((240, 320, 3), (self.sent * 9) % 255, np.uint8)
-                    data = cv2.imencode(".jpg", image)[1].tobytes()
-                    conn.sendall(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d"
-                                 b"\r\n\r\n" % len(data) + data + b"\r\n")
-                    self.sent += 1
-                    time.sleep(0.05)
-            except OSError:
-                pass
-            finally:
-                conn.close()
-
-    def close(self) -> None:
-        self.closed.set()
-        self.server.close()
 
 
 def collect(sock: socket.socket, seconds: float, log: List[Tuple[float, str]]) -> None:

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import cv2
 import numpy as np
 import pytest
+from http_camera import MjpegCamera  # tests/ is on sys.path (tests/device/conftest.py)
 
 from device.config import RunConfig
 from device.errors import JetyoloError
@@ -188,59 +189,8 @@ def test_waiting_is_reported_to_systemd(notify_socket: Tuple[socket.socket, str]
                                "EXTEND_TIMEOUT_USEC=62000000"]
 
 
-class LateMjpegCamera:
-    """An HTTP multipart-JPEG camera on a loopback port that starts listening ``delay_s``
-    seconds after construction (a camera booting after the detector)."""
-
-    def __init__(self, delay_s: float) -> None:
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self.url = f"http://127.0.0.1:{self.port}/stream.mjpg"
-        self.started = threading.Event()
-        self.closed = threading.Event()
-        self.delay_s = delay_s
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        if self.closed.wait(self.delay_s):
-            return
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", self.port))
-        server.listen(4)
-        server.settimeout(0.2)
-        self.started.set()
-        while not self.closed.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._stream, args=(conn,), daemon=True).start()
-        server.close()
-
-    def _stream(self, conn: socket.socket) -> None:
-        jpeg = cv2.imencode(".jpg", np.full((240, 320, 3), 90, np.uint8))[1].tobytes()
-        try:
-            conn.recv(4096)
-            conn.sendall(b"HTTP/1.0 200 OK\r\n"
-                         b"Content-Type: multipart/x-mixed-replace; boundary=frame\r\n\r\n")
-            while not self.closed.is_set():
-                conn.sendall(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
-                             % len(jpeg) + jpeg + b"\r\n")
-                time.sleep(0.05)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.closed.set()
-
-
 def test_a_camera_that_starts_late_is_waited_for_then_delivers() -> None:
-    camera = LateMjpegCamera(delay_s=2.0)
+    camera = MjpegCamera(delay_s=2.0)
     pauses: List[float] = []
     try:
         source = open_source(camera.url, CaptureOptions(source_timeout_s=30.0,
@@ -265,7 +215,7 @@ def test_jetyolo_run_under_systemd_waits_for_the_camera_then_runs(
     notify_socket: Tuple[socket.socket, str], bundle_dir: Path, tmp_path: Path
 ) -> None:
     sock, path = notify_socket
-    camera = LateMjpegCamera(delay_s=3.0)
+    camera = MjpegCamera(delay_s=3.0)
     out = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "device.cli", "run", str(bundle_dir), "--source", camera.url,
                "--backend", "onnxruntime", "--threads", "1", "--max-frames", "5",
