@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import sys
+import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Tuple
 
 import numpy as np
 import pytest
@@ -47,3 +49,18 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[Tuple[socket.socket, str]]:
+    """systemd's side of sd_notify: a bound AF_UNIX datagram socket and its path, in a short temp
+    dir (sun_path is limited to 108 bytes); reads time out after 2 s."""
+    with tempfile.TemporaryDirectory(prefix="sdn") as tmp:
+        path = str(Path(tmp) / "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(2)
+        try:
+            yield sock, path
+        finally:
+            sock.close()

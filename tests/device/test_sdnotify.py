@@ -6,29 +6,14 @@ from __future__ import annotations
 import importlib
 import os
 import socket
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, List, Tuple
 
 import pytest
 from http_camera import MjpegCamera  # tests/ is on sys.path (tests/device/conftest.py)
 
 from device import sdnotify
 from device.sdnotify import Notifier, Watchdog, socket_address, watchdog_seconds
-
-
-@pytest.fixture()
-def listener() -> Iterator[Tuple[socket.socket, str]]:
-    """A bound datagram socket in a short temp dir (sun_path is limited to 108 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="sdn") as tmp:
-        path = str(Path(tmp) / "notify")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.settimeout(2)
-        try:
-            yield sock, path
-        finally:
-            sock.close()
 
 
 def received(sock: socket.socket) -> List[str]:
@@ -61,8 +46,8 @@ class FakeClock:
         return self.now
 
 
-def test_ready_status_watchdog_reach_the_socket(listener: Tuple[socket.socket, str]) -> None:
-    sock, path = listener
+def test_ready_status_watchdog_reach_the_socket(notify_socket: Tuple[socket.socket, str]) -> None:
+    sock, path = notify_socket
     notifier = Notifier.from_env({"NOTIFY_SOCKET": path})
     assert notifier.enabled
     assert notifier.ready("running")
@@ -152,8 +137,10 @@ def test_without_watchdog_frame_done_sends_status_only() -> None:
     assert len(sent) == int(10 / sdnotify.STATUS_EVERY_S)
 
 
-def test_frame_done_pings_the_real_socket_then_stops(listener: Tuple[socket.socket, str]) -> None:
-    sock, path = listener
+def test_frame_done_pings_the_real_socket_then_stops(
+    notify_socket: Tuple[socket.socket, str],
+) -> None:
+    sock, path = notify_socket
     clock = FakeClock()
     notifier = Notifier(path, watchdog_s=1.0, clock=clock)
     for _ in range(20):  # 2 s at 10 fps: 4 pings at 0.5 s spacing
@@ -166,9 +153,9 @@ def test_frame_done_pings_the_real_socket_then_stops(listener: Tuple[socket.sock
 
 
 def test_module_level_functions_use_the_environment(
-    listener: Tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+    notify_socket: Tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sock, path = listener
+    sock, path = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     monkeypatch.setenv("WATCHDOG_USEC", "3000000")
     monkeypatch.setattr(sdnotify, "_DEFAULT", None)
@@ -204,14 +191,14 @@ def collect(sock: socket.socket, seconds: float, log: List[Tuple[float, str]]) -
 @pytest.mark.slow
 @pytest.mark.skipif(bool(RUNTIME_MISSING), reason=RUNTIME_MISSING or "runtime present")
 def test_run_loop_ready_after_first_frame_pings_while_frames_flow_stops_on_stall(
-    listener: Tuple[socket.socket, str], bundle_dir: Path, tmp_path: Path
+    notify_socket: Tuple[socket.socket, str], bundle_dir: Path, tmp_path: Path
 ) -> None:
     import signal
     import subprocess
     import sys
     import time
 
-    sock, path = listener
+    sock, path = notify_socket
     camera = MjpegCamera()
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}  # ping every 0.5 s
     command = [sys.executable, "-m", "device.cli", "run", str(bundle_dir), "--source", camera.url,

@@ -5,6 +5,7 @@ Every wait is bounded. Reconnect back-off is 1 s here so outages heal quickly.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from typing import Any, Callable, Dict, List
 import jsonschema
 import pytest
 from mqtt_broker import MosquittoBroker, Subscriber, TlsFiles, free_port, mosquitto_available
+from polling import wait_until
 
 from device.detections import FrameResult
 from device.errors import JetyoloError
@@ -46,13 +48,7 @@ def _mqtt_state(sinks: SinkSet) -> Dict[str, Any]:
     return state
 
 
-def _wait(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
+_wait = functools.partial(wait_until, timeout=WAIT_S)
 
 
 def _publish(sinks: SinkSet, make_result: Callable[..., FrameResult], indexes: range) -> None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import pytest
+from polling import wait_until  # tests/ is on sys.path (tests/device/conftest.py)
 
 from device.detections import FrameResult
 from device.errors import JetyoloError
@@ -23,13 +24,7 @@ def _options(tmp_path: Path, **fields: Any) -> SinkOptions:
     return SinkOptions(device_id="sock-dev", spool_dir=tmp_path / "spool", **fields)
 
 
-def _wait(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
+_wait = functools.partial(wait_until, timeout=WAIT_S, interval=0.02)
 
 
 def _read_lines(client: socket.socket, count: int) -> List[Dict[str, Any]]:

@@ -10,11 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -157,18 +156,6 @@ def test_source_timeout_default_depends_on_systemd(
 ) -> None:
     config = RunConfig(bundle="b", source="rtsp://cam/x", source_timeout_s=configured)
     assert source_timeout_s(config, env) == expected
-
-
-@pytest.fixture()
-def notify_socket() -> Iterator[Tuple[socket.socket, str]]:
-    with tempfile.TemporaryDirectory(prefix="sdn") as tmp:
-        path = str(Path(tmp) / "notify")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        try:
-            yield sock, path
-        finally:
-            sock.close()
 
 
 def datagrams(sock: socket.socket, seconds: float = 0.0) -> List[str]:
