@@ -16,14 +16,17 @@ DEMO := .work/demo
 
 install: $(STAMP)
 
-# Debian packages (mosquitto broker for MQTT tests and the demo, systemd-analyze for unit checks),
+# Debian packages (mosquitto broker for MQTT tests and the demo, systemd-analyze for unit checks,
+# chromium + chromium-driver for the preview page's browser test and the demo's screenshot),
 # then the venv with every extra. Re-runs only when pyproject.toml changes.
 $(STAMP): pyproject.toml
 	@if ! command -v mosquitto >/dev/null || ! command -v mosquitto_sub >/dev/null \
-	   || ! command -v systemd-analyze >/dev/null; then \
-	  echo "installing Debian packages: mosquitto mosquitto-clients systemd"; \
+	   || ! command -v systemd-analyze >/dev/null || ! command -v chromium >/dev/null \
+	   || ! command -v chromedriver >/dev/null; then \
+	  echo "installing Debian packages: mosquitto mosquitto-clients systemd chromium chromium-driver"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients systemd; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients systemd \
+	    chromium chromium-driver; \
 	fi
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

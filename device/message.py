@@ -11,7 +11,7 @@ import json
 import math
 import re
 from datetime import datetime, timezone
-from typing import Any, Dict, Mapping, Protocol, Sequence
+from typing import Any, Dict, Mapping, Optional, Protocol, Sequence
 
 from device.detections import FrameResult
 
@@ -36,6 +36,16 @@ def iso_utc(timestamp: float) -> str:
     """Seconds since the epoch -> ``2026-11-24T09:07:22.123Z`` (UTC, millisecond precision)."""
     moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def message_time(payload: bytes) -> Optional[float]:
+    """The ``timestamp`` of an encoded message in seconds since the epoch; None when it has
+    none (availability payloads) or is not one of ours."""
+    try:
+        text = json.loads(payload).get("timestamp")
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def topic_segment(name: str) -> str:

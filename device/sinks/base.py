@@ -64,6 +64,9 @@ class SinkOptions:
     stats_interval_s: float = 10.0  # read by the runtime, which calls SinkSet.publish_stats
     queue_size: int = 1000  # per sink, messages held in memory before the sink takes them
     client_id: Optional[str] = None  # MQTT client id; default "jetyolo-<device_id>"
+    # Retained messages every MQTT sink publishes at each connection, after "online" (Home
+    # Assistant discovery configs: a broker that lost its retained messages gets them again).
+    announcements: Sequence[Outgoing] = ()
 
     def __post_init__(self) -> None:
         self.spool_dir = Path(self.spool_dir).expanduser()

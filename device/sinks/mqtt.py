@@ -38,6 +38,7 @@ ACK_POLL_S = 0.002  # how often to look for PUBACKs while messages are in flight
 PROBE_TIMEOUT_S = 3.0
 AUTH_REASONS = (134, 135)  # "Bad user name or password", "Not authorized" (MQTT 5 numbering)
 SPOOL_WARN_INTERVAL_S = 30.0
+OLDEST_REFRESH_S = 1.0  # how often the sink's thread looks up the oldest spooled message
 
 
 def _import_paho() -> Any:
@@ -103,6 +104,7 @@ class MqttSink(Sink):
         self._qos = options.qos
         self._keepalive = options.keepalive_s
         self._availability = available_topic(options.prefix, options.device_id)
+        self._announcements = list(options.announcements)
         self._context = (
             make_ssl_context(options.mqtt_ca, options.mqtt_cert, options.mqtt_key)
             if url.tls
@@ -114,6 +116,8 @@ class MqttSink(Sink):
         self._last_handed = 0  # highest outbox row id given to paho in this process
         self._connected = threading.Event()
         self._spool_warned_at = float("-inf")
+        self._oldest_time: Optional[float] = None  # of the oldest spooled message
+        self._oldest_checked_at = float("-inf")
         self.last_error: Optional[str] = None
         self._last_logged: Optional[str] = None
         self._client = self._make_client(options)
@@ -158,6 +162,8 @@ class MqttSink(Sink):
         self.last_error = self._last_logged = None
         self._connected.set()
         client.publish(self._availability, "online", qos=1, retain=True)
+        for message in self._announcements:  # acks carry no outbox row: _apply_acks skips them
+            client.publish(message.topic, message.payload, qos=1, retain=message.retain)
         logger.info("%s: connected (session present: %s); %d message(s) spooled",
                     self.name, bool(flags.session_present), self._spool.depth)
 
@@ -201,6 +207,10 @@ class MqttSink(Sink):
         if self._connected.is_set():
             self._hand_over()
             self._apply_acks()
+        if time.monotonic() - self._oldest_checked_at >= OLDEST_REFRESH_S:
+            # On this thread: the spool's connection is this thread's; depth() only reads it.
+            self._oldest_checked_at = time.monotonic()
+            self._oldest_time = self._spool.oldest_timestamp() if self._spool.depth else None
 
     def _apply_acks(self) -> None:
         row_ids = []
@@ -238,10 +248,19 @@ class MqttSink(Sink):
         depth.update(
             spool=self._spool.depth,
             spool_dropped=self._spool.dropped,
+            spool_oldest_age_s=self.spool_oldest_age_s(),
             connected=self._connected.is_set(),
             last_error=self.last_error,
         )
         return depth
+
+    def spool_oldest_age_s(self) -> float:
+        """How long the oldest unacknowledged message has waited (0: spool empty), refreshed
+        every ``OLDEST_REFRESH_S``."""
+        oldest = self._oldest_time
+        if oldest is None or not self._spool.depth:
+            return 0.0
+        return round(max(0.0, time.time() - oldest), 3)
 
     def request_stop(self, deadline: float) -> None:
         # Keep the last half second for "offline" and a clean disconnect.

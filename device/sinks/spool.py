@@ -26,6 +26,7 @@ from typing import IO, Any, List, Optional, Sequence
 
 from device.bundle import make_writable_dir
 from device.errors import JetyoloError
+from device.message import message_time
 from device.sinks.base import Outgoing
 
 SPOOL_FILE = "spool.sqlite"
@@ -161,6 +162,13 @@ class Spool:
             (self.sink, after_id, limit),
         )
         return [SpooledMessage(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in cursor]
+
+    def oldest_timestamp(self) -> Optional[float]:
+        """The capture/creation time (seconds since the epoch) of the oldest spooled message."""
+        row = self._db.execute(
+            "SELECT payload FROM outbox WHERE sink = ? ORDER BY id LIMIT 1", (self.sink,)
+        ).fetchone()
+        return message_time(bytes(row[0])) if row is not None else None
 
     def remove(self, row_ids: Sequence[int]) -> None:
         """Delete acknowledged messages (ids already dropped by the bound are ignored)."""

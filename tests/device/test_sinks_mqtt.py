@@ -275,6 +275,21 @@ def test_spool_overflow_drops_the_oldest_and_stats_report_it(
     assert kept == [m["seq"] for m in frames[-9:]] + [stats["seq"]]
 
 
+def test_spool_reports_the_age_of_its_oldest_message(
+    tmp_path: Path, make_result: Callable[..., FrameResult]
+) -> None:
+    port = free_port()  # no broker: everything waits in the spool
+    captured = time.time() - 100.0  # frames captured 100 s ago, 30 fps
+    with open_sinks([f"mqtt://127.0.0.1:{port}"], _options(tmp_path)) as sinks:
+        assert _mqtt_state(sinks)["spool_oldest_age_s"] == 0.0  # empty
+        for index in range(5):
+            sinks.publish_frame(make_result(index, t0=captured))
+        assert _wait(lambda: _mqtt_state(sinks)["spool_oldest_age_s"] > 0)
+        age = _mqtt_state(sinks)["spool_oldest_age_s"]
+        assert 100.0 <= age < 100.0 + WAIT_S + 2  # the first frame's, not the last one's
+        sinks.close(timeout=0.2)
+
+
 def test_auth_right_credentials_deliver_wrong_ones_are_a_clear_error(
     tmp_path: Path, make_result: Callable[..., FrameResult], caplog: pytest.LogCaptureFixture
 ) -> None:
