@@ -192,7 +192,7 @@ def worker_command(
         post = bundle.manifest.get("postprocess", {})
         return [
             *command, "--model", str(ultralytics_model), "--source", str(settings.source),
-            "--frames", str(settings.frames), "--imgsz", str(max(bundle.input_size)),
+            "--frames", str(settings.frames), "--imgsz", ",".join(map(str, bundle.input_size)),
             "--conf", str(post.get("conf", 0.25)), "--iou", str(post.get("iou", 0.45)),
             "--max-det", str(post.get("max_det", 300)), "--threads", str(settings.threads),
             "--result", str(result),

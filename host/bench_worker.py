@@ -127,7 +127,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, required=True, help="single-output YOLO ONNX")
     parser.add_argument("--source", type=Path, required=True)
     parser.add_argument("--frames", type=int, required=True)
-    parser.add_argument("--imgsz", type=int, required=True)
+    parser.add_argument("--imgsz", type=lambda text: [int(side) for side in text.split(",")],
+                        required=True, help="the bundle's input: SIDE or HEIGHT,WIDTH")
     parser.add_argument("--conf", type=float, default=0.25)
     parser.add_argument("--iou", type=float, default=0.45)
     parser.add_argument("--max-det", type=int, default=300)

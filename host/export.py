@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from device.bundle import (
     SCHEMA_VERSION,
@@ -33,16 +33,67 @@ log = logging.getLogger(__name__)
 BASE_PASSES = (surgeon.fold_constants, surgeon.remove_identity, surgeon.split_head)
 PARITY_IMAGES = 16
 UINT8_ATOL = 1e-6  # the uint8 graph must compute what the fp32 one does on the device's float input
+Size = Tuple[int, int]  # (height, width) of the model input
 
 
-def ultralytics_onnx(weights: Path, workdir: Path, imgsz: int, batch: int, opset: int) -> Path:
+def input_size(imgsz: Union[int, Sequence[int]]) -> Size:
+    """``640`` -> (640, 640); ``(384, 640)`` -> (384, 640): the model input as (height, width)."""
+    if isinstance(imgsz, int):
+        return (imgsz, imgsz)
+    height, width = imgsz
+    return (int(height), int(width))
+
+
+def parse_imgsz(text: str) -> Size:
+    """``--imgsz`` as the CLI takes it: ``640`` (square) or ``H,W`` (e.g. ``384,640``)."""
+    parts = text.split(",")
+    try:
+        sides = [int(part) for part in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; give one side (640) or height,width (384,640)"
+        )
+    return input_size(sides[0] if len(sides) == 1 else (sides[0], sides[1]))
+
+
+def parse_frame_size(text: str) -> Size:
+    """``--source-size WxH`` (the camera's frame, width first as cameras state it) as (w, h)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a frame size; give WIDTHxHEIGHT, "
+                                         "e.g. 1920x1080")
+    return (int(parts[0]), int(parts[1]))
+
+
+def rectangle_for(frame_size: Size, side: int, stride: int) -> Size:
+    """The smallest (h, w) input, each a multiple of ``stride``, that holds a ``frame_size``
+    (w, h) frame scaled so its long side is ``side`` — what ultralytics' ``.pt`` predict pads
+    to, fixed once for a static engine."""
+    scale = side / max(frame_size)
+    width, height = (max(stride, -(-round(length * scale) // stride) * stride)
+                     for length in frame_size)
+    return (height, width)
+
+
+def fitted_input(frame_size: Size, imgsz: Size, stride: int) -> Size:
+    """``--source-size``: the rectangle for the camera's frames, said out loud."""
+    chosen = rectangle_for(frame_size, max(imgsz), stride)
+    saved = 1 - chosen[0] * chosen[1] / max(imgsz) ** 2
+    log.info("export: input %dx%d (HxW) for %dx%d frames: %.0f%% fewer pixels than %dx%d",
+             *chosen, *frame_size, 100 * saved, max(imgsz), max(imgsz))
+    return chosen
+
+
+def ultralytics_onnx(weights: Path, workdir: Path, imgsz: Size, batch: int, opset: int) -> Path:
     """Plain ultralytics ONNX export (static shape), written in ``workdir``, not beside the .pt
     (of a copy of ``weights`` loaded there: ultralytics writes beside the model file)."""
     copied = workdir / weights.name
     shutil.copyfile(weights, copied)
     yolo = load_detect_model(str(copied), "export")
     exported = yolo.export(
-        format="onnx", imgsz=imgsz, batch=batch, opset=opset, dynamic=False, simplify=True
+        format="onnx", imgsz=list(imgsz), batch=batch, opset=opset, dynamic=False, simplify=True
     )
     return Path(exported)
 
@@ -50,7 +101,7 @@ def ultralytics_onnx(weights: Path, workdir: Path, imgsz: int, batch: int, opset
 def build_manifest(
     yolo: Any,
     name: str,
-    imgsz: int,
+    imgsz: Size,
     batch: int,
     head_nodes: List[str],
     weights: Path,
@@ -63,13 +114,14 @@ def build_manifest(
     onnxruntime = require("onnxruntime", "export")
     class_names = [yolo.names[i] for i in range(len(yolo.names))]
     defaults = PostprocessConfig()
+    height, width = imgsz
     return {
         "schema_version": SCHEMA_VERSION,
         "name": name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "class_names": class_names,
         "preprocess": {
-            "size": [imgsz, imgsz],
+            "size": [height, width],
             "stride": int(max(yolo.model.stride)),
             "pad_value": 114,
             "color": "RGB",
@@ -82,7 +134,7 @@ def build_manifest(
                 "file": "model.onnx",
                 "input": {
                     "name": "images",
-                    "shape": [batch, 3, imgsz, imgsz],
+                    "shape": [batch, 3, height, width],
                     "dtype": "float32",
                     "layout": "NCHW",
                 },
@@ -121,14 +173,14 @@ def _load_weights(weights: Path) -> Any:
         raise JetyoloError(str(exc).strip().splitlines()[0]) from exc
 
 
-def uint8_variant(fp32: Dict[str, Any], batch: int, imgsz: int) -> Dict[str, Any]:
+def uint8_variant(fp32: Dict[str, Any], batch: int, imgsz: Size) -> Dict[str, Any]:
     return dict(
         fp32,
         file="model_uint8.onnx",
         passes=[*fp32["passes"], "uint8_input"],
         input={
             "name": "images",
-            "shape": [batch, imgsz, imgsz, 3],
+            "shape": [batch, imgsz[0], imgsz[1], 3],
             "dtype": "uint8",
             "layout": "NHWC",
             "color": "RGB",
@@ -163,7 +215,7 @@ def nms_variant(fp32: Dict[str, Any], config: PostprocessConfig) -> Dict[str, An
 def export_bundle(
     weights: Path,
     out: Path,
-    imgsz: int = 640,
+    imgsz: Union[int, Size] = 640,
     batch: int = 1,
     opset: int = 17,
     force: bool = False,
@@ -171,6 +223,7 @@ def export_bundle(
     *,
     uint8_input: bool = False,
     nms: bool = False,
+    source_size: Optional[Size] = None,
     data: Optional[Path] = None,
     parity_images: int = PARITY_IMAGES,
     tolerance: Optional[parity.Tolerance] = None,
@@ -179,9 +232,11 @@ def export_bundle(
 ) -> Bundle:
     """Export ``weights`` to the bundle ``out``; raises JetyoloError (writing nothing) on bad input
     or when the ONNX is not at parity with the PyTorch model."""
-    weights, out = Path(weights), Path(out)
+    weights, out, imgsz = Path(weights), Path(out), input_size(imgsz)
     check_output_dir(out, force)
     yolo = _load_weights(weights)
+    if source_size is not None:
+        imgsz = fitted_input(source_size, imgsz, int(max(yolo.model.stride)))
     check_shape_args(yolo, imgsz, batch)
     frames, source = parity.frames_for(data, len(yolo.names), parity_images)  # bad --data: fail now
     if reference_images is not None and reference_num:
@@ -240,15 +295,15 @@ def checked_parity(
     onnx_path: Path,
     frames: List[Any],
     source: str,
-    shape: Tuple[int, int],
+    shape: Tuple[int, Size],
     tolerance: Optional[parity.Tolerance],
 ) -> Dict[str, Any]:
     """The parity record for the manifest; over tolerance, logs the figures and raises.
-    ``shape`` is (batch, imgsz)."""
+    ``shape`` is (batch, (height, width))."""
     log.info("export: parity with the PyTorch model")
     batch, imgsz = shape
     report = parity.compare(
-        yolo.model, onnx_path, frames, (imgsz, imgsz), source, tolerance, PostprocessConfig(), batch
+        yolo.model, onnx_path, frames, imgsz, source, tolerance, PostprocessConfig(), batch
     )
     for line in report.lines() if report.problems else []:
         log.warning(line)
@@ -256,24 +311,25 @@ def checked_parity(
     return report.as_manifest()
 
 
-def check_shape_args(yolo: Any, imgsz: int, batch: int) -> None:
+def check_shape_args(yolo: Any, imgsz: Size, batch: int) -> None:
     """ultralytics would silently round --imgsz up to the stride; the manifest must not lie."""
     stride = int(max(yolo.model.stride))
-    if imgsz < stride or imgsz % stride:
-        raise JetyoloError(
-            f"--imgsz {imgsz} is not a multiple of the model stride {stride}; "
-            f"use e.g. {max(stride, round(imgsz / stride) * stride)}"
-        )
+    for side in imgsz:
+        if side < stride or side % stride:
+            raise JetyoloError(
+                f"--imgsz {side} is not a multiple of the model stride {stride}; "
+                f"use e.g. {max(stride, round(side / stride) * stride)}"
+            )
     if batch < 1:
         raise JetyoloError(f"--batch must be at least 1, got {batch}")
 
 
 def fp32_model(
-    weights: Path, workdir: Path, imgsz: int, batch: int, opset: int
+    weights: Path, workdir: Path, imgsz: Size, batch: int, opset: int
 ) -> Tuple[Any, List[str]]:
     """ultralytics' export, checked to have the asked-for input, then the base passes."""
     log.info(
-        "export: ultralytics ONNX export of %s at %dx%d, opset %d", weights, imgsz, imgsz, opset
+        "export: ultralytics ONNX export of %s at %dx%d (HxW), opset %d", weights, *imgsz, opset
     )
     try:
         exported = ultralytics_onnx(weights, workdir, imgsz, batch, opset)
@@ -285,10 +341,8 @@ def fp32_model(
         ) from exc
     raw = surgeon.load_onnx(exported)
     shape = [d.dim_value for d in raw.graph.input[0].type.tensor_type.shape.dim]
-    if shape != [batch, 3, imgsz, imgsz]:
-        raise JetyoloError(
-            f"ultralytics exported input {shape}, asked for {[batch, 3, imgsz, imgsz]}"
-        )
+    if shape != [batch, 3, *imgsz]:
+        raise JetyoloError(f"ultralytics exported input {shape}, asked for {[batch, 3, *imgsz]}")
     log.info("export: graph-surgeon passes")
     model, applied = surgeon.apply_passes(raw, BASE_PASSES)
     return model, applied
@@ -333,10 +387,10 @@ def _write(
 
 
 def _check_uint8(
-    files: Dict[str, Path], frames: List[Any], imgsz: int, batch: int
+    files: Dict[str, Path], frames: List[Any], imgsz: Size, batch: int
 ) -> Dict[str, float]:
     worst = parity.uint8_difference(
-        files["model.onnx"], files["model_uint8.onnx"], frames, (imgsz, imgsz), batch
+        files["model.onnx"], files["model_uint8.onnx"], frames, imgsz, batch
     )
     log.info(
         "  uint8 input vs fp32 input: boxes max abs %.3g, scores max abs %.3g",
@@ -356,9 +410,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
     parser.add_argument(
         "--imgsz",
-        type=int,
-        default=640,
-        help="square input side, a multiple of the stride (default 640)",
+        type=parse_imgsz,
+        default=(640, 640),
+        help="model input: one side for a square (640) or HEIGHT,WIDTH for a rectangle "
+             "(384,640), each a multiple of the stride (default 640)",
+    )
+    parser.add_argument(
+        "--source-size",
+        type=parse_frame_size,
+        help="the camera's frame WIDTHxHEIGHT (e.g. 1920x1080): the input becomes the smallest "
+             "stride-aligned rectangle of that aspect whose long side is --imgsz's",
     )
     parser.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -413,6 +474,7 @@ def run(args: argparse.Namespace) -> int:
         args.name,
         uint8_input=args.uint8_input,
         nms=args.nms,
+        source_size=args.source_size,
         data=args.data,
         parity_images=args.parity_images,
         reference_images=args.reference_images,

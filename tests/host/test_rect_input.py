@@ -1,0 +1,131 @@
+"""Rectangular model input (`jetyolo export --imgsz H,W`, `--source-size WxH`): the shape rules,
+the manifest, and detection agreement with ultralytics' own rectangular `.pt` predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from device.bundle import Bundle
+from device.detections import Detections
+from device.errors import JetyoloError
+from device.postprocess import PostprocessConfig, postprocess
+from device.preprocess import Letterbox, Preprocessor
+from host.export import export_bundle, parse_frame_size, parse_imgsz, rectangle_for
+from host.parity import match_detections
+
+RECT = (192, 320)  # what ultralytics' .pt predict pads a 16:9 frame to at imgsz 320
+
+
+@pytest.mark.parametrize(
+    ("frame", "side", "expected"),
+    [
+        ((1920, 1080), 640, (384, 640)),  # 16:9 landscape: 360 rounded up to the stride
+        ((1920, 1080), 320, (192, 320)),
+        ((1080, 1920), 640, (640, 384)),  # portrait camera
+        ((640, 480), 640, (480, 640)),  # 4:3, already aligned
+        ((1000, 1000), 320, (320, 320)),  # square stays square
+        ((4000, 100), 320, (32, 320)),  # never below one stride
+    ],
+)
+def test_rectangle_for(frame: tuple, side: int, expected: tuple) -> None:
+    assert rectangle_for(frame, side, 32) == expected
+
+
+def test_parse_sizes() -> None:
+    assert parse_imgsz("640") == (640, 640)
+    assert parse_imgsz("384,640") == (384, 640)
+    assert parse_frame_size("1920x1080") == (1920, 1080)
+    for bad in ("", "a", "1,2,3", "384x640"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_imgsz(bad)
+    for bad in ("1920", "1920x", "0x1080", "axb"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_frame_size(bad)
+
+
+def test_side_off_the_stride_is_refused(tmp_path: Path, fixture_weights: Path) -> None:
+    with pytest.raises(JetyoloError, match="--imgsz 200 is not a multiple of the model stride 32"):
+        export_bundle(fixture_weights, tmp_path / "b", imgsz=(200, 320), reference_num=0)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def rect_bundle(tmp_path_factory: pytest.TempPathFactory, fixture_weights: Path) -> Bundle:
+    out = tmp_path_factory.mktemp("rect") / "synth192x320"
+    return export_bundle(fixture_weights, out, imgsz=320, source_size=(1920, 1080),
+                         uint8_input=True, reference_num=4)
+
+
+def test_manifest_and_graph_are_rectangular(rect_bundle: Bundle) -> None:
+    manifest = json.loads((rect_bundle.root / "manifest.json").read_text())
+    assert manifest["preprocess"]["size"] == list(RECT)
+    assert manifest["variants"]["fp32"]["input"]["shape"] == [1, 3, *RECT]
+    assert manifest["variants"]["uint8"]["input"]["shape"] == [1, *RECT, 3]
+    assert rect_bundle.input_size == RECT
+    session = ort.InferenceSession(str(rect_bundle.model_path("fp32")))
+    assert session.get_inputs()[0].shape == [1, 3, *RECT]
+
+
+def video_frames(video: Path, count: int) -> List[np.ndarray]:
+    capture = cv2.VideoCapture(str(video))
+    frames = []
+    while len(frames) < count:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames
+
+
+def agreement_with_ultralytics(
+    bundle: Bundle, weights: Path, video: Path, geometry_size: Optional[Tuple[int, int]] = None
+) -> Tuple[float, int]:
+    """(agreement, ultralytics' detection count) over 12 frames at conf 0.25, iou 0.45; with
+    ``geometry_size`` boxes are mapped back as if the input had that size (a wrong geometry)."""
+    from ultralytics import YOLO
+
+    config = PostprocessConfig(conf=0.25, iou=0.45)
+    session = ort.InferenceSession(str(bundle.model_path("fp32")))
+    names = [output.name for output in session.get_outputs()]
+    preprocess = Preprocessor(bundle.input_size, "float32")
+    model = YOLO(str(weights))
+    theirs_total = ours_total = matched = 0
+    for frame in video_frames(video, 12):
+        result = model.predict(frame, imgsz=320, conf=config.conf, iou=config.iou, verbose=False)
+        boxes = result[0].boxes
+        theirs = Detections(boxes.xyxy.numpy(), boxes.conf.numpy(), boxes.cls.numpy().astype(int))
+        geometry = preprocess(frame)
+        if geometry_size is not None:
+            geometry = Letterbox.fit(geometry.frame_size, geometry_size)
+        outputs = dict(zip(names, session.run(None, {"images": preprocess.buffer})))
+        ours = postprocess(outputs, geometry, config)
+        theirs_total, ours_total = theirs_total + len(theirs), ours_total + len(ours)
+        matched += match_detections(theirs, ours)
+    return matched / max(theirs_total, ours_total, 1), theirs_total
+
+
+def test_agrees_with_ultralytics_rect_predict(
+    rect_bundle: Bundle, fixture_weights: Path, synth_video: Path
+) -> None:
+    """ultralytics pads a 16:9 frame only to the stride on a .pt; the rectangular bundle must
+    detect what it detects, at the same thresholds."""
+    agreement, detected = agreement_with_ultralytics(rect_bundle, fixture_weights, synth_video)
+    assert detected > 10, "the fixture model should detect the synthetic objects"
+    assert agreement >= 0.99
+
+
+def test_agreement_fails_with_the_square_geometry(
+    rect_bundle: Bundle, fixture_weights: Path, synth_video: Path
+) -> None:
+    """The same comparison with boxes mapped back through a square letterbox fails."""
+    agreement, _ = agreement_with_ultralytics(rect_bundle, fixture_weights, synth_video, (320, 320))
+    assert agreement < 0.5
