@@ -24,6 +24,7 @@ DEVICE_VERBS: Dict[str, str] = {
     "verify": "device.verify",
     "doctor": "device.doctor",
     "bundle.verify": "device.bundle_verify",
+    "update": "device.update",
 }
 ENTRY_POINT_GROUP = "jetyolo.verbs"
 
