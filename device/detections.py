@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -80,3 +80,7 @@ class FrameResult:
     frame_size: tuple  # (width, height)
     detections: Detections
     latency_ms: Dict[str, float] = field(default_factory=dict)
+    # The model that computed it, when the runtime can switch models (``jetyolo update``);
+    # empty/None: the sinks' configured model_id and class names.
+    model_id: str = ""
+    class_names: Optional[Sequence[str]] = None

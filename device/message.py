@@ -82,14 +82,15 @@ def _finite_latencies(latency_ms: Mapping[str, float]) -> Dict[str, float]:
 def build_frame_message(result: FrameResult, seq: int, context: MessageContext) -> Dict[str, Any]:
     """The detections message of one processed frame (sent for empty frames too)."""
     width, height = result.frame_size
-    names = list(context.class_names) or None
+    names = list(result.class_names if result.class_names is not None
+                  else context.class_names) or None
     return {
         "schema_version": SCHEMA_VERSION,
         "type": FRAME_TYPE,
         "device_id": context.device_id,
         "seq": int(seq),
         "timestamp": iso_utc(result.timestamp),
-        "model_id": context.model_id,
+        "model_id": result.model_id or context.model_id,
         "source": result.source,
         "frame_index": int(result.frame_index),
         "frame_size": {"width": int(width), "height": int(height)},
@@ -105,7 +106,8 @@ def build_stats_message(
 
     ``stats`` holds what the runtime measured (``fps``, ``latency_ms`` p50/p90 per stage,
     ``dropped_frames``, ``uptime_s``, ``backend``, ``precision``, ``jetson`` readings...) and the
-    sinks' own ``sinks`` depths. Envelope keys in ``stats`` are ignored: the envelope is ours.
+    sinks' own ``sinks`` depths. Envelope keys in ``stats`` are ignored (the envelope is ours),
+    except ``model_id``: the model running now, which ``jetyolo update`` changes.
     """
     message: Dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -113,7 +115,7 @@ def build_stats_message(
         "device_id": context.device_id,
         "seq": int(seq),
         "timestamp": iso_utc(now),
-        "model_id": context.model_id,
+        "model_id": str(stats.get("model_id") or context.model_id),
     }
     for key, value in stats.items():
         if key not in ENVELOPE_KEYS:

@@ -94,6 +94,20 @@ def test_class_id_without_a_name_gets_its_number(
     assert build_frame_message(result, 1, options)["detections"][0]["label"] == "9"
 
 
+def test_a_frame_from_a_switched_model_carries_its_model_id_and_names(
+    options: SinkOptions, frame: Callable[..., FrameResult]
+) -> None:
+    result = frame(0, detections=1)
+    result.model_id, result.class_names = "synth-b@0f0f0f0f0f0f", ["truck"]
+    message = build_frame_message(result, 1, options)
+    assert (message["model_id"], message["detections"][0]["label"]) == (
+        "synth-b@0f0f0f0f0f0f", "truck")
+    assert build_frame_message(frame(0), 2, options)["model_id"] == "synth320-1a2b3c4d"
+    stats = build_stats_message({"model_id": "synth-b@0f0f0f0f0f0f", "sinks": {}}, 3, options, 0.0)
+    assert stats["model_id"] == "synth-b@0f0f0f0f0f0f"
+    assert build_stats_message({"sinks": {}}, 4, options, 0.0)["model_id"] == "synth320-1a2b3c4d"
+
+
 def test_stats_message_keeps_its_envelope_and_encodes_numpy(options: SinkOptions) -> None:
     import numpy as np
 
