@@ -35,9 +35,9 @@ from device.engine import (
     check_int8_cache,
     default_cache_dir,
     engine_key,
+    key_plan_path,
     needs_rebuild,
     parse_workspace,
-    plan_path,
 )
 from device.errors import JetyoloError
 
@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tensorrt (default without --config), or auto/onnxruntime as the "
                              "detector runs: nothing is built for ONNX Runtime")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="engine precision (default fp16)")
+                        help="engine precision (default: fp16; on TensorRT 11 fp16 when the "
+                             "bundle has its fp16 graph, else fp32)")
     parser.add_argument("--int8-from", choices=INT8_SOURCES, default=None,
                         help="INT8 source: the calibration cache or the Q/DQ model "
                              "(default: qdq on TensorRT >= 10 when the bundle has it, else cache)")
@@ -103,12 +104,12 @@ def no_engine_reason(config: RunConfig) -> Optional[str]:
 
 def request_from_args(args: argparse.Namespace, config: RunConfig) -> BuildRequest:
     """Flag checks that need no TensorRT, so a typo fails before the (slow) TensorRT import."""
-    precision, int8_from, variant = config.precision or "fp16", config.int8_from, config.variant
+    precision, int8_from, variant = config.precision, config.int8_from, config.variant
     if variant == "int8-qdq":  # as the TensorRT backend of `jetyolo run` reads it
         precision, int8_from, variant = "int8", "qdq", None
     if args.int8_from and precision != "int8":  # a config's int8_from is ignored, as by `run`
         raise JetyoloError(f"--int8-from only applies to precision int8 (precision is "
-                           f"{precision}); drop it or add --precision int8")
+                           f"{precision or 'the default'}); drop it or add --precision int8")
     if args.dla is not None and args.dla < 0:
         raise JetyoloError(f"--dla {args.dla}: a DLA core number is 0 or 1")
     return BuildRequest(
@@ -138,11 +139,9 @@ def check_only(bundle: Bundle, request: BuildRequest, ops: Any) -> int:
     if why:
         print(f"INT8 from {why}")
     if build.calibrator_from_cache and inputs is not None:
-        onnx_path = bundle.model_path(request.variant)
+        onnx_path = bundle.model_path(key.variant)
         check_int8_cache(inputs, onnx_path, build, facts, ops, print)
-    cache_dir = request.cache_dir or default_cache_dir()
-    plan = plan_path(cache_dir, bundle.model_id, request.precision, key.int8_source,
-                     request.dla_core, request.variant)
+    plan = key_plan_path(request.cache_dir or default_cache_dir(), bundle.model_id, key)
     rebuild, reason = needs_rebuild(plan, key)
     print(("a build is needed: " if rebuild else "up to date: ") + reason)
     return 0

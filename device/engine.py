@@ -15,6 +15,7 @@ tested on machines without TensorRT; the TensorRT calls live in ``device.backend
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,9 +28,10 @@ from device.bundle import atomic_write_bytes, atomic_write_json, make_writable_d
 from device.calibcache import parse_trt_version
 from device.errors import JetyoloError
 
-KEY_SCHEMA = 1  # bump when the build recipe changes in a way that makes old plans stale
+KEY_SCHEMA = 2  # bump when the build recipe changes in a way that makes old plans stale
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_SOURCES = ("cache", "qdq")
+FP16_VARIANT = "fp16"  # the half-precision ONNX graph TensorRT >= 11 needs for fp16 engines
 MIB = 1 << 20
 GIB = 1 << 30
 # Workspace "auto": half of the free memory, at most 4 GiB, at least 256 MiB. TensorRT >= 8.4
@@ -282,6 +284,10 @@ class BuildPlan:
     builder_flags: Tuple[str, ...]  # trt.BuilderFlag member names
     calibrator_from_cache: bool
     keep_fp16_layers: bool
+    # TF32 is on by default (NvInfer.h kTF32, 8.5.2 to 11.x: "Enabled by default"); an fp32 engine
+    # clears it so that fp32 means fp32 on Orin/Thor and the fp32 verify gates (set from CPU
+    # differences of ~1e-4) still judge it.
+    cleared_flags: Tuple[str, ...] = ()
 
 
 def plan_build(
@@ -293,7 +299,8 @@ def plan_build(
 ) -> BuildPlan:
     """The build recipe for a precision on a TensorRT version; JetyoloError when impossible.
 
-    - fp32/fp16: weakly typed network from the fp32 ONNX, FP16 flag for fp16 (TensorRT < 11).
+    - fp32/fp16: weakly typed network from the fp32 ONNX, FP16 flag for fp16 (TensorRT < 11);
+      TensorRT >= 11 has no FP16 flag: fp16 parses the bundle's fp16 variant, strongly typed.
     - int8 from cache (TensorRT 8.5-10.x): INT8+FP16 flags, a calibrator that only returns the
       cache, head layers kept FP16 with PREFER_PRECISION_CONSTRAINTS.
     - int8 from Q/DQ: on 8.5-10.x a weakly typed network with INT8+FP16, so the layers left in
@@ -314,13 +321,10 @@ def plan_build(
         raise JetyoloError("DLA runs FP16 or INT8 only; use --precision fp16 or int8 with --dla")
     explicit_batch = major < 10
     if precision == "fp32":
-        return BuildPlan("fp32", major >= 11, explicit_batch, (), False, False)
+        return BuildPlan("fp32", major >= 11, explicit_batch, (), False, False, ("TF32",))
     if precision == "fp16":
-        if major >= 11:
-            raise JetyoloError(
-                f"TensorRT {trt_version} is strongly typed: FP16 needs an FP16 ONNX model; "
-                "use --precision int8 --int8-from qdq or fp32"
-            )
+        if major >= 11:  # strongly typed only: half precision comes from a half graph
+            return BuildPlan(FP16_VARIANT, True, explicit_batch, (), False, False)
         return BuildPlan("fp32", False, explicit_batch, ("FP16",), False, False)
     if int8_source not in INT8_SOURCES:
         raise JetyoloError(f"--int8-from {int8_source!r} must be one of {list(INT8_SOURCES)}")
@@ -335,6 +339,36 @@ def plan_build(
     strongly = major >= 11 or (major == 10 and qdq_float_dtype == "float16")
     flags: Tuple[str, ...] = () if strongly else ("INT8", "FP16")
     return BuildPlan("int8-qdq", strongly, explicit_batch, flags, False, False)
+
+
+def default_precision(trt_version: str, variants: Iterable[str]) -> Tuple[str, str]:
+    """(precision, why) when none is asked for: fp16 on TensorRT 8.5-10.x (FP16 flag); on 11,
+    which has no FP16 flag, fp16 when the bundle carries the fp16 ONNX variant, else fp32."""
+    major = parse_trt_version(trt_version)[0]
+    if major < 11:
+        return "fp16", f"default on TensorRT {trt_version}"
+    if FP16_VARIANT in set(variants):
+        return "fp16", f"default on TensorRT {trt_version}: the bundle's fp16 graph"
+    return "fp32", (
+        f"default on TensorRT {trt_version}: the bundle has no fp16 graph (re-export it with the "
+        "fp16 variant for a half-precision engine)"
+    )
+
+
+def check_fp16_graph(trt_version: str, variant: str, variants: Iterable[str], root: Any) -> None:
+    """TensorRT >= 11 builds fp16 only from the bundle's fp16 ONNX graph (float input)."""
+    if variant != "fp32":
+        raise JetyoloError(
+            f"--precision fp16 with --variant {variant}: TensorRT {trt_version} builds half "
+            "precision only from the bundle's fp16 graph (float input); use --variant fp32 or "
+            "--precision int8 --int8-from qdq"
+        )
+    if FP16_VARIANT not in set(variants):
+        raise JetyoloError(
+            f"--precision fp16 on TensorRT {trt_version} needs a half-precision ONNX graph and "
+            f"bundle {root} has no '{FP16_VARIANT}' variant; re-export the bundle with "
+            "`jetyolo export` (it adds the fp16 graph), or use --precision fp32 or int8"
+        )
 
 
 def choose_int8_source(
@@ -370,22 +404,44 @@ class LayerRecord:
 
 FLOAT_TYPES = ("FLOAT", "HALF", "BF16")
 _NOT_CALIBRATED = ("CONSTANT", "SHAPE", "ASSERTION")
+# Names TensorRT gives tensors that have no ONNX counterpart: its own default for layers nobody
+# named (8.x: "(Unnamed Layer* 12) [Shuffle]_output") and the ONNX parser's helper layers from
+# 8.7/9 on ("ONNXTRT_Broadcast_output", onnx-tensorrt importerUtils.cpp). Used only for bundles
+# whose manifest predates ``calibration.tensors``.
+HELPER_PREFIXES = ("(Unnamed Layer", "ONNXTRT_")
 
 
-def calibration_tensor_names(
+def network_activations(
     inputs: Iterable[Tuple[str, str]], layers: Sequence[LayerRecord]
 ) -> List[str]:
-    """The tensors a calibration cache must cover: float network inputs and float outputs of
-    computing layers. Constants, shape tensors and tensors TensorRT names itself
-    (``(Unnamed Layer* 12) [Constant]_output``, no ONNX counterpart) are left out."""
+    """Every tensor TensorRT would calibrate: float network inputs and float outputs of
+    computing layers (constants and shape tensors are never quantized)."""
     names = [name for name, dtype in inputs if dtype in FLOAT_TYPES]
     for layer in layers:
         if layer.type in _NOT_CALIBRATED:
             continue
-        for name, dtype in layer.outputs:
-            if dtype in FLOAT_TYPES and not name.startswith("(Unnamed Layer"):
-                names.append(name)
+        names += [name for name, dtype in layer.outputs if dtype in FLOAT_TYPES]
     return list(dict.fromkeys(names))
+
+
+def calibration_tensor_names(
+    inputs: Iterable[Tuple[str, str]],
+    layers: Sequence[LayerRecord],
+    onnx_tensors: Optional[Iterable[str]] = None,
+) -> Tuple[List[str], List[str]]:
+    """(required, helpers). Required: the network's activations that exist in the bundle's ONNX
+    graph (``onnx_tensors``, recorded by the host as ``calibration.tensors``), which a cache must
+    cover. Helpers: tensors TensorRT's parser added itself; without a scale they run in float,
+    which is what TensorRT does for any tensor a cache lacks. Without ``onnx_tensors`` (older
+    bundles) helpers are told by name (HELPER_PREFIXES)."""
+    activations = network_activations(inputs, layers)
+    if onnx_tensors is None:
+        helpers = [name for name in activations if name.startswith(HELPER_PREFIXES)]
+    else:
+        graph = set(onnx_tensors)
+        helpers = [name for name in activations if name not in graph]
+    chosen = set(helpers)
+    return [name for name in activations if name not in chosen], helpers
 
 
 def all_tensor_names(
@@ -427,6 +483,7 @@ class Int8Inputs:
     qdq_float_dtype: str
     fp16_layers: Tuple[str, ...]  # ONNX node names kept out of INT8 (the head's post-processing)
     fp16_tensors: Tuple[str, ...]  # tensors the cache leaves out on purpose
+    onnx_tensors: Optional[Tuple[str, ...]] = None  # the parsed graph's own tensor names
 
 
 def _names(calibration: Mapping[str, Any], *keys: str) -> Tuple[str, ...]:
@@ -447,7 +504,18 @@ def _cache_files(bundle: Any) -> List[str]:
     return sorted(name for name in bundle.manifest["files"] if name.endswith(".cache"))
 
 
-def find_int8_inputs(bundle: Any, trt_version: str) -> Int8Inputs:
+def onnx_tensor_names(calibration: Mapping[str, Any], variant: str) -> Optional[Tuple[str, ...]]:
+    """``calibration.tensors``: the host's list of the ONNX graph's tensors per variant
+    (``{"fp32": [...], "uint8": [...]}``; a plain list is the fp32 graph's). None when absent."""
+    listed = calibration.get("tensors")
+    if isinstance(listed, list):
+        listed = {"fp32": listed}
+    if not isinstance(listed, Mapping) or variant not in listed:
+        return None
+    return tuple(str(name) for name in listed[variant])
+
+
+def find_int8_inputs(bundle: Any, trt_version: str, variant: str = "fp32") -> Int8Inputs:
     """Pick the bundle's calibration cache for ``trt_version`` by header (files listed in
     ``calibration.caches``, or every ``*.cache`` file) and its Q/DQ model, if any. Layers kept in
     FP16: ``calibration.fp16_layers`` plus the export's ``head.postprocess_nodes``.
@@ -487,7 +555,8 @@ def find_int8_inputs(bundle: Any, trt_version: str) -> Int8Inputs:
     layers = _names(calibration, "fp16_layers", "excluded_layers", "excluded_nodes")
     layers += tuple(name for name in _names(head, "postprocess_nodes") if name not in layers)
     tensors = _names(calibration, "uncached_tensors", "fp16_tensors", "excluded_tensors")
-    return Int8Inputs(cache, tuple(versions), qdq, float_dtype, layers, tensors)
+    return Int8Inputs(cache, tuple(versions), qdq, float_dtype, layers, tensors,
+                      onnx_tensor_names(calibration, variant))
 
 
 def no_cache_message(bundle: Any, trt_version: str, versions: Sequence[str]) -> str:
@@ -511,7 +580,7 @@ class DeviceFacts:
 
 @dataclass(frozen=True)
 class BuildRequest:
-    precision: str = "fp16"
+    precision: Optional[str] = None  # None: default_precision for the device's TensorRT
     int8_from: Optional[str] = None  # None: choose_int8_source decides
     variant: str = "fp32"  # bundle graph for fp32/fp16/int8-from-cache engines
     workspace_bytes: Optional[int] = None  # None: auto_workspace_bytes
@@ -545,13 +614,21 @@ class TensorRTOps:
 
 
 def _int8_choice(
-    bundle: Any, request: BuildRequest, facts: DeviceFacts
+    bundle: Any, request: BuildRequest, facts: DeviceFacts, precision: str
 ) -> Tuple[Optional[str], Optional[Int8Inputs], str]:
-    if request.precision != "int8":
+    if precision != "int8":
         return None, None, ""
-    inputs = find_int8_inputs(bundle, facts.trt_version)
+    inputs = find_int8_inputs(bundle, facts.trt_version, request.variant)
     if request.int8_from == "cache" and inputs.cache is None:
         raise JetyoloError(no_cache_message(bundle, facts.trt_version, inputs.cache_versions))
+    if request.variant != "fp32":  # the Q/DQ model is a float-input graph of its own
+        if request.int8_from == "qdq":
+            raise JetyoloError(
+                f"--variant {request.variant} with --int8-from qdq: the Q/DQ model is the fp32 "
+                f"graph quantized (float input), not the {request.variant} graph; use "
+                "--int8-from cache for this variant, or --variant fp32"
+            )
+        inputs = dataclasses.replace(inputs, qdq=None)
     source, why = choose_int8_source(
         request.int8_from, facts.trt_version, inputs.cache is not None, inputs.qdq is not None
     )
@@ -561,21 +638,28 @@ def _int8_choice(
 def engine_key(
     bundle: Any, request: BuildRequest, facts: DeviceFacts
 ) -> Tuple[EngineKey, BuildPlan, Optional[Int8Inputs], str]:
-    """The key of the engine ``request`` asks for on this device, and how to build it."""
-    source, inputs, why = _int8_choice(bundle, request, facts)
+    """The key of the engine ``request`` asks for on this device, how to build it, and why this
+    precision / INT8 source (empty when asked for explicitly)."""
+    precision, why = request.precision, ""
+    if precision is None:
+        precision, why = default_precision(facts.trt_version, bundle.manifest["variants"])
+    source, inputs, int8_why = _int8_choice(bundle, request, facts, precision)
     float_dtype = inputs.qdq_float_dtype if inputs else "float32"
-    build = plan_build(facts.trt_version, request.precision, source, float_dtype, request.dla_core)
+    build = plan_build(facts.trt_version, precision, source, float_dtype, request.dla_core)
+    if build.variant == FP16_VARIANT:
+        check_fp16_graph(facts.trt_version, request.variant, bundle.manifest["variants"],
+                         bundle.root)
     int8_file = None
     if inputs is not None:
         int8_file = inputs.cache if source == "cache" else inputs.qdq
-    variant = request.variant if build.variant == "fp32" else build.variant
     keep: Tuple[str, ...] = ()
     if build.keep_fp16_layers and inputs is not None:
         keep = tuple(sorted(inputs.fp16_layers + inputs.fp16_tensors))
+    graph = parsed_variant(build, request.variant)
     key = EngineKey(
-        onnx_sha256=bundle.model_sha256(request.variant),
-        variant=variant,
-        precision=request.precision,
+        onnx_sha256=bundle.model_sha256(graph),
+        variant=graph,
+        precision=precision,
         int8_source=source,
         int8_sha256=sha256_file(int8_file) if int8_file else None,
         trt_version=facts.trt_version,
@@ -586,7 +670,20 @@ def engine_key(
         dla_core=request.dla_core,
         fp16_layers=keep,
     )
-    return key, build, inputs, why
+    return key, build, inputs, int8_why or why
+
+
+def parsed_variant(build: BuildPlan, variant: str) -> str:
+    """The bundle graph TensorRT parses: the recipe's own (int8-qdq, fp16) or the one asked for."""
+    return build.variant if build.variant != "fp32" else variant
+
+
+def key_plan_path(cache_dir: Union[str, Path], model_id: str, key: EngineKey) -> Path:
+    """The one plan-naming rule (build, run and verify all call it): precision, INT8 source, the
+    parsed graph unless the precision already says it (fp32, fp16, int8-qdq), DLA core."""
+    implied = key.variant in ("fp32", FP16_VARIANT, "int8-qdq")
+    return plan_path(cache_dir, model_id, key.precision, key.int8_source, key.dla_core,
+                     "fp32" if implied else key.variant)
 
 
 def ensure_engine(
@@ -597,10 +694,7 @@ def ensure_engine(
     facts = ops.device_facts()
     key, build, inputs, why = engine_key(bundle, request, facts)
     cache_dir = Path(request.cache_dir) if request.cache_dir else default_cache_dir()
-    plan = plan_path(
-        cache_dir, bundle.model_id, request.precision, key.int8_source, request.dla_core,
-        request.variant,
-    )
+    plan = key_plan_path(cache_dir, bundle.model_id, key)
     rebuild, reason = needs_rebuild(plan, key)
     if not rebuild and not request.force:
         log(f"engine: reusing {reason}")
@@ -608,8 +702,8 @@ def ensure_engine(
     log(f"engine: building ({'--force' if not rebuild else reason})")
     check_cache_dir(plan.parent)
     if why:
-        log(f"engine: INT8 from {why}")
-    onnx_path = bundle.model_path(build.variant if build.variant != "fp32" else request.variant)
+        log(f"engine: {key.precision}" + (f" from {why}" if key.int8_source else f" ({why})"))
+    onnx_path = bundle.model_path(key.variant)
     cache_bytes: Optional[bytes] = None
     fp16_layers: List[str] = []
     if build.calibrator_from_cache and inputs is not None and inputs.cache is not None:
@@ -617,7 +711,7 @@ def ensure_engine(
     workspace = request.workspace_bytes or auto_workspace_bytes(facts.free_bytes, facts.total_bytes)
     log(
         f"engine: TensorRT {facts.trt_version} on {facts.gpu_name} (sm {facts.compute_capability})"
-        f", {request.precision}, workspace {workspace // MIB} MiB"
+        f", {key.precision}, workspace {workspace // MIB} MiB"
     )
     started = datetime.now(timezone.utc)
     plan_bytes = ops.build_engine(
@@ -655,7 +749,10 @@ def check_int8_cache(
         raise JetyoloError("internal: no calibration cache to check")
     cache = read_cache(inputs.cache)
     network_inputs, layers = ops.network_layers(onnx_path, build.strongly_typed)
-    tensors = calibration_tensor_names(network_inputs, layers)
+    tensors, helpers = calibration_tensor_names(network_inputs, layers, inputs.onnx_tensors)
+    if inputs.onnx_tensors is None:
+        log(f"engine: the bundle lists no ONNX tensors for {onnx_path.name} "
+            "(calibration.tensors); TensorRT's helper tensors are told by name")
     keep = layers_to_keep_fp16(layers, inputs.fp16_layers, inputs.fp16_tensors)
     kept_outputs = [name for layer in layers if layer.name in keep for name, _ in layer.outputs]
     allowed_missing = set(inputs.fp16_tensors) | set(kept_outputs)
@@ -666,6 +763,10 @@ def check_int8_cache(
     if problems:
         alternative = " (or build from the Q/DQ model: --int8-from qdq)" if inputs.qdq else ""
         raise JetyoloError(" ; ".join(problems) + alternative)
+    unscaled = [name for name in helpers if name not in cache.scales]
+    if unscaled:
+        log(f"engine: {len(unscaled)} tensor(s) TensorRT's parser added (not in the ONNX graph, "
+            f"e.g. {unscaled[0]!r}) have no scale and run in float, as TensorRT does for them")
     log(
         f"engine: calibration cache {inputs.cache.name} fits ({len(cache.scales)} tensors, "
         f"{cache.header}); {len(keep)} head layer(s) kept in FP16"

@@ -55,7 +55,7 @@ def _open_tensorrt(
         ) from exc
     backend: Backend = module.open_tensorrt(
         bundle,
-        precision=precision or "fp16",
+        precision=precision,
         variant=variant,
         engine_cache_dir=engine_cache_dir,
         int8_from=int8_from,

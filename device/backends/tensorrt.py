@@ -57,6 +57,13 @@ PYCUDA_HINT = (
     "build pycuda on the device: `export PATH=/usr/local/cuda/bin:$PATH "
     "CPATH=/usr/local/cuda/include; pip install pycuda` (needs python3-dev and nvcc from JetPack)"
 )
+# TensorRT DataType member name -> numpy dtype. ``trt.nptype`` is not used: TensorRT 8.5.2's
+# (JetPack 5.1) builds its table with ``np.bool``, which numpy 1.24 removed, so every call raises
+# AttributeError there (NVIDIA/TensorRT#2557, fixed in 8.5.3).
+NUMPY_DTYPES = {
+    "FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32,
+    "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8,
+}
 HEARTBEAT_SECONDS = 30.0
 PROGRESS_SECONDS = 5.0
 _LOGGER: Any = None
@@ -281,15 +288,20 @@ def _set_layer_precisions(trt: Any, network: Any, fp16_layers: Sequence[str]) ->
 
 
 def _load_timing_cache(config: Any, path: Optional[Path], log: Callable[[str], None]) -> None:
-    data = b""
-    if path is not None and path.is_file():
-        data = path.read_bytes()
-    try:
-        cache = config.create_timing_cache(data)
-    except Exception as exc:  # a corrupt file: start empty, it is rewritten after the build
-        log(f"engine: timing cache {path} unusable ({exc}); starting an empty one")
+    """Attach the timing cache at ``path`` (or an empty one). TensorRT answers a blob it cannot
+    read with None (``createTimingCache`` returns nullptr; NVIDIA's samples/utils/timingCache.cpp
+    checks for it) and a cache from another device with ``set_timing_cache`` -> False: both cost
+    only build time, so the build goes on with an empty cache, or with none."""
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    cache = config.create_timing_cache(data) if data else None
+    if data and (cache is None or not config.set_timing_cache(cache, ignore_mismatch=False)):
+        log(f"engine: timing cache {path} unusable (corrupt, or from another device); "
+            "starting an empty one")
+        cache = None
+    if cache is None:
         cache = config.create_timing_cache(b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            log("engine: TensorRT made no timing cache; building without one")
 
 
 def _configure_dla(trt: Any, builder: Any, config: Any, dla_core: int) -> None:
@@ -325,6 +337,8 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     for flag in build.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in build.cleared_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
     calibrator = None
     if build.calibrator_from_cache:
         if not calib_cache:
@@ -369,13 +383,27 @@ def _check_build(trt: Any, serialized: Any, calibrator: Any) -> None:
 
 def _save_timing_cache(config: Any, path: Path, log: Callable[[str], None]) -> None:
     """A timing cache that cannot be written costs the next build time, not this engine."""
+    cache = config.get_timing_cache()  # None when none could be attached (see _load_timing_cache)
+    if cache is None:
+        return
     try:
-        atomic_write_bytes(path, bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(path, bytes(cache.serialize()))
     except OSError as exc:
         log(f"engine: timing cache {path} not saved ({exc.strerror or exc}); the engine is kept")
 
 
 # ---- runtime -----------------------------------------------------------------------------------
+def numpy_dtype(trt_dtype: Any, tensor: str) -> np.dtype:
+    """The numpy dtype of a TensorRT ``DataType`` (see NUMPY_DTYPES)."""
+    name = str(getattr(trt_dtype, "name", trt_dtype))
+    if name not in NUMPY_DTYPES:
+        raise JetyoloError(
+            f"engine tensor {tensor!r} has TensorRT type {name}, which jetyolo cannot feed or "
+            f"read (it handles {', '.join(NUMPY_DTYPES)}); re-export the bundle"
+        )
+    return np.dtype(NUMPY_DTYPES[name])
+
+
 class TensorRTBackend(Backend):
     """Runs a serialized plan. Activate, infer and deactivate on one thread (the pipeline's
     inference thread): the CUDA context is pushed there in ``activate`` and popped in
@@ -452,8 +480,7 @@ class TensorRTBackend(Backend):
                 f"engine tensor {name!r} has dynamic shape {list(shape)}; jetyolo bundles are "
                 "static (`jetyolo export` without --dynamic)"
             )
-        dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
-        return TensorSpec(name, shape, dtype)
+        return TensorSpec(name, shape, numpy_dtype(self._engine.get_tensor_dtype(name), name))
 
     def input_specs_impl(self) -> Dict[str, TensorSpec]:
         return {name: self._specs[name] for name in self._inputs}
@@ -509,7 +536,7 @@ class TensorRTBackend(Backend):
 
 def open_tensorrt(
     bundle: Any,
-    precision: str = "fp16",
+    precision: Optional[str] = None,
     variant: Optional[str] = None,
     engine_cache_dir: Optional[Path] = None,
     int8_from: Optional[str] = None,

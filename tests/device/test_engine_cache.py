@@ -246,6 +246,7 @@ def test_default_cache_dir():
         (("8.6.2", "int8", "qdq", "float16"), "int8-qdq", False, True, ("INT8", "FP16"), False),
         (("11.0.0", "int8", "qdq"), "int8-qdq", True, False, (), False),  # strongly typed only
         (("11.0.0", "fp32"), "fp32", True, False, (), False),
+        (("11.1.0", "fp16"), "fp16", True, False, (), False),  # no FP16 flag: the fp16 graph
     ],
 )
 def test_plan_build(args, variant, strongly, explicit_batch, flags, calibrator):
@@ -261,7 +262,6 @@ def test_plan_build(args, variant, strongly, explicit_batch, flags, calibrator):
     ("args", "kwargs", "message"),
     [
         (("11.0.0", "int8", "cache"), {}, "removed calibration caches"),
-        (("11.1.0", "fp16"), {}, "strongly typed"),
         (("8.4.3", "fp16"), {}, "too old"),
         (("10.3.0", "fp16", "cache"), {}, "only applies to --precision int8"),
         (("10.3.0", "int8", None), {}, "--int8-from"),
@@ -315,14 +315,26 @@ LAYERS = [
 ]
 
 
-def test_calibration_tensor_names():
-    assert engine.calibration_tensor_names([("images", "FLOAT"), ("ids", "INT32")], LAYERS) == [
+def test_calibration_tensor_names_without_the_onnx_list_tell_helpers_by_name():
+    inputs = [("images", "FLOAT"), ("ids", "INT32")]
+    helper = LayerRecord("ONNXTRT_Broadcast", "SHUFFLE", (("ONNXTRT_Broadcast_output", "FLOAT"),))
+    required, helpers = engine.calibration_tensor_names(inputs, [*LAYERS, helper])
+    assert required == [
         "images",
         "/model.0/conv/Conv_output_0",
         "/model.23/dfl/Softmax_output_0",
         "scores",
         "boxes",
     ]
+    assert helpers == ["(Unnamed Layer* 9) [Gather]_output", "ONNXTRT_Broadcast_output"]
+
+
+def test_calibration_tensor_names_follow_the_onnx_graph():
+    onnx_graph = ["images", "/model.0/conv/Conv_output_0", "scores", "boxes",
+                  "/model.23/dfl/Softmax_output_0", "not_in_network"]
+    required, helpers = engine.calibration_tensor_names([("images", "FLOAT")], LAYERS, onnx_graph)
+    assert required == [*onnx_graph[:2], "/model.23/dfl/Softmax_output_0", "scores", "boxes"]
+    assert helpers == ["(Unnamed Layer* 9) [Gather]_output"]
 
 
 def test_all_tensor_names():
