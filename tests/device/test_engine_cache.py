@@ -390,6 +390,8 @@ def make_bundle(root: Path, calibration: Dict[str, Any], files: Dict[str, bytes]
     variants = {"fp32": variant}
     if "model_qdq.onnx" in files:
         variants["int8-qdq"] = {**variant, "file": "model_qdq.onnx"}
+    if "model_uint8.onnx" in files:
+        variants["uint8"] = {**variant, "file": "model_uint8.onnx"}
     manifest = {
         "schema_version": 1, "name": "synth320", "class_names": ["a"],
         "preprocess": {"size": [320, 320]}, "postprocess": {}, "variants": variants,
@@ -528,3 +530,18 @@ def test_int8_default_on_tensorrt_10_is_the_qdq_model(tmp_path):
     assert result.key.int8_source == "qdq" and result.plan.name == "int8-qdq.plan"
     assert ops.builds[0]["onnx"].name == "model_qdq.onnx" and ops.builds[0]["calib_cache"] is None
     assert ops.parsed == []  # no cache check for the Q/DQ path
+
+
+def test_int8_of_the_uint8_variant_never_builds_the_float_qdq_graph_under_its_name(tmp_path):
+    data = cache_bytes(tmp_path, "10.3.0", NETWORK_TENSORS)
+    files = {"c.cache": data, "model_qdq.onnx": b"qdq", "model_uint8.onnx": b"uint8"}
+    bundle = make_bundle(tmp_path, {"uncached_tensors": ["scores", "boxes"]}, files)
+    with pytest.raises(JetyoloError, match="--variant uint8 with --int8-from qdq"):
+        ensure_engine(bundle, BuildRequest("int8", "qdq", "uint8", cache_dir=tmp_path / "e"),
+                      RecordingOps())
+    ops = RecordingOps()
+    result = ensure_engine(bundle, BuildRequest("int8", None, "uint8", cache_dir=tmp_path / "e"),
+                           ops, lambda line: None)  # TensorRT 10 default (qdq) is not for uint8
+    assert result.key.int8_source == "cache" and result.plan.name == "int8-cache-uint8.plan"
+    assert ops.builds[0]["onnx"].name == "model_uint8.onnx"
+    assert result.key.onnx_sha256 == bundle.model_sha256("uint8")
