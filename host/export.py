@@ -32,6 +32,7 @@ from host.train import load_detect_model
 log = logging.getLogger(__name__)
 BASE_PASSES = (surgeon.fold_constants, surgeon.remove_identity, surgeon.split_head)
 PARITY_IMAGES = 16
+FRAME_MIN_AGREEMENT = 0.99  # letterbox in the graph vs on the CPU, at the detection level
 UINT8_ATOL = 1e-6  # the uint8 graph must compute what the fp32 one does on the device's float input
 Size = Tuple[int, int]  # (height, width) of the model input
 
@@ -189,6 +190,23 @@ def uint8_variant(fp32: Dict[str, Any], batch: int, imgsz: Size) -> Dict[str, An
     )
 
 
+def frame_variant(fp32: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(
+        fp32,
+        file="model_frame.onnx",
+        passes=[*fp32["passes"], "frame_input"],
+        input={
+            "name": surgeon.FRAME_INPUT,
+            "shape": [1, "frame_height", "frame_width", 3],
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "color": "BGR",
+            "note": "the camera frame as decoded; the graph letterboxes, swaps to RGB and scales. "
+                    "TensorRT: the frame size is pinned by the optimisation profile at build time",
+        },
+    )
+
+
 def nms_variant(fp32: Dict[str, Any], config: PostprocessConfig) -> Dict[str, Any]:
     m = config.max_det
     return dict(
@@ -223,6 +241,7 @@ def export_bundle(
     *,
     uint8_input: bool = False,
     nms: bool = False,
+    frame_input: bool = False,
     source_size: Optional[Size] = None,
     data: Optional[Path] = None,
     parity_images: int = PARITY_IMAGES,
@@ -261,6 +280,14 @@ def export_bundle(
             manifest["variants"]["uint8"] = uint8_variant(
                 manifest["variants"]["fp32"], batch, imgsz
             )
+        if frame_input:
+            files["model_frame.onnx"] = _save(
+                _variant(model, surgeon.frame_input), workdir / "model_frame.onnx"
+            )
+            manifest["parity"]["frame_vs_cpu_letterbox"] = _check_frame(
+                files, frames, imgsz, config
+            )
+            manifest["variants"]["frame"] = frame_variant(manifest["variants"]["fp32"])
         if nms:
             nms_pass = surgeon.efficient_nms(config.conf, config.iou, config.max_det)
             files["model_nms.onnx"] = _save(_variant(model, nms_pass), workdir / "model_nms.onnx")
@@ -405,6 +432,25 @@ def _check_uint8(
     return worst
 
 
+def _check_frame(
+    files: Dict[str, Path], frames: List[Any], imgsz: Size, config: PostprocessConfig
+) -> Dict[str, Any]:
+    record = parity.frame_difference(
+        files["model.onnx"], files["model_frame.onnx"], frames, imgsz, config
+    )
+    log.info(
+        "  frame input (letterbox in the graph) vs CPU letterbox: agreement %.4f, boxes %.2f px",
+        record["agreement"], record["max_box_px"],
+    )
+    if record["agreement"] < FRAME_MIN_AGREEMENT:
+        raise JetyoloError(
+            f"the frame-input variant agrees with the CPU letterbox on only "
+            f"{record['agreement']:.4f} of detections (< {FRAME_MIN_AGREEMENT}); "
+            "nothing was written"
+        )
+    return record
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("weights", type=Path, help="trained ultralytics detect model (.pt)")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
@@ -429,6 +475,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--uint8-input",
         action="store_true",
         help="also write model_uint8.onnx: uint8 NHWC RGB input, cast/scale in the graph",
+    )
+    parser.add_argument(
+        "--frame-input",
+        action="store_true",
+        help="also write model_frame.onnx: the camera frame (uint8 BGR, any size) in, the "
+             "letterbox done in the graph (on the GPU under TensorRT)",
     )
     parser.add_argument(
         "--nms",
@@ -474,6 +526,7 @@ def run(args: argparse.Namespace) -> int:
         args.name,
         uint8_input=args.uint8_input,
         nms=args.nms,
+        frame_input=args.frame_input,
         source_size=args.source_size,
         data=args.data,
         parity_images=args.parity_images,

@@ -23,7 +23,7 @@ import numpy as np
 from device.detections import Detections
 from device.errors import JetyoloError
 from device.matching import match_pairs
-from device.postprocess import PostprocessConfig, decode_split_head
+from device.postprocess import PostprocessConfig, decode_split_head, postprocess
 from device.preprocess import Preprocessor
 from host._env import require
 
@@ -80,6 +80,13 @@ def report_lines(record: Dict[str, Any]) -> List[str]:
         lines.append(
             f"  uint8-input variant vs fp32: boxes max abs {worst['boxes']:.3g}, "
             f"scores max abs {worst['scores']:.3g}"
+        )
+    if "frame_vs_cpu_letterbox" in record:
+        frame = record["frame_vs_cpu_letterbox"]
+        lines.append(
+            f"  frame-input variant (letterbox in the graph) vs CPU letterbox: agreement "
+            f"{frame['agreement']:.4f} ({frame['matched']}/{max(frame['cpu'], frame['graph'])}), "
+            f"boxes max {frame['max_box_px']:.2f} frame px"
         )
     return lines
 
@@ -273,6 +280,51 @@ def uint8_difference(
         for name, want, have in zip(OUTPUTS, expected, got):
             worst[name] = max(worst[name], float(np.abs(want - have).max()))
     return worst
+
+
+CAMERA_SIZES = ((1920, 1080), (1280, 720), (640, 480), (517, 333))  # (w, h) frame_difference uses
+
+
+def frame_difference(
+    fp32_path: Path,
+    frame_path: Path,
+    frames: Sequence[np.ndarray],
+    input_size: Tuple[int, int],
+    config: PostprocessConfig,
+) -> Dict[str, Any]:
+    """The frame-input variant (letterbox in the graph) against the fp32 model fed the device's
+    CPU letterbox, on ``frames`` resized to each of ``CAMERA_SIZES``: detection agreement and the
+    largest box-corner difference, in frame pixels, over images whose detections pair up."""
+    ort = require("onnxruntime", "export")
+    fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+    in_graph = ort.InferenceSession(str(frame_path), providers=["CPUExecutionProvider"])
+    preprocess = Preprocessor(input_size, "float32")
+    totals = {"cpu": 0, "graph": 0, "matched": 0}
+    worst_px = 0.0
+    for size in CAMERA_SIZES:
+        for frame in (cv2.resize(image, size, interpolation=cv2.INTER_LINEAR) for image in frames):
+            geometry = preprocess(frame)
+            cpu = postprocess(_named(fp32, {"images": preprocess.buffer}), geometry, config)
+            graph = postprocess(_named(in_graph, {"frame": frame[None]}), geometry, config)
+            matched = match_detections(cpu, graph)
+            totals = {"cpu": totals["cpu"] + len(cpu), "graph": totals["graph"] + len(graph),
+                      "matched": totals["matched"] + matched}
+            if matched == len(cpu) == len(graph) and matched:
+                worst_px = max(worst_px, _corner_difference(cpu, graph))
+    compared = max(totals["cpu"], totals["graph"])
+    return dict(totals, agreement=totals["matched"] / compared if compared else 1.0,
+                max_box_px=round(worst_px, 3), frame_sizes=[list(size) for size in CAMERA_SIZES])
+
+
+def _named(session: Any, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed)))
+
+
+def _corner_difference(a: Detections, b: Detections) -> float:
+    """Largest corner difference between greedily paired boxes (same class, best IoU)."""
+    pairs = match_pairs(a, b, 0.5)
+    return max(float(np.abs(a.xyxy[r] - b.xyxy[d]).max()) for r, d, _ in pairs) if pairs else 0.0
 
 
 def frames_for(data: Optional[Path], classes: int, count: int) -> Tuple[List[np.ndarray], str]:

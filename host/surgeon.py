@@ -122,18 +122,8 @@ def uint8_input(graph: Graph) -> Graph:
     give bit-identical tensors.
     """
     gs = _gs()
-    if len(graph.inputs) != 1:
-        raise JetyoloError(
-            f"--uint8-input needs a model with one input, this one has "
-            f"{[t.name for t in graph.inputs]}"
-        )
-    images = graph.inputs[0]
-    shape = list(images.shape or [])
-    if len(shape) != 4 or shape[1] != 3 or np.dtype(images.dtype) != np.float32:
-        raise JetyoloError(
-            f"--uint8-input needs a float32 [B,3,H,W] input, {images.name!r} is "
-            f"{images.dtype} {shape}; export with a static --imgsz"
-        )
+    images = _single_float_input(graph, "--uint8-input")
+    shape = list(images.shape)
     batch, channels, height, width = shape
     name = images.name
     images.name = f"{name}_float_nchw"
@@ -162,6 +152,101 @@ def uint8_input(graph: Graph) -> Graph:
     ]
     graph.inputs = [raw]
     return graph
+
+
+FRAME_INPUT = "frame"  # the frame-input variant's input: the camera frame itself
+
+
+def frame_input(graph: Graph) -> Graph:
+    """Take the camera frame itself: ``frame`` uint8 [1, height, width, 3] BGR of any size; the
+    graph letterboxes it (Resize linear + Pad 114), swaps BGR to RGB and scales by 1/255.
+
+    The letterbox geometry is ``device.preprocess.Letterbox.fit``'s, computed in int64 from the
+    input's shape: the side that binds is the one with ``H*w <= W*h``, the other side is
+    ``round(side * scale)`` as ``(2*side*S + s) // (2*s)`` (half up; Python's float ``round``
+    agrees except at exact halves), the top/left pad is ``(H - new_h) // 2`` (what
+    ``round(d/2 - 0.1)`` gives for integer ``d``). Integer shape arithmetic only, so the shape
+    subgraph is a shape-tensor computation (TensorRT folds it once the optimisation profile pins
+    the frame size; ONNX Runtime runs it per call). Resize runs on the float frame (no uint8
+    rounding between resize and scale, which the CPU path has: differences up to one grey
+    level, judged at the detection level by ``host.parity.frame_difference``).
+    """
+    gs = _gs()
+    onnx = _onnx()
+    images = _single_float_input(graph, "--frame-input")
+    batch, _, height, width = images.shape
+    if batch != 1:
+        raise JetyoloError(f"--frame-input needs a batch-1 model, this one has batch {batch}")
+    name = images.name
+    images.name = f"{name}_from_frame"
+    frame = gs.Variable(FRAME_INPUT, dtype=np.uint8, shape=[1, "frame_height", "frame_width", 3])
+    const = _constants(gs, name)
+
+    def node(op: str, inputs: List[Any], dtype: Any = np.int64, **attrs: Any) -> Any:
+        out = gs.Variable(f"/{name}/frame/{op}_{len(graph.nodes)}", dtype=dtype)
+        graph.nodes.append(gs.Node(op, out.name, attrs=attrs, inputs=inputs, outputs=[out]))
+        return out
+
+    shape = node("Shape", [frame])
+    src_h = node("Slice", [shape, const([1]), const([2])])
+    src_w = node("Slice", [shape, const([2]), const([3])])
+    model_h, model_w = const([height]), const([width])
+    height_binds = node("LessOrEqual", [node("Mul", [model_h, src_w]),
+                                        node("Mul", [model_w, src_h])], dtype=np.bool_)
+
+    def rounded(side: Any, model_side: Any, src_side: Any) -> Any:  # round(side * S / s)
+        twice = node("Mul", [node("Mul", [side, model_side]), const([2])])
+        return node("Div", [node("Add", [twice, src_side]), node("Mul", [src_side, const([2])])])
+
+    new_h = node("Where", [height_binds, model_h, rounded(src_h, model_w, src_w)])
+    new_w = node("Where", [height_binds, rounded(src_w, model_h, src_h), model_w])
+    pad_h, pad_w = node("Sub", [model_h, new_h]), node("Sub", [model_w, new_w])
+    top, left = node("Div", [pad_h, const([2])]), node("Div", [pad_w, const([2])])
+    bottom, right = node("Sub", [pad_h, top]), node("Sub", [pad_w, left])
+    zero = const([0])
+    sizes = node("Concat", [const([1]), const([3]), new_h, new_w], axis=0)
+    pads = node("Concat", [zero, zero, top, left, zero, zero, bottom, right], axis=0)
+
+    as_float = node("Cast", [frame], dtype=np.float32, to=onnx.TensorProto.FLOAT)
+    nchw = node("Transpose", [as_float], dtype=np.float32, perm=[0, 3, 1, 2])
+    empty = gs.Constant(f"{name}_frame_empty", np.zeros([0], dtype=np.float32))
+    resized = node("Resize", [nchw, empty, empty, sizes], dtype=np.float32, mode="linear",
+                   coordinate_transformation_mode="half_pixel")
+    pad_value = gs.Constant(f"{name}_frame_pad", np.array(114.0, dtype=np.float32))
+    padded = node("Pad", [resized, pads, pad_value], dtype=np.float32, mode="constant")
+    bgr_to_rgb = gs.Constant(f"{name}_frame_rgb", np.array([2, 1, 0], dtype=np.int64))
+    rgb = node("Gather", [padded, bgr_to_rgb], dtype=np.float32, axis=1)
+    scale = gs.Constant(f"{name}_frame_scale", np.array(1.0 / 255.0, dtype=np.float32))
+    graph.nodes.append(gs.Node("Mul", f"/{name}/frame/Scale", inputs=[rgb, scale],
+                               outputs=[images]))
+    graph.inputs = [frame]
+    return graph
+
+
+def _constants(gs: Any, prefix: str) -> Callable[[List[int]], Any]:
+    """A factory of named int64 1-D constants (shape-tensor operands)."""
+    made: List[Any] = []
+
+    def const(values: List[int]) -> Any:
+        made.append(gs.Constant(f"{prefix}_frame_c{len(made)}", np.array(values, np.int64)))
+        return made[-1]
+
+    return const
+
+
+def _single_float_input(graph: Graph, flag: str) -> Any:
+    if len(graph.inputs) != 1:
+        raise JetyoloError(
+            f"{flag} needs a model with one input, this one has {[t.name for t in graph.inputs]}"
+        )
+    images = graph.inputs[0]
+    shape = list(images.shape or [])
+    if len(shape) != 4 or shape[1] != 3 or np.dtype(images.dtype) != np.float32:
+        raise JetyoloError(
+            f"{flag} needs a float32 [B,3,H,W] input, {images.name!r} is "
+            f"{images.dtype} {shape}; export with a static --imgsz"
+        )
+    return images
 
 
 NMS_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")

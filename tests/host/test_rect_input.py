@@ -1,5 +1,6 @@
-"""Rectangular model input (`jetyolo export --imgsz H,W`, `--source-size WxH`): the shape rules,
-the manifest, and detection agreement with ultralytics' own rectangular `.pt` predict."""
+"""Input shapes: rectangular model input (`jetyolo export --imgsz H,W`, `--source-size WxH`) —
+the shape rules, the manifest, detection agreement with ultralytics' own rectangular `.pt`
+predict — and the frame-input variant (`--frame-input`: the letterbox in the graph)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def test_side_off_the_stride_is_refused(tmp_path: Path, fixture_weights: Path) -
 def rect_bundle(tmp_path_factory: pytest.TempPathFactory, fixture_weights: Path) -> Bundle:
     out = tmp_path_factory.mktemp("rect") / "synth192x320"
     return export_bundle(fixture_weights, out, imgsz=320, source_size=(1920, 1080),
-                         uint8_input=True, reference_num=4)
+                         uint8_input=True, frame_input=True, reference_num=4)
 
 
 def test_manifest_and_graph_are_rectangular(rect_bundle: Bundle) -> None:
@@ -129,3 +130,66 @@ def test_agreement_fails_with_the_square_geometry(
     """The same comparison with boxes mapped back through a square letterbox fails."""
     agreement, _ = agreement_with_ultralytics(rect_bundle, fixture_weights, synth_video, (320, 320))
     assert agreement < 0.5
+
+
+def test_frame_variant_in_the_manifest(rect_bundle: Bundle) -> None:
+    variant = rect_bundle.variant("frame")
+    assert variant["input"]["name"] == "frame" and variant["input"]["color"] == "BGR"
+    record = rect_bundle.manifest["parity"]["frame_vs_cpu_letterbox"]
+    assert record["agreement"] >= 0.99 and record["cpu"] > 10
+    assert 0 < record["max_box_px"] < 8  # float resize vs uint8 resize: a few frame pixels
+    session = ort.InferenceSession(str(rect_bundle.model_path("frame")))
+    (frame_input,) = session.get_inputs()
+    assert frame_input.shape == [1, "frame_height", "frame_width", 3]
+    assert frame_input.type == "tensor(uint8)"
+
+
+@pytest.mark.parametrize("size", [(1920, 1080), (333, 517), (320, 192), (100, 40)])
+def test_frame_graph_letterboxes_like_the_cpu(rect_bundle: Bundle, size: tuple) -> None:
+    """Any frame size, including one that needs no resize and one that is upscaled: the
+    graph's model input equals the CPU letterbox's within one grey level (read back by
+    making the letterboxed tensor a graph output)."""
+    import onnx
+
+    model = onnx.load(str(rect_bundle.model_path("frame")))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(
+        "images_from_frame", onnx.TensorProto.FLOAT, [1, 3, *RECT]))
+    session = ort.InferenceSession(model.SerializeToString())
+    frame = cv2.resize(video_frame_like(size), size)
+    preprocess = Preprocessor(RECT, "float32")
+    preprocess(frame)
+    (graph_input,) = session.run(["images_from_frame"], {"frame": frame[None]})
+    difference = np.abs(graph_input - preprocess.buffer)
+    assert difference.max() <= 1.5 / 255  # the CPU rounds the resized pixels to uint8
+    assert difference.mean() < 0.2 / 255
+
+
+def video_frame_like(size: tuple) -> np.ndarray:
+    rng = np.random.default_rng(sum(size))
+    frame = np.full((size[1], size[0], 3), 40, np.uint8)
+    for _ in range(6):
+        x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
+        cv2.circle(frame, (int(x), int(y)), max(3, size[0] // 10), color, -1)
+    return frame
+
+
+def test_frame_check_fails_on_a_wrong_channel_order(rect_bundle: Bundle, tmp_path: Path) -> None:
+    """The export's frame check catches a graph that feeds the model BGR instead of RGB."""
+    import onnx
+    from onnx import numpy_helper
+
+    from host.parity import frame_difference, synthetic_frames
+
+    model = onnx.load(str(rect_bundle.model_path("frame")))
+    (order,) = [t for t in model.graph.initializer if t.name == "images_frame_rgb"]
+    order.CopyFrom(numpy_helper.from_array(np.array([0, 1, 2], np.int64), order.name))
+    broken = tmp_path / "bgr.onnx"
+    onnx.save(model, str(broken))
+    frames = synthetic_frames(4, 8)
+    config = PostprocessConfig()
+    good = frame_difference(rect_bundle.model_path("fp32"), rect_bundle.model_path("frame"),
+                            frames, RECT, config)
+    bad = frame_difference(rect_bundle.model_path("fp32"), broken, frames, RECT, config)
+    assert good["agreement"] >= 0.99
+    assert bad["agreement"] < 0.9
