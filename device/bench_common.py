@@ -57,13 +57,13 @@ class CpuTimer:
         return timed
 
 
-def stage_cpu_ms(pre: CpuTimer, post: CpuTimer, frames: int) -> Dict[str, float]:
-    """Pre, post and pre+post CPU milliseconds per frame."""
+def stage_cpu_ms(pre_s: float, post_s: float, frames: int) -> Dict[str, float]:
+    """Pre, post and pre+post CPU milliseconds per frame, from CPU seconds summed over a run."""
     per_frame = 1000.0 / max(frames, 1)
     return {
-        "preprocess": pre.seconds * per_frame,
-        "postprocess": post.seconds * per_frame,
-        "prepost": (pre.seconds + post.seconds) * per_frame,
+        "preprocess": pre_s * per_frame,
+        "postprocess": post_s * per_frame,
+        "prepost": (pre_s + post_s) * per_frame,
     }
 
 

@@ -11,17 +11,20 @@ ultralytics or host), so its RSS and start-up time are what a Jetson process pay
   once), nothing else: ``backend.infer`` with preallocated outputs, i.e. ORT
   ``run_with_iobinding`` on the CPU (with ORT's default spinning workers, the fastest setting
   for back-to-back calls), TensorRT ``execute_async_v3`` plus its copies on a Jetson.
-- ``pipeline``: ``run_pipeline`` (what ``jetyolo run`` calls) over the video with a JSONL sink.
+- ``pipeline``: ``device.setup.run_configured`` (what ``jetyolo run`` calls) over the video with
+  a JSONL sink.
 
 The parent passes ``JETYOLO_BENCH_T0`` (its ``time.time()`` just before starting the child), so
 cold start is process start -> first result, interpreter start-up and imports included.
-Pre+post CPU time is ``time.thread_time`` summed around the preprocess and postprocess calls
-(the same measure the ultralytics child takes around its predictor's stages).
+Pre+post CPU time is ``time.thread_time`` summed around the preprocess and postprocess calls:
+the pipeline records it itself (``Pipeline.stage_times``), the same measure the ultralytics child
+takes around its predictor's stages.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import threading
@@ -35,10 +38,8 @@ T0 = start_time()
 
 import numpy as np  # noqa: E402 - everything below counts as import time (IMPORTS_DONE - T0)
 
-from device import pipeline as pipeline_module  # noqa: E402
 from device.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from device.bench_common import (  # noqa: E402
-    CpuTimer,
     common_result,
     process_cpu_s,
     run_worker,
@@ -51,38 +52,14 @@ from device.bundle import Bundle  # noqa: E402
 from device.config import RunConfig, config_from_mapping  # noqa: E402
 from device.detections import FrameResult  # noqa: E402
 from device.errors import JetyoloError  # noqa: E402
+from device.pipeline import Pipeline  # noqa: E402
 from device.preprocess import Preprocessor  # noqa: E402
-from device.run import sink_options  # noqa: E402
-from device.sinks import open_sinks  # noqa: E402
+from device.setup import open_configured_backend, run_configured  # noqa: E402
 from device.sources import open_source  # noqa: E402
 
 IMPORTS_DONE = time.time()
 WARMUP_CALLS = 3  # ceiling: calls after the first (cold) one and before timing
 PROFILE_TOP = 15
-
-
-class StageCpuTimers:
-    """Times ``Preprocessor.__call__`` and the pipeline's ``postprocess`` while active."""
-
-    def __init__(self) -> None:
-        self.pre = CpuTimer()
-        self.post = CpuTimer()
-        self._saved: Dict[str, Any] = {}
-
-    def __enter__(self) -> StageCpuTimers:
-        if not callable(getattr(pipeline_module, "postprocess", None)):
-            raise RuntimeError("device.pipeline no longer calls `postprocess`; update bench_worker")
-        self._saved = {"pre": Preprocessor.__call__, "post": pipeline_module.postprocess}
-        Preprocessor.__call__ = self.pre.wrap(Preprocessor.__call__)  # type: ignore[method-assign]
-        pipeline_module.postprocess = self.post.wrap(pipeline_module.postprocess)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        Preprocessor.__call__ = self._saved["pre"]  # type: ignore[method-assign]
-        pipeline_module.postprocess = self._saved["post"]
-
-    def per_frame_ms(self, frames: int) -> Dict[str, float]:
-        return stage_cpu_ms(self.pre, self.post, frames)
 
 
 class RecordingSinks:
@@ -177,7 +154,7 @@ def first_frame(source: str) -> np.ndarray:
 
 def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
     bundle = Bundle.load(config.bundle)
-    backend = pipeline_module.open_configured_backend(config, bundle)
+    backend = open_configured_backend(config, bundle)
     if isinstance(backend, OnnxRuntimeBackend):
         # A tight loop of calls is what spinning workers are good at (ORT's default); the
         # pipeline turns spinning off because its other stages need the cores.
@@ -216,28 +193,34 @@ def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
 
 
 def measure_pipeline(config: RunConfig, frames: int, profile: bool) -> Dict[str, Any]:
-    bundle = Bundle.load(config.bundle)
-    timers = StageCpuTimers()
+    recorders: List[RecordingSinks] = []
+    pipelines: List[Pipeline] = []
+
+    def record(sinks: Any) -> RecordingSinks:
+        recorders.append(RecordingSinks(sinks))
+        return recorders[0]
+
+    def keep(pipeline: Pipeline, *_: Any) -> None:
+        pipelines.append(pipeline)
+
     profiles = ThreadProfiles() if profile else None
-    with open_sinks(config.sinks, sink_options(config, bundle)) as sinks:
-        recorder = RecordingSinks(sinks)
-        cpu_before = process_cpu_s()
-        with timers:
-            if profiles is not None:
-                with profiles:
-                    summary = pipeline_module.run_pipeline(config, recorder, frames, bundle=bundle)
-            else:
-                summary = pipeline_module.run_pipeline(config, recorder, frames, bundle=bundle)
-        cpu_s = process_cpu_s() - cpu_before
+    cpu_before = process_cpu_s()
+    with profiles if profiles is not None else contextlib.nullcontext():
+        summary = run_configured(config, wrap_sinks=record, extensions=[keep],
+                                 max_frames=frames)
+    cpu_s = process_cpu_s() - cpu_before
+    recorder = recorders[0]
     done = len(recorder.result_times)
     seconds = steady_seconds(recorder.result_times)
+    times = pipelines[0].stage_times()
+    stage_cpu = stage_cpu_ms(times["preprocess"].cpu_s, times["postprocess"].cpu_s, done)
     result = common_result("pipeline", done, seconds, cpu_s, IMPORTS_DONE - T0)
     result.update(
         fps=steady_fps(recorder.result_times),
         cold_start_s=(recorder.first_result_wall or time.time()) - T0,
         samples_ms=_columns(recorder.latencies),
-        prepost_cpu_ms_per_frame=timers.per_frame_ms(done)["prepost"],
-        stage_cpu_ms_per_frame=timers.per_frame_ms(done),
+        prepost_cpu_ms_per_frame=stage_cpu["prepost"],
+        stage_cpu_ms_per_frame=stage_cpu,
         detections=recorder.detections,
         run_summary=summary.as_dict(),
         backend=summary.backend,

@@ -6,8 +6,13 @@
     source.frames() -> [captured q] -> slot k <- [free input slots] ...
                                       letterbox into buffer k -> [preprocessed q] ->
                                                  infer(buffer k, out set j) -> slot k freed
-                                                 -> [inferred q] -> postprocess, publish,
-                                                                    out set j freed, stats
+                                                 -> [inferred q] -> postprocess, frame hooks,
+                                                                    publish, out set j freed
+
+The pipeline receives ready-built parts (``device.setup`` builds them from the config; this
+module imports neither the config nor the bundle) and owns none of them: the caller opens and
+closes the source, backend and sinks. The backend is activated and deactivated here, on the
+inference thread, because CUDA contexts are per thread.
 
 Buffers: the backend allocates ``buffers`` input buffers (a ring; page-locked memory on TensorRT)
 and as many output sets. A buffer travels with its frame and returns to a free list only when
@@ -17,43 +22,56 @@ frame k+1 does not overwrite. No stage allocates model-sized arrays per frame.
 
 Queues are bounded. A file source blocks when the pipeline is behind (no frame is lost); a live
 source drops the oldest captured frame instead (counted in ``dropped``). ``request_stop`` (wired to
-SIGTERM/SIGINT by ``run_pipeline``) stops capture; the frames already in flight are finished and
+SIGTERM/SIGINT by ``stop_on_signals``) stops capture; the frames already in flight are finished and
 published before ``run`` returns. A second signal aborts without draining.
+
+Extension points (what later capabilities plug into; each is safe to use while ``run`` runs):
+
+- ``add_frame_hook(hook)``: ``hook(result) -> FrameResult`` runs on the publishing thread after
+  postprocess and before the sinks, in the order added; it may return the same result, a new
+  one (tracker ids, zone events), or raise (the run stops with that error). Keep it cheap: it
+  is on the per-frame path.
+- ``counters()``: a snapshot dict of live figures (frames, dropped, fps since start, per-stage
+  time, queue depths, backend swaps), safe to call from any thread (an HTTP ``/metrics``).
+  ``stats_message`` is the periodic message built from the same figures.
+- ``stage_times()``: per-stage calls, wall and CPU (``time.thread_time``) seconds, recorded by
+  the stages themselves (as polygraphy's runners record ``inference_time``); the bench reads it.
+- ``swap_backend(backend)``: from any thread; the inference thread switches between two frames
+  (activates the new backend there, checks its input matches, then frames already preprocessed
+  into the old buffers go through the new backend, and the old one is deactivated once its last
+  buffer came back). A backend that fails to activate or has another input is refused and the
+  old one keeps running; ``swap_result()`` says how the last swap ended.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol
 
 import numpy as np
 
-from device.backends import Backend, open_backend
-from device.bundle import Bundle
-from device.config import RunConfig, optional_path
+from device.backends.base import Backend, TensorSpec
 from device.detections import FrameResult
 from device.errors import JetyoloError
 from device.jetson_stats import jetson_readings
 from device.postprocess import PostprocessConfig, postprocess
 from device.preprocess import Letterbox, Preprocessor
-from device.sources import CaptureOptions, Frame, Source, default_source_name, open_source
+from device.sources import Frame, Source
 from device.stats import RateMeter, RunSummary, StageStats
-
-if TYPE_CHECKING:
-    from device.sdnotify import Notifier
 
 LOG = logging.getLogger(__name__)
 POLL_S = 0.1  # how often blocked stages look at the stop/abort flags
 JOIN_TIMEOUT_S = 5.0
 DRAIN_TIMEOUT_S = 10.0  # frames in flight after a stop are a handful; more means a stuck read
-START_OPEN_MARGIN_S = 60.0  # FFmpeg's own connect timeouts are in the tens of seconds
+TIMED_STAGES = ("preprocess", "infer", "postprocess")
+
+FrameHook = Callable[[FrameResult], FrameResult]
 
 
 class FrameSink(Protocol):
@@ -74,16 +92,17 @@ class ProgressNotifier(Protocol):
     def stopping(self, text: Optional[str] = None) -> bool: ...
 
 
-class StartNotifier(Protocol):
-    """What waiting for a camera at start needs of ``device.sdnotify.Notifier``."""
-
-    def status(self, text: str) -> bool: ...
-
-    def extend_timeout(self, seconds: float) -> bool: ...
-
-
 class _Aborted(Exception):
     """A stage was told to give up (another stage failed, or a second signal came)."""
+
+
+@dataclass
+class _Slot:
+    """One input buffer, the preprocessor that writes into it, and the backend it came from."""
+
+    buffer: np.ndarray
+    preprocessor: Preprocessor
+    generation: int
 
 
 @dataclass
@@ -91,15 +110,61 @@ class _Work:
     frame: Frame
     captured_at: float  # perf_counter when the frame was in hand
     latency_ms: Dict[str, float]
-    slot: int = -1
+    slot: Optional[_Slot] = None
     geometry: Optional[Letterbox] = None
     outputs: Optional[Dict[str, np.ndarray]] = None
+
+
+@dataclass
+class StageTime:
+    """One stage's totals: calls, wall seconds and CPU seconds of the thread that ran it."""
+
+    calls: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+    def as_dict(self) -> Dict[str, float]:
+        return {"calls": self.calls, "wall_s": round(self.wall_s, 6),
+                "cpu_s": round(self.cpu_s, 6)}
+
+
+class _Timed:
+    """``with _Timed(stage):`` adds the block's wall and thread CPU time to ``stage``; each
+    stage is written by one thread only, so no lock."""
+
+    def __init__(self, stage: StageTime) -> None:
+        self.stage = stage
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> _Timed:
+        self.wall, self.cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stage.calls += 1
+        self.stage.cpu_s += time.thread_time() - self.cpu
+        self.stage.wall_s += time.perf_counter() - self.wall
+
+    @property
+    def ms(self) -> float:
+        return (time.perf_counter() - self.wall) * 1000.0
+
+
+@dataclass
+class _Retiring:
+    """A backend swapped out: deactivated once its buffers and output sets all came back."""
+
+    backend: Backend
+    generation: int
+    slots_left: int
+    outputs_left: int
 
 
 @dataclass
 class _Counters:
     frames: int = 0
     dropped: int = 0
+    backend_swaps: int = 0
     first_capture: Optional[float] = None
     last_publish: Optional[float] = None
     errors: List[BaseException] = field(default_factory=list)
@@ -113,8 +178,9 @@ def _ms(since: float) -> float:
 
 
 class Pipeline:
-    """One source, one backend, one set of sinks. ``run()`` returns when the source ends, after
-    ``max_frames``, or after ``request_stop``; errors in any stage are re-raised there."""
+    """One source, one backend, one set of sinks, all opened by the caller. ``run()`` returns
+    when the source ends, after ``max_frames``, or after ``request_stop``; errors in any stage
+    are re-raised there. See the module docstring for the extension points."""
 
     def __init__(
         self,
@@ -144,11 +210,13 @@ class Pipeline:
         self.max_frames = max_frames
         self.stats_interval_s = stats_interval_s
         self.notifier = notifier
-        self.precision = precision  # what the stats message reports (see reported_precision)
+        self.precision = precision  # what the stats message reports
         self.readings = readings  # device health for the stats message ({}: none)
         self.started = time.monotonic()
         self.stats = StageStats()
         self.stopped_by = "end of source"
+        self._hooks: List[FrameHook] = []
+        self._times = {stage: StageTime() for stage in TIMED_STAGES}
         self._stop = threading.Event()
         self._abort = threading.Event()
         self._ready = threading.Event()
@@ -159,12 +227,66 @@ class Pipeline:
         self._inferred: queue.Queue = queue.Queue(maxsize=buffers)
         self._free_inputs: queue.Queue = queue.Queue()
         self._free_outputs: queue.Queue = queue.Queue()
-        self._input_buffers: List[np.ndarray] = []
-        self._preprocessors: List[Preprocessor] = []
-        self._input_name = ""
+        self._input_spec: Optional[TensorSpec] = None
+        self._generation = 0
+        self._output_generation: Dict[int, int] = {}  # id(output set) -> generation
+        self._retiring: List[_Retiring] = []
+        self._pending_backend: Optional[Backend] = None
+        self._swap_result = "no swap requested"
         self._counters = _Counters()
         self._stop_requested_at: Optional[float] = None
         self._lock = threading.Lock()
+        self._threads: List[threading.Thread] = []
+
+    # ---- extension points ----------------------------------------------------------------------
+    def add_frame_hook(self, hook: FrameHook) -> None:
+        """Run ``hook(result) -> result`` on every frame after postprocess, before publishing."""
+        self._hooks.append(hook)
+
+    def swap_backend(self, backend: Backend) -> None:
+        """Switch to ``backend`` (constructed, not activated) between two frames; see the module
+        docstring. A swap requested before the previous one was applied replaces it."""
+        with self._lock:
+            self._pending_backend = backend
+            self._swap_result = "pending"
+
+    def swap_result(self) -> str:
+        """"no swap requested", "pending", "swapped to NAME" or "refused: WHY"."""
+        return self._swap_result
+
+    def stage_times(self) -> Dict[str, StageTime]:
+        """Per-stage totals so far (preprocess, infer, postprocess; hooks count as postprocess)."""
+        return {stage: StageTime(t.calls, t.wall_s, t.cpu_s) for stage, t in self._times.items()}
+
+    def counters(self) -> Dict[str, Any]:
+        """Live figures, from any thread: whole-run counts, fps since the first frame, stage
+        totals and queue depths (``stats_message`` adds the windowed fps and percentiles)."""
+        counters = self._counters
+        seconds = 0.0
+        if counters.first_capture is not None:
+            seconds = time.perf_counter() - counters.first_capture
+        return {
+            "frames": counters.frames,
+            "dropped_frames": counters.dropped,
+            "decode_errors": self.source.decode_errors,
+            "reconnects": self.source.reconnects,
+            "fps_since_start": round(counters.frames / seconds, 2) if seconds > 0 else 0.0,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "backend": self.backend.kind,
+            "backend_name": self.backend.name,
+            "backend_swaps": counters.backend_swaps,
+            "source": self.source_name,
+            "stages": {stage: t.as_dict() for stage, t in self._times.items()},
+            "queues": {"captured": self._captured.qsize(),
+                       "preprocessed": self._preprocessed.qsize(),
+                       "inferred": self._inferred.qsize()},
+        }
+
+    def still_reading(self) -> bool:
+        """True after ``run`` when the capture thread is still blocked in a read of the source:
+        releasing a camera under a read can crash OpenCV, so the owner must not close it (the
+        thread is a daemon; the process exit releases the device)."""
+        return any(t.name == "jetyolo-capture" and t.is_alive() for t in self._threads)
 
     # ---- control -------------------------------------------------------------------------------
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -226,6 +348,7 @@ class Pipeline:
 
         thread = threading.Thread(target=guarded, name=f"jetyolo-{name}", daemon=True)
         thread.start()
+        self._threads.append(thread)
         return thread
 
     # ---- stages --------------------------------------------------------------------------------
@@ -256,71 +379,141 @@ class Pipeline:
             if work is None:
                 self._put(self._preprocessed, None)
                 return
-            slot = self._get(self._free_inputs)
-            started = time.perf_counter()
-            work.geometry = self._preprocessors[slot](work.frame.image)
-            work.latency_ms["preprocess"] = _ms(started)
+            slot: _Slot = self._get(self._free_inputs)
+            with _Timed(self._times["preprocess"]) as timed:
+                work.geometry = slot.preprocessor(work.frame.image)
+            work.latency_ms["preprocess"] = timed.ms
             work.slot = slot
             self._put(self._preprocessed, work)
 
     def _infer_loop(self) -> None:
         self.backend.activate()
         try:
-            self._allocate()
+            self._check_input(self.backend)
+            self._add_generation(self.backend)
             self._ready.set()
             while True:
+                self._apply_pending_swap()
                 work = self._get(self._preprocessed)
                 if work is None:
                     self._put(self._inferred, None)
                     break
-                outputs = self._get(self._free_outputs)
-                started = time.perf_counter()
-                self.backend.infer({self._input_name: self._input_buffers[work.slot]}, out=outputs)
-                work.latency_ms["infer"] = _ms(started)
-                self._free_inputs.put(work.slot)
-                work.outputs = outputs
-                self._put(self._inferred, work)
+                self._infer_one(work)
             while not self._post_done.wait(POLL_S) and not self._abort.is_set():
                 pass  # output arrays may be backend memory: keep it alive until they are read
         finally:
+            for retiring in self._retiring:
+                retiring.backend.deactivate()
             self.backend.deactivate()
 
-    def _allocate(self) -> None:
-        spec = self.backend.input_spec
+    def _infer_one(self, work: _Work) -> None:
+        outputs = self._current_outputs()
+        slot = work.slot
+        if slot is None or self._input_spec is None:
+            raise RuntimeError("frame reached inference without an input buffer")
+        with _Timed(self._times["infer"]) as timed:
+            self.backend.infer({self._input_spec.name: slot.buffer}, out=outputs)
+        work.latency_ms["infer"] = timed.ms
+        self._return_slot(slot)
+        work.outputs = outputs
+        self._put(self._inferred, work)
+
+    def _check_input(self, backend: Backend) -> None:
+        spec = backend.input_spec
         expected = Preprocessor.input_shape(self.input_size, spec.dtype.name)
         if tuple(spec.shape) != expected:
             raise JetyoloError(
                 f"model input {spec.describe()} does not fit the bundle's preprocess size "
                 f"{list(self.input_size)} (expected {list(expected)}); re-export the bundle"
             )
-        self._input_name = spec.name
-        self._input_buffers = self.backend.allocate_inputs(self.buffers)
-        self._preprocessors = [
-            Preprocessor(self.input_size, spec.dtype.name, buffer=buffer)
-            for buffer in self._input_buffers
-        ]
-        for slot in range(self.buffers):
+
+    def _add_generation(self, backend: Backend) -> None:
+        """Input slots and output sets from ``backend`` (active), into the free lists."""
+        self._generation += 1
+        spec = backend.input_spec
+        self._input_spec = spec
+        for buffer in backend.allocate_inputs(self.buffers):
+            preprocessor = Preprocessor(self.input_size, spec.dtype.name, buffer=buffer)
+            self._free_inputs.put(_Slot(buffer, preprocessor, self._generation))
+        for _ in range(self.buffers):
+            outputs = backend.allocate_outputs()
+            self._output_generation[id(outputs)] = self._generation
+            self._free_outputs.put(outputs)
+
+    def _current_outputs(self) -> Dict[str, np.ndarray]:
+        """A free output set of the current backend; older ones are retired on the way."""
+        while True:
+            outputs: Dict[str, np.ndarray] = self._get(self._free_outputs)
+            generation = self._output_generation.get(id(outputs), self._generation)
+            if generation == self._generation:
+                return outputs
+            del self._output_generation[id(outputs)]
+            self._retire(generation, outputs=1)
+
+    def _return_slot(self, slot: _Slot) -> None:
+        if slot.generation == self._generation:
             self._free_inputs.put(slot)
-            self._free_outputs.put(self.backend.allocate_outputs())
+        else:
+            self._retire(slot.generation, slots=1)
+
+    def _retire(self, generation: int, slots: int = 0, outputs: int = 0) -> None:
+        for retiring in list(self._retiring):
+            if retiring.generation != generation:
+                continue
+            retiring.slots_left -= slots
+            retiring.outputs_left -= outputs
+            if retiring.slots_left <= 0 and retiring.outputs_left <= 0:
+                retiring.backend.deactivate()
+                self._retiring.remove(retiring)
+                LOG.info("pipeline: %s deactivated (its last buffer came back)",
+                         retiring.backend.name)
+
+    def _apply_pending_swap(self) -> None:
+        with self._lock:
+            new, self._pending_backend = self._pending_backend, None
+        if new is None:
+            return
+        try:
+            new.activate()
+            if new.input_spec != self._input_spec:
+                raise JetyoloError(f"its input {new.input_spec.describe()} differs from the "
+                                   f"running model's {self._describe_input()}")
+        except Exception as exc:  # a bad new model must not stop the running one
+            new.deactivate()
+            self._swap_result = f"refused: {exc}"
+            LOG.error("pipeline: backend swap to %s refused: %s", new.name, exc)
+            return
+        old = self.backend
+        self._retiring.append(_Retiring(old, self._generation, self.buffers, self.buffers))
+        self._add_generation(new)
+        self.backend = new
+        self._counters.backend_swaps += 1
+        self._swap_result = f"swapped to {new.name}"
+        LOG.info("pipeline: backend swapped from %s to %s", old.name, new.name)
+
+    def _describe_input(self) -> str:
+        return self._input_spec.describe() if self._input_spec is not None else "(none)"
 
     def _publish(self, work: _Work) -> None:
-        started = time.perf_counter()
         outputs = work.outputs if work.outputs is not None else {}
         geometry = work.geometry
         if geometry is None:
             raise RuntimeError("frame reached postprocess without letterbox geometry")
-        detections = postprocess(outputs, geometry, self.postprocess_config)
-        self._free_outputs.put(outputs)
-        image = work.frame.image
-        result = FrameResult(
-            source=self.source_name,
-            frame_index=work.frame.index,
-            timestamp=work.frame.timestamp,
-            frame_size=(int(image.shape[1]), int(image.shape[0])),
-            detections=detections,
-            latency_ms=work.latency_ms,
-        )
-        work.latency_ms["postprocess"] = _ms(started)
+        with _Timed(self._times["postprocess"]) as timed:
+            detections = postprocess(outputs, geometry, self.postprocess_config)
+            self._free_outputs.put(outputs)
+            image = work.frame.image
+            result = FrameResult(
+                source=self.source_name,
+                frame_index=work.frame.index,
+                timestamp=work.frame.timestamp,
+                frame_size=(int(image.shape[1]), int(image.shape[0])),
+                detections=detections,
+                latency_ms=work.latency_ms,
+            )
+            for hook in self._hooks:
+                result = hook(result)
+        work.latency_ms["postprocess"] = timed.ms
         work.latency_ms["total"] = _ms(work.captured_at)
         self.sinks.publish_frame(result)
         self.stats.record(work.latency_ms)
@@ -330,13 +523,12 @@ class Pipeline:
     # ---- main ----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         """Run to the end; returns the summary or raises the first stage error."""
-        threads: List[threading.Thread] = []
         self.started = time.monotonic()
         try:
-            threads.append(self._stage("infer", self._infer_loop))
-            if self._wait_ready(threads[0]):
-                threads.append(self._stage("capture", self._capture_loop))
-                threads.append(self._stage("preprocess", self._preprocess_loop))
+            infer = self._stage("infer", self._infer_loop)
+            if self._wait_ready(infer):
+                self._stage("capture", self._capture_loop)
+                self._stage("preprocess", self._preprocess_loop)
                 self._publish_loop()
         except _Aborted:
             pass
@@ -344,22 +536,14 @@ class Pipeline:
             self._fail(exc)
         finally:
             self._post_done.set()
-            for thread in threads:
+            for thread in self._threads:
                 thread.join(JOIN_TIMEOUT_S)
-            self._close_source(threads)
+            if self.still_reading():
+                LOG.warning("pipeline: %s did not return from a read", self.source.name)
             if self.notifier is not None:
                 self.notifier.stopping(f"stopped: {self.stopped_by}")
         self._raise_errors()
         return self.summary()
-
-    def _close_source(self, threads: List[threading.Thread]) -> None:
-        capture = [thread for thread in threads if thread.name == "jetyolo-capture"]
-        if capture and capture[0].is_alive():
-            # Still blocked in a camera read: releasing the device under it can crash OpenCV.
-            # The thread is a daemon; the process exit releases the device.
-            LOG.warning("pipeline: %s did not return from a read; not closing it", self.source.name)
-            return
-        self.source.close()
 
     def _wait_ready(self, infer_thread: threading.Thread) -> bool:
         """True once the backend is active and its buffers exist; False if that failed."""
@@ -460,130 +644,13 @@ class Pipeline:
         )
 
 
-# ---- from a RunConfig ---------------------------------------------------------------------------
-
-
-def reported_precision(backend_kind: str, config: RunConfig) -> str:
-    """The arithmetic the backend runs: the engine's precision on TensorRT (fp16 unless asked),
-    fp32 on ONNX Runtime (the uint8 graph only takes uint8 input), int8 for the Q/DQ graph."""
-    if config.variant == "int8-qdq":
-        return "int8"
-    if backend_kind == "tensorrt":
-        return config.precision or "fp16"
-    return "fp32"
-
-
-def postprocess_config(config: RunConfig, bundle: Bundle) -> PostprocessConfig:
-    """Thresholds: the config's, else the bundle manifest's."""
-    defaults: Mapping[str, Any] = bundle.manifest.get("postprocess", {})
-    fallback = PostprocessConfig()
-    return PostprocessConfig(
-        conf=config.conf if config.conf is not None else float(defaults.get("conf", fallback.conf)),
-        iou=config.iou if config.iou is not None else float(defaults.get("iou", fallback.iou)),
-        max_det=config.max_det if config.max_det is not None
-        else int(defaults.get("max_det", fallback.max_det)),
-    )
-
-
-def source_timeout_s(config: RunConfig, env: Mapping[str, str] = os.environ) -> float:
-    """How long a live source may take to open at start: the config's, else forever under
-    systemd (``$NOTIFY_SOCKET``: a restart would only burn the start limit) and 0 elsewhere (a
-    wrong URL typed at a shell fails at once)."""
-    if config.source_timeout_s is not None:
-        return config.source_timeout_s
-    return float("inf") if env.get("NOTIFY_SOCKET") else 0.0
-
-
-def capture_options(config: RunConfig, env: Mapping[str, str] = os.environ) -> CaptureOptions:
-    return CaptureOptions(
-        width=config.capture_width, height=config.capture_height, fps=config.capture_fps,
-        rtsp_latency_ms=config.rtsp_latency_ms, reconnect_max_s=config.reconnect_max_s,
-        source_timeout_s=source_timeout_s(config, env),
-    )
-
-
-def _default_notifier() -> Notifier:
-    from device.sdnotify import Notifier
-
-    return Notifier.from_env()
-
-
-def start_wait_reporter(notifier: StartNotifier) -> Callable[[str, float], None]:
-    """``on_wait`` for ``open_source`` while the unit is still starting (before READY=1):
-    ``STATUS=`` names the camera and ``EXTEND_TIMEOUT_USEC`` covers the pause plus one slow
-    open, so ``TimeoutStartSec=`` does not kill a process that is only waiting."""
-
-    def report(name: str, pause_s: float) -> None:
-        notifier.status(f"waiting for camera {name}")
-        notifier.extend_timeout(pause_s + START_OPEN_MARGIN_S)
-
-    return report
-
-
-def open_configured_backend(config: RunConfig, bundle: Bundle) -> Backend:
-    """The (not yet activated) backend, precision, variant and engine cache ``config`` names."""
-    return open_backend(
-        config.backend, bundle, precision=config.precision, variant=config.variant,
-        threads=config.threads, engine_cache_dir=optional_path(config.engine_cache_dir),
-        int8_from=config.int8_from,
-    )
-
-
-def open_run(
-    config: RunConfig, bundle: Bundle, notifier: Optional[StartNotifier] = None
-) -> Tuple[Source, Backend]:
-    """The source and (not yet activated) backend ``config`` names; the source first, so a bad
-    ``--source`` fails before a minutes-long engine build. A live source that does not open yet
-    is waited for (``source_timeout_s``), reported through ``notifier`` (default: from the
-    environment)."""
-    reporter = start_wait_reporter(notifier if notifier is not None else _default_notifier())
-    source = open_source(config.source, capture_options(config), reporter)
-    try:
-        backend = open_configured_backend(config, bundle)
-    except BaseException:
-        source.close()
-        raise
-    return source, backend
-
-
-def run_pipeline(
-    config: RunConfig,
-    sinks: FrameSink,
-    max_frames: Optional[int] = None,
-    *,
-    bundle: Optional[Bundle] = None,
-    opened: Optional[Tuple[Source, Backend]] = None,
-    notifier: Optional[ProgressNotifier] = None,
-    handle_signals: bool = True,
-) -> RunSummary:
-    """Run the bundle, source and backend ``config`` names until the source ends,
-    ``max_frames`` (else ``config.max_frames``) frames are done, or SIGTERM/SIGINT.
-
-    ``jetyolo run`` and ``jetyolo bench`` both call this. ``opened`` is what ``open_run``
-    returned, for callers that open the source and backend before their sinks. Signals are
-    handled only when called from the main thread.
-    """
-    bundle = bundle or Bundle.load(config.bundle)
-    source, backend = opened if opened is not None else open_run(config, bundle)
-    pipeline = Pipeline(
-        backend, source, bundle.input_size, postprocess_config(config, bundle), sinks,
-        buffers=config.buffers,
-        max_frames=max_frames if max_frames is not None else config.max_frames,
-        stats_interval_s=config.stats_interval_s,
-        notifier=notifier if notifier is not None else _default_notifier(),
-        precision=reported_precision(backend.kind, config),
-        source_name=config.source_name or default_source_name(config.source),
-    )
-    with _signals_stop(pipeline, handle_signals):
-        return pipeline.run()
-
-
-class _signals_stop:
-    """Route SIGTERM/SIGINT to ``pipeline.request_stop`` while the pipeline runs."""
+class stop_on_signals:
+    """``with stop_on_signals(pipeline):`` routes SIGTERM/SIGINT to ``pipeline.request_stop``
+    (only from the main thread; elsewhere, or with ``enabled=False``, it does nothing)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, pipeline: Pipeline, enabled: bool) -> None:
+    def __init__(self, pipeline: Pipeline, enabled: bool = True) -> None:
         self.pipeline = pipeline
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.previous: Dict[int, Any] = {}

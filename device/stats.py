@@ -1,7 +1,7 @@
 """Per-stage latency statistics and the run summary (frames, seconds, FPS, p50/p90/p99).
 
 ``StageStats`` keeps the most recent samples of each stage in a fixed-size ring (a service runs
-for months; memory stays flat) plus whole-run counts. ``RunSummary`` is what ``run_pipeline``
+for months; memory stays flat) plus whole-run counts. ``RunSummary`` is what ``Pipeline.run``
 returns and what ``jetyolo run`` / ``jetyolo bench`` print.
 """
 

@@ -107,7 +107,7 @@ def measure_ultralytics(args: argparse.Namespace) -> Dict[str, Any]:
     gaps = [round((b - a) * 1000.0, 3) for a, b in zip(result_times, result_times[1:])]
     seconds = steady_seconds(result_times)
     result = common_result("ultralytics", frames, seconds, cpu_s, imports_done - T0)
-    cpu_ms = stage_cpu_ms(pre, post, frames)
+    cpu_ms = stage_cpu_ms(pre.seconds, post.seconds, frames)
     result.update(
         fps=steady_fps(result_times),
         cold_start_s=(first_result_wall or time.time()) - T0,

@@ -13,7 +13,13 @@ See docs/mqtt.md for topics, payloads and the no-loss design.
 """
 
 from device.sinks.base import Outgoing, Sink, SinkOptions
-from device.sinks.sinkset import ReportPolicy, SinkSet, check_sinks, open_sinks
+from device.sinks.sinkset import (
+    ReportPolicy,
+    SinkSet,
+    check_sinks,
+    open_checked_sinks,
+    open_sinks,
+)
 from device.sinks.urls import SinkUrl, parse_sink_url
 
 __all__ = [
@@ -24,6 +30,7 @@ __all__ = [
     "SinkSet",
     "SinkUrl",
     "check_sinks",
+    "open_checked_sinks",
     "open_sinks",
     "parse_sink_url",
 ]

@@ -235,7 +235,11 @@ def check_sinks(urls: Sequence[str], options: SinkOptions) -> List[SinkUrl]:
 
 def open_sinks(urls: Sequence[str], options: SinkOptions) -> SinkSet:
     """Check (``check_sinks``) and open every sink (or none: JetyoloError), start their threads."""
-    parsed = check_sinks(urls, options)
+    return open_checked_sinks(check_sinks(urls, options), options)
+
+
+def open_checked_sinks(parsed: Sequence[SinkUrl], options: SinkOptions) -> SinkSet:
+    """Open every sink of what ``check_sinks`` returned (or none: JetyoloError)."""
     spool_path = prepare_spool_dir(options.spool_dir)
     lock = SpoolLock(options.spool_dir)
     lock.acquire()

@@ -156,7 +156,7 @@ def run_config_from(argv: List[str], tmp_path: Path, text: str = "") -> RunConfi
 def test_spool_max_messages_reaches_the_sink_options(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from device.run import sink_options
+    from device.setup import sink_options
 
     bundle = SimpleNamespace(class_names=["a"], model_id="m")
     from_file = run_config_from([], tmp_path, "bundle: /b\nsource: s\nspool_max_messages: 500\n")

@@ -14,7 +14,7 @@ import pytest
 from device.config import RunConfig
 from device.jetson_stats import jetson_readings
 from device.message import build_stats_message, encode
-from device.pipeline import reported_precision
+from device.setup import reported_precision
 from device.sinks import SinkOptions
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs/message.schema.json").read_text())

@@ -160,7 +160,7 @@ def test_file_source_every_frame_in_order_from_its_own_buffer() -> None:
     assert all(set(v) == {"p50", "p90", "p99"} for v in summary.latency_ms.values())
     assert all(set(r.latency_ms) >= {"preprocess", "infer", "total"} for r in sink.results)
     assert all(r.frame_size == (SIZE, SIZE) for r in sink.results)
-    assert source.closed and backend.deactivated
+    assert not source.closed and backend.deactivated  # the source's owner closes it
     assert len(backend.threads) == 1  # activate, infer and deactivate on one thread (CUDA)
 
 
@@ -217,7 +217,7 @@ def test_an_inference_error_stops_everything_and_is_raised() -> None:
     source, backend = FakeSource(100), EchoBackend(fail_at=3)
     with pytest.raises(RuntimeError, match="device lost"):
         make_pipeline(source, backend, CollectingSink()).run()
-    assert source.closed and backend.deactivated
+    assert not source.closed and backend.deactivated  # the source's owner closes it
 
 
 def test_a_model_that_does_not_fit_the_bundle_size_is_refused() -> None:
@@ -225,7 +225,7 @@ def test_a_model_that_does_not_fit_the_bundle_size_is_refused() -> None:
     pipeline = Pipeline(backend, source, (320, 320), PostprocessConfig(), CollectingSink())
     with pytest.raises(JetyoloError, match="does not fit the bundle's preprocess size"):
         pipeline.run()
-    assert source.closed and backend.deactivated and source.captured == 0
+    assert not source.closed and backend.deactivated and source.captured == 0  # owner closes
 
 
 def test_stats_and_notifications() -> None:
@@ -314,7 +314,7 @@ def test_a_stop_does_not_hang_on_a_stuck_camera(monkeypatch: pytest.MonkeyPatch)
     summary = outcome["summary"]
     assert summary.frames + summary.dropped == 3 and summary.stopped_by == "signal SIGTERM"
     assert sink.results[-1].frame_index == 2
-    assert not source.closed  # never release a device under a thread still reading it
+    assert pipeline.still_reading()  # so the owner does not release the device under it
 
 
 def test_stats_carry_uptime_precision_queues_and_device_readings() -> None:
@@ -334,3 +334,89 @@ def test_stats_carry_uptime_precision_queues_and_device_readings() -> None:
     make_pipeline(FakeSource(10), EchoBackend(delay_s=0.005), sink, stats_interval_s=0.02,
                   readings=dict).run()
     assert sink.stats and all("jetson" not in s and "precision" not in s for s in sink.stats)
+
+
+# ---- extension points ------------------------------------------------------------------------
+
+
+class WideEchoBackend(EchoBackend):
+    """An EchoBackend whose model takes another input size: a swap to it must be refused."""
+
+    def input_specs_impl(self) -> Dict[str, TensorSpec]:
+        return {"images": TensorSpec("images", (1, 3, SIZE * 2, SIZE * 2), np.dtype(np.float32))}
+
+
+def test_frame_hooks_run_in_order_and_may_replace_the_result() -> None:
+    seen: List[str] = []
+
+    def first(result: FrameResult) -> FrameResult:
+        seen.append("first")
+        return result
+
+    def rename(result: FrameResult) -> FrameResult:
+        seen.append("rename")
+        return FrameResult("renamed", result.frame_index, result.timestamp, result.frame_size,
+                           result.detections, result.latency_ms)
+
+    sink = CollectingSink()
+    pipeline = make_pipeline(FakeSource(5), EchoBackend(), sink)
+    pipeline.add_frame_hook(first)
+    pipeline.add_frame_hook(rename)
+    pipeline.run()
+    assert seen == ["first", "rename"] * 5
+    assert [r.source for r in sink.results] == ["renamed"] * 5
+
+
+def test_a_failing_hook_stops_the_run_with_its_error() -> None:
+    def broken(result: FrameResult) -> FrameResult:
+        raise JetyoloError("tracker state lost")
+
+    pipeline = make_pipeline(FakeSource(20), EchoBackend(), CollectingSink())
+    pipeline.add_frame_hook(broken)
+    with pytest.raises(JetyoloError, match="tracker state lost"):
+        pipeline.run()
+
+
+def test_stage_times_and_counters_are_recorded_by_the_stages() -> None:
+    sink = CollectingSink()
+    pipeline = make_pipeline(FakeSource(12), EchoBackend(delay_s=0.01), sink)
+    live: List[Dict[str, Any]] = []
+    sink.on_frame = lambda count: live.append(pipeline.counters()) if count == 6 else None
+    pipeline.run()
+    times = pipeline.stage_times()
+    assert [times[s].calls for s in ("preprocess", "infer", "postprocess")] == [12, 12, 12]
+    assert times["infer"].wall_s >= 12 * 0.01  # the backend sleeps 10 ms a call
+    assert times["infer"].cpu_s < times["infer"].wall_s  # sleeping costs no CPU
+    assert times["preprocess"].cpu_s > 0
+    assert live[0]["frames"] == 5  # read while frame 6 was being published
+    after = pipeline.counters()
+    assert after["frames"] == 12 and after["backend_swaps"] == 0
+    assert after["stages"]["infer"]["calls"] == 12 and after["fps_since_start"] > 0
+
+
+def test_swap_backend_between_frames_keeps_every_frame_and_retires_the_old_one() -> None:
+    old, new = EchoBackend(delay_s=0.002), EchoBackend(delay_s=0.002)
+    sink = CollectingSink()
+    pipeline = make_pipeline(FakeSource(40), old, sink)
+    calls_when_old_retired: List[int] = []
+    old.deactivate_impl = lambda: calls_when_old_retired.append(new.calls)  # type: ignore
+    sink.on_frame = lambda count: pipeline.swap_backend(new) if count == 10 else None
+    summary = pipeline.run()
+    assert summary.frames == 40
+    assert [decoded_value(r) for r in sink.results] == [frame_value(i) for i in range(40)]
+    assert pipeline.swap_result() == "swapped to echo" and pipeline.counters()["backend_swaps"] == 1
+    assert old.calls + new.calls == 40 and old.calls >= 10 and new.calls >= 20
+    assert calls_when_old_retired and calls_when_old_retired[0] < new.calls  # before the end
+    assert new.deactivated and old.torn_reads == new.torn_reads == 0
+    assert old.threads | new.threads == {next(iter(old.threads))}  # all on the inference thread
+
+
+def test_a_swap_to_a_model_with_another_input_is_refused_and_the_old_one_runs_on() -> None:
+    old, wide = EchoBackend(), WideEchoBackend()
+    sink = CollectingSink()
+    pipeline = make_pipeline(FakeSource(20), old, sink)
+    sink.on_frame = lambda count: pipeline.swap_backend(wide) if count == 5 else None
+    summary = pipeline.run()
+    assert summary.frames == 20 and old.calls == 20 and wide.calls == 0
+    assert pipeline.swap_result().startswith("refused: its input images [1, 3, 128, 128]")
+    assert wide.deactivated and pipeline.counters()["backend_swaps"] == 0

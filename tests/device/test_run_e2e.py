@@ -21,7 +21,7 @@ from device.cli import main
 from device.config import config_from_mapping
 from device.detections import FrameResult
 from device.matching import box_iou
-from device.pipeline import run_pipeline
+from device.setup import run_configured
 
 REPO = Path(__file__).resolve().parents[2]
 TENSORRT_PRESENT = importlib.util.find_spec("tensorrt") is not None
@@ -100,7 +100,7 @@ def video_results(bundle_dir: Path, synth_video: Path) -> List[FrameResult]:
         }
     )
     sink = Collect()
-    summary = run_pipeline(config, sink, handle_signals=False)
+    summary = run_configured(config, sinks=sink, handle_signals=False)
     assert summary.frames == 40 and summary.decode_errors == 0 and summary.dropped == 0
     return sink.results
 
@@ -301,7 +301,7 @@ def test_bad_sinks_fail_before_the_source_and_backend_open(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     opened: List[str] = []
-    monkeypatch.setattr("device.run.open_run", lambda *args: opened.append("open_run"))
+    monkeypatch.setattr("device.setup.open_source", lambda *args: opened.append("open_source"))
     code, out, err = run_cli(["run", str(bundle_dir), "--source", str(synth_video),
                               "--spool-dir", str(tmp_path / "spool"), *sinks], capsys)
     assert code == 2 and out == ""
@@ -381,7 +381,7 @@ def run_variant(bundle: Path, video: Path, variant: str) -> List[FrameResult]:
         }
     )
     sink = Collect()
-    run_pipeline(config, sink, handle_signals=False)
+    run_configured(config, sinks=sink, handle_signals=False)
     return sink.results
 
 

@@ -22,8 +22,8 @@ from http_camera import MjpegCamera  # tests/ is on sys.path (tests/device/conft
 
 from device.config import RunConfig
 from device.errors import JetyoloError
-from device.pipeline import source_timeout_s, start_wait_reporter
 from device.sdnotify import Notifier
+from device.setup import source_timeout_s, start_wait_reporter
 from device.sources import CaptureOptions, LiveSource, open_failure, open_source, open_waiting
 
 CLOSED_URLS = ("rtsp://127.0.0.1:1/x", "http://127.0.0.1:1/stream.mjpg")

@@ -1,0 +1,222 @@
+"""The one place that turns a ``RunConfig`` into running objects.
+
+``jetyolo run`` (``device.run``) and the bench's pipeline child (``device.bench_worker``) call
+``run_configured``; nothing else reads a ``RunConfig`` for running. In order::
+
+    check the sink URLs and TLS files      (a --sink typo fails before any wait or build)
+    with ExitStack() as stack:
+        source  = open the source          (a bad --source fails before a minutes-long build;
+                                             a live one is waited for, source_timeout_s)
+        backend = open the backend         (TensorRT engine loaded or built; not yet active)
+        sinks   = open the sinks           (they announce the device online only now)
+        pipeline = Pipeline(backend, source, ..., sinks)
+        for extension in extensions:       (tracking, an HTTP endpoint, a reload handler...)
+            extension(pipeline, config, stack)
+        pipeline.run()                     (SIGTERM/SIGINT drain it)
+    # the stack closes sinks, backend, source: the reverse order
+
+Extension point: an ``Extension`` is ``f(pipeline, config, stack) -> None``, called once after
+the pipeline is built and before it runs. It may add a frame hook (``pipeline.add_frame_hook``),
+start a thread that reads ``pipeline.counters()`` (register its stop with ``stack.callback``:
+it runs before the sinks close), or keep the pipeline to call ``swap_backend`` later (with a
+backend from ``open_configured_backend``). It may raise ``JetyoloError`` to refuse the run:
+everything opened so far is closed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+from device.backends import Backend, open_backend
+from device.bundle import Bundle
+from device.config import RunConfig, optional_path
+from device.pipeline import FrameSink, Pipeline, ProgressNotifier, stop_on_signals
+from device.postprocess import PostprocessConfig
+from device.sdnotify import Notifier
+from device.sinks import SinkOptions, check_sinks, open_checked_sinks
+from device.sources import CaptureOptions, Source, default_source_name, open_source
+from device.stats import RunSummary
+
+LOG = logging.getLogger(__name__)
+START_OPEN_MARGIN_S = 60.0  # FFmpeg's own connect timeouts are in the tens of seconds
+
+Extension = Callable[[Pipeline, RunConfig, contextlib.ExitStack], None]
+
+
+@dataclass
+class RunParts:
+    """What ``open_parts`` opened (all registered on the caller's ExitStack)."""
+
+    bundle: Bundle
+    source: Source
+    backend: Backend
+    sinks: FrameSink
+    closer: _SourceCloser
+
+
+# ---- config -> settings ------------------------------------------------------------------------
+
+
+def reported_precision(backend_kind: str, config: RunConfig) -> str:
+    """The arithmetic the backend runs: the engine's precision on TensorRT (fp16 unless asked),
+    fp32 on ONNX Runtime (the uint8 graph only takes uint8 input), int8 for the Q/DQ graph."""
+    if config.variant == "int8-qdq":
+        return "int8"
+    if backend_kind == "tensorrt":
+        return config.precision or "fp16"
+    return "fp32"
+
+
+def postprocess_config(config: RunConfig, bundle: Bundle) -> PostprocessConfig:
+    """Thresholds: the config's, else the bundle manifest's."""
+    defaults: Mapping[str, Any] = bundle.manifest.get("postprocess", {})
+    fallback = PostprocessConfig()
+    return PostprocessConfig(
+        conf=config.conf if config.conf is not None else float(defaults.get("conf", fallback.conf)),
+        iou=config.iou if config.iou is not None else float(defaults.get("iou", fallback.iou)),
+        max_det=config.max_det if config.max_det is not None
+        else int(defaults.get("max_det", fallback.max_det)),
+    )
+
+
+def source_timeout_s(config: RunConfig, env: Mapping[str, str] = os.environ) -> float:
+    """How long a live source may take to open at start: the config's, else forever under
+    systemd (``$NOTIFY_SOCKET``: a restart would only burn the start limit) and 0 elsewhere (a
+    wrong URL typed at a shell fails at once)."""
+    if config.source_timeout_s is not None:
+        return config.source_timeout_s
+    return float("inf") if env.get("NOTIFY_SOCKET") else 0.0
+
+
+def capture_options(config: RunConfig, env: Mapping[str, str] = os.environ) -> CaptureOptions:
+    return CaptureOptions(
+        width=config.capture_width, height=config.capture_height, fps=config.capture_fps,
+        rtsp_latency_ms=config.rtsp_latency_ms, reconnect_max_s=config.reconnect_max_s,
+        source_timeout_s=source_timeout_s(config, env),
+    )
+
+
+def sink_options(config: RunConfig, bundle: Bundle) -> SinkOptions:
+    extra: Dict[str, Any] = {}
+    if config.device_id:
+        extra["device_id"] = config.device_id
+    if config.spool_dir:
+        extra["spool_dir"] = config.spool_dir
+    if config.spool_max_messages is not None:
+        extra["spool_max_messages"] = config.spool_max_messages
+    return SinkOptions(
+        class_names=bundle.class_names, model_id=bundle.model_id, prefix=config.topic_prefix,
+        report=config.report, max_rate_hz=config.report_max_rate_hz, qos=config.mqtt_qos,
+        mqtt_ca=optional_path(config.mqtt_ca), mqtt_cert=optional_path(config.mqtt_cert),
+        mqtt_key=optional_path(config.mqtt_key),
+        stats_interval_s=config.stats_interval_s, **extra,
+    )
+
+
+def open_configured_backend(config: RunConfig, bundle: Bundle) -> Backend:
+    """The (not yet activated) backend, precision, variant and engine cache ``config`` names."""
+    return open_backend(
+        config.backend, bundle, precision=config.precision, variant=config.variant,
+        threads=config.threads, engine_cache_dir=optional_path(config.engine_cache_dir),
+        int8_from=config.int8_from,
+    )
+
+
+def start_wait_reporter(notifier: Any) -> Callable[[str, float], None]:
+    """``on_wait`` for ``open_source`` while the unit is still starting (before READY=1):
+    ``STATUS=`` names the camera and ``EXTEND_TIMEOUT_USEC`` covers the pause plus one slow
+    open, so ``TimeoutStartSec=`` does not kill a process that is only waiting."""
+
+    def report(name: str, pause_s: float) -> None:
+        notifier.status(f"waiting for camera {name}")
+        notifier.extend_timeout(pause_s + START_OPEN_MARGIN_S)
+
+    return report
+
+
+# ---- opening -----------------------------------------------------------------------------------
+
+
+class _SourceCloser:
+    """Closes the source at the end, unless the pipeline's capture thread is still blocked in
+    a read of it (``Pipeline.still_reading``)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.pipeline: Optional[Pipeline] = None
+
+    def close(self) -> None:
+        if self.pipeline is not None and self.pipeline.still_reading():
+            LOG.warning("setup: %s is still in a read; not closing it", self.source.name)
+            return
+        self.source.close()
+
+
+def open_parts(
+    config: RunConfig,
+    stack: contextlib.ExitStack,
+    notifier: Any,
+    sinks: Optional[FrameSink] = None,
+) -> RunParts:
+    """Source, backend, sinks (``sinks`` given: those, not opened here), in that order, each
+    closed by ``stack``. The sink URLs and TLS files are checked before anything opens."""
+    bundle = Bundle.load(config.bundle)
+    options = sink_options(config, bundle)
+    checked = check_sinks(config.sinks, options) if sinks is None else []
+    source = open_source(config.source, capture_options(config), start_wait_reporter(notifier))
+    closer = _SourceCloser(source)
+    stack.callback(closer.close)
+    backend = open_configured_backend(config, bundle)
+    stack.callback(backend.deactivate)  # a no-op when the inference thread already did
+    if sinks is None:
+        sinks = stack.enter_context(open_checked_sinks(checked, options))
+    return RunParts(bundle, source, backend, sinks, closer)
+
+
+def build_pipeline(
+    config: RunConfig, parts: RunParts, notifier: Optional[ProgressNotifier],
+    max_frames: Optional[int] = None,
+) -> Pipeline:
+    return Pipeline(
+        parts.backend, parts.source, parts.bundle.input_size,
+        postprocess_config(config, parts.bundle), parts.sinks,
+        buffers=config.buffers,
+        max_frames=max_frames if max_frames is not None else config.max_frames,
+        stats_interval_s=config.stats_interval_s,
+        notifier=notifier,
+        precision=reported_precision(parts.backend.kind, config),
+        source_name=config.source_name or default_source_name(config.source),
+    )
+
+
+def run_configured(
+    config: RunConfig,
+    *,
+    notifier: Optional[Notifier] = None,
+    sinks: Optional[FrameSink] = None,
+    wrap_sinks: Optional[Callable[[FrameSink], FrameSink]] = None,
+    extensions: Sequence[Extension] = (),
+    max_frames: Optional[int] = None,
+    handle_signals: bool = True,
+) -> RunSummary:
+    """Open everything ``config`` names, run the pipeline to its end, close everything.
+
+    ``sinks`` replaces the configured sinks (tests collect results); ``wrap_sinks`` decorates
+    the opened ones (the bench records publish times). ``max_frames`` overrides the config's.
+    Signals are handled only when called from the main thread.
+    """
+    notifier = notifier if notifier is not None else Notifier.from_env()
+    with contextlib.ExitStack() as stack:
+        parts = open_parts(config, stack, notifier, sinks)
+        if wrap_sinks is not None:
+            parts.sinks = wrap_sinks(parts.sinks)
+        pipeline = build_pipeline(config, parts, notifier, max_frames)
+        parts.closer.pipeline = pipeline
+        for extension in extensions:
+            extension(pipeline, config, stack)
+        with stop_on_signals(pipeline, handle_signals):
+            return pipeline.run()

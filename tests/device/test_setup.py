@@ -1,0 +1,139 @@
+"""device.setup: the config becomes a source, a backend and sinks, opened in that order in one
+ExitStack and closed in reverse; a sink typo fails before anything opens; extensions see the
+built pipeline and may refuse the run."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+from test_pipeline import CollectingSink, EchoBackend, FakeSource  # tests/device is on sys.path
+
+import device.setup as setup
+from device.config import config_from_mapping
+from device.errors import JetyoloError
+from device.pipeline import Pipeline
+
+
+class FakeBundle:
+    def __init__(self) -> None:
+        self.input_size = (64, 64)
+        self.manifest: Dict[str, Any] = {}
+        self.class_names = ["a", "b"]
+        self.model_id = "fake"
+
+
+class RecordedSinks(CollectingSink):
+    def __init__(self, events: List[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def __enter__(self) -> RecordedSinks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.events.append("close sinks")
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> List[str]:
+    log: List[str] = []
+
+    class LoggedSource(FakeSource):
+        def close(self) -> None:
+            log.append("close source")
+
+    class LoggedBackend(EchoBackend):
+        def deactivate(self) -> None:
+            if self.is_active:
+                log.append("deactivate backend")
+            super().deactivate()
+
+    def source(*_: Any) -> FakeSource:
+        log.append("open source")
+        return LoggedSource(4)
+
+    def backend(*_: Any) -> EchoBackend:
+        log.append("open backend")
+        return LoggedBackend()
+
+    def sinks(*_: Any) -> RecordedSinks:
+        log.append("open sinks")
+        return RecordedSinks(log)
+
+    monkeypatch.setattr(setup.Bundle, "load", staticmethod(lambda _path: FakeBundle()))
+    monkeypatch.setattr(setup, "open_source", source)
+    monkeypatch.setattr(setup, "open_configured_backend", backend)
+    monkeypatch.setattr(setup, "open_checked_sinks", sinks)
+    return log
+
+
+def config(tmp_path: Path, **values: Any) -> Any:
+    video = tmp_path / "s.mp4"
+    video.touch()  # opened by the fake open_source; named by default_source_name
+    return config_from_mapping({"bundle": "b", "source": str(video), "spool_dir": str(tmp_path),
+                                **values})
+
+
+def test_opens_source_backend_sinks_in_order_and_closes_in_reverse(
+    events: List[str], tmp_path: Path
+) -> None:
+    summary = setup.run_configured(config(tmp_path), handle_signals=False)
+    assert summary.frames == 4
+    assert events == ["open source", "open backend", "open sinks",
+                      "deactivate backend",  # by the inference thread, when the run ends
+                      "close sinks", "close source"]
+
+
+def test_a_bad_sink_fails_before_the_source_opens(events: List[str], tmp_path: Path) -> None:
+    with pytest.raises(JetyoloError, match="bad --sink 'mqtt:/broker'"):
+        setup.run_configured(config(tmp_path, sinks=["mqtt:/broker"]), handle_signals=False)
+    assert events == []
+
+
+def test_extensions_see_the_pipeline_and_a_refusal_closes_everything(
+    events: List[str], tmp_path: Path
+) -> None:
+    seen: List[Pipeline] = []
+
+    def plug(pipeline: Pipeline, _config: Any, stack: contextlib.ExitStack) -> None:
+        seen.append(pipeline)
+        stack.callback(lambda: events.append("extension stopped"))
+
+    def refuse(*_: Any) -> None:
+        raise JetyoloError("port 8080 is taken")
+
+    with pytest.raises(JetyoloError, match="port 8080"):
+        setup.run_configured(config(tmp_path), extensions=[plug, refuse], handle_signals=False)
+    assert len(seen) == 1 and seen[0].counters()["frames"] == 0
+    assert events == ["open source", "open backend", "open sinks",
+                      "extension stopped", "close sinks", "close source"]
+
+
+def test_given_sinks_replace_the_configured_ones(events: List[str], tmp_path: Path) -> None:
+    collector = CollectingSink()
+    setup.run_configured(config(tmp_path), sinks=collector, handle_signals=False)
+    assert len(collector.results) == 4 and "open sinks" not in events
+
+
+def test_a_source_still_being_read_is_not_closed() -> None:
+    closed: List[bool] = []
+
+    class Source(FakeSource):
+        def close(self) -> None:
+            closed.append(True)
+
+    closer = setup._SourceCloser(Source(1))
+
+    class Busy:
+        def still_reading(self) -> bool:
+            return True
+
+    closer.pipeline = Busy()  # type: ignore[assignment]
+    closer.close()
+    assert closed == []
+    closer.pipeline = None
+    closer.close()
+    assert closed == [True]
