@@ -156,7 +156,7 @@ def build_engine(bundle: Bundle, config: RunConfig, log: Any) -> Optional[Path]:
 
 def verify_model(bundle: Bundle, config: RunConfig, plan: Optional[Path]) -> Dict[str, Any]:
     """``jetyolo verify`` at the service's backend and precision; its summary for state.json."""
-    from device.pipeline import reported_precision
+    from device.setup import reported_precision
     from device.verify import verify
 
     kind = "tensorrt" if plan is not None else "onnxruntime"
