@@ -4,7 +4,8 @@ Each class is one shape in one colour, drawn on varied backgrounds (gradients, n
 clutter), several objects per image, some overlapping, sizes from small to large. Easy enough for
 yolo11n to learn in a few CPU epochs, varied enough that a model must actually learn it.
 ``--video`` writes an MP4 of the same objects moving (default 1920x1080) with a ground-truth
-sidecar ``<video>.json`` (boxes per frame, frame pixels).
+sidecar ``<video>.json`` (boxes per frame in frame pixels, each with its object's id, so a frame
+sequence is each object's trajectory; objects cross and hide each other: ``visible``).
 """
 
 from __future__ import annotations
@@ -280,7 +281,8 @@ def make_video(
                 boxes.append([round(v, 1) for v in box] + [obj.class_id])
             writer.write(frame)
             visible = [round(v, 3) for v in visible_fractions(objects, width, height)]
-            truth.append({"index": index, "boxes": boxes, "visible": visible})
+            truth.append({"index": index, "ids": list(range(len(objects))), "boxes": boxes,
+                          "visible": visible})
             for obj, speed in zip(objects, speeds):
                 _move(obj, speed, width, height)
     except BaseException:
@@ -298,6 +300,8 @@ def make_video(
             "fps": fps,
             "class_names": names,
             "box_format": "x1,y1,x2,y2,class_id (frame pixels)",
+            "ids": "per box, the object's identity: the same object keeps its id in every frame",
+            "objects": [{"id": i, "class_id": obj.class_id} for i, obj in enumerate(objects)],
             "visible": "per box, the fraction of the object not hidden by objects drawn later",
             "frames": truth,
         },

@@ -84,6 +84,10 @@ def test_video_frames_and_ground_truth_inside_the_frame(tmp_path: Path) -> None:
         assert len(record["visible"]) == len(record["boxes"])
         assert all(0.0 <= fraction <= 1.0 for fraction in record["visible"])
     assert record["visible"][-1] > 0.99  # the object drawn last is never hidden
+    objects = truth["objects"]  # identities: one id per object, the same in every frame
+    assert [o["id"] for o in objects] == truth["frames"][0]["ids"]
+    assert all(f["ids"] == truth["frames"][0]["ids"] for f in truth["frames"])
+    assert [o["class_id"] for o in objects] == [b[4] for b in truth["frames"][0]["boxes"]]
     assert [p.name for p in video.parent.iterdir()] in (["v.mp4", "v.json"], ["v.json", "v.mp4"])
 
 
