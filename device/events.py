@@ -10,9 +10,9 @@ counter, so the spool keeps them in order with the detections). docs/message.sch
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
-from device.detections import class_label
+from device.detections import FrameResult, class_label
 from device.message import SCHEMA_VERSION, MessageContext, iso_utc, topic_segment
 from device.zones import TrackEvent, Zone
 
@@ -28,31 +28,38 @@ def zone_topic(prefix: str, device_id: str, source: str, zone: str) -> str:
     return f"{prefix}/{device_id}/{topic_segment(source)}/zones/{topic_segment(zone)}"
 
 
-def _envelope(kind: str, seq: int, context: MessageContext, timestamp: float) -> Dict[str, Any]:
+def _envelope(
+    kind: str, seq: int, context: MessageContext, result: FrameResult, timestamp: float
+) -> Dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "type": kind,
         "device_id": context.device_id,
         "seq": int(seq),
         "timestamp": iso_utc(timestamp),
-        "model_id": context.model_id,
+        "model_id": result.model_id or context.model_id,
+        "source": result.source,
     }
 
 
+def _names(result: FrameResult, context: MessageContext) -> List[str]:
+    """The class names of the model that computed the frame (as build_frame_message)."""
+    return list(result.class_names if result.class_names is not None else context.class_names)
+
+
 def build_event_message(
-    event: TrackEvent, source: str, frame_index: int, seq: int, context: MessageContext
+    event: TrackEvent, result: FrameResult, seq: int, context: MessageContext
 ) -> Dict[str, Any]:
-    """One event; ``timestamp`` is the capture time of the frame it happened in."""
-    message = _envelope(EVENT_TYPE, seq, context, event.timestamp)
+    """One event of the frame ``result``; ``timestamp`` is that frame's capture time."""
+    message = _envelope(EVENT_TYPE, seq, context, result, event.timestamp)
     message.update({
-        "source": source,
-        "frame_index": int(frame_index),
+        "frame_index": int(result.frame_index),
         "event": event.kind,
         "region": event.region,
         "region_type": "line" if event.kind == "cross" else "zone",
         "track_id": int(event.track_id),
         "class_id": int(event.class_id),
-        "label": class_label(event.class_id, list(context.class_names)),
+        "label": class_label(event.class_id, _names(result, context)),
         "box": [float(v) for v in event.box],
     })
     if event.direction is not None:
@@ -64,13 +71,12 @@ def build_event_message(
 
 
 def build_zone_message(
-    zone: Zone, source: str, timestamp: float, seq: int, context: MessageContext
+    zone: Zone, result: FrameResult, seq: int, context: MessageContext
 ) -> Dict[str, Any]:
-    """A zone's occupancy now: ``count`` and ``counts`` per class label."""
-    names = list(context.class_names)
-    message = _envelope(ZONE_TYPE, seq, context, timestamp)
+    """A zone's occupancy after the frame ``result``: ``count`` and ``counts`` per class label."""
+    names = _names(result, context)
+    message = _envelope(ZONE_TYPE, seq, context, result, result.timestamp)
     message.update({
-        "source": source,
         "zone": zone.name,
         "count": zone.count,
         "counts": {class_label(c, names): n for c, n in sorted(zone.counts_by_class().items())},

@@ -11,7 +11,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from device.detections import Detections
+from device.detections import Detections, FrameResult
 from device.events import build_event_message, build_zone_message, events_topic, zone_topic
 from device.sinks import SinkOptions
 from device.zones import TrackEvent, Zone
@@ -35,13 +35,21 @@ CROSS = TrackEvent("cross", "gate", 4, 1, (1.0, 2.0, 30.0, 40.0), NOW, direction
 LEAVE = TrackEvent("leave", "door", 4, 0, (1.0, 2.0, 30.0, 40.0), NOW + 2.5, entered_at=NOW)
 
 
+def frame(index: int = 12, timestamp: float = NOW, **extra: Any) -> FrameResult:
+    return FrameResult("cam1", index, timestamp, (640, 480), Detections.empty(), **extra)
+
+
 def test_event_messages(options: SinkOptions) -> None:
-    cross = build_event_message(CROSS, "cam1", 12, 7, options)
+    cross = build_event_message(CROSS, frame(), 7, options)
     assert (cross["type"], cross["event"], cross["direction"], cross["label"]) == (
         "event", "cross", "in", "person")
     assert cross["region_type"] == "line" and cross["seq"] == 7 and errors(cross) == []
-    leave = build_event_message(LEAVE, "cam1", 99, 8, options)
+    leave = build_event_message(LEAVE, frame(99, NOW + 2.5), 8, options)
     assert leave["dwell_s"] == 2.5 and leave["region_type"] == "zone" and errors(leave) == []
+    # the model that computed the frame names the class (a model switch mid-run)
+    switched = build_event_message(CROSS, frame(model_id="m2", class_names=["a", "b"]), 9,
+                                   options)
+    assert (switched["model_id"], switched["label"]) == ("m2", "b")
 
 
 @pytest.mark.parametrize(
@@ -57,7 +65,7 @@ def test_event_messages(options: SinkOptions) -> None:
 def test_schema_rejects_broken_events(
     options: SinkOptions, event: TrackEvent, key: str, value: Any
 ) -> None:
-    message = copy.deepcopy(build_event_message(event, "cam1", 1, 1, options))
+    message = copy.deepcopy(build_event_message(event, frame(), 1, options))
     assert errors(message) == []
     if value is None:
         del message[key]
@@ -70,7 +78,7 @@ def test_zone_message_counts_by_label(options: SinkOptions) -> None:
     zone = Zone("door", np.array([[0, 0], [100, 0], [100, 100], [0, 100]], float), None, "center")
     zone.update(Detections([[10, 10, 20, 20], [30, 30, 40, 40], [50, 50, 60, 60]], [0.9] * 3,
                            [1, 1, 0], track_id=[1, 2, 3]), NOW)
-    message = build_zone_message(zone, "cam1", NOW, 3, options)
+    message = build_zone_message(zone, frame(), 3, options)
     assert (message["count"], message["counts"]) == (3, {"car": 1, "person": 2})
     assert errors(message) == []
     message["count"] = -1

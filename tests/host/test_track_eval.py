@@ -67,7 +67,7 @@ def write_run(truth_path: Path, out: Path, detect: Detector, shuffle: bool = Fal
             tracked = stage.process(result)
             result = tracked.result
             for event in tracked.events:
-                message = build_event_message(event, "cam", result.frame_index, 1, options)
+                message = build_event_message(event, result, 1, options)
                 lines.append(encode(message))
         if shuffle and result.detections.track_id is not None:
             ids = result.detections.track_id
