@@ -20,7 +20,8 @@ from device.errors import JetyoloError
 from device.sinks.base import REPORT_MODES
 
 REQUIRED_KEYS = ("bundle", "source")  # what `jetyolo run` needs; `jetyolo build` only the bundle
-PATH_KEYS = ("bundle", "spool_dir", "engine_cache_dir", "mqtt_ca", "mqtt_cert", "mqtt_key")
+PATH_KEYS = ("bundle", "spool_dir", "engine_cache_dir", "mqtt_ca", "mqtt_cert", "mqtt_key",
+             "http_token_file", "http_basic_auth_file")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,18 @@ FIELD_RULES: Dict[str, Rule] = {
                                     "(default 100000)", low=1),
     "buffers": Rule(int, "input buffers in the preprocess -> infer ring", low=2, high=8,
                     optional=False),
+    "http": Rule(str, "HTTP endpoint address (/metrics, /healthz, /api/stats, preview page), "
+                      "e.g. 127.0.0.1:8080; off when unset (docs/http.md)"),
+    "http_allow_remote": Rule(bool, "let http listen on a non-loopback address (needs "
+                                    "http_token_file or http_basic_auth_file)", optional=False),
+    "http_token_file": Rule(str, "file holding the bearer token HTTP requests must send"),
+    "http_basic_auth_file": Rule(str, "file holding one user:password line for HTTP basic auth"),
+    "http_preview_fps": Rule(float, "most preview frames per second per camera (encoded only "
+                                    "while someone watches)", low=0.1, high=30.0,
+                             optional=False),
+    "homeassistant": Rule(bool, "publish Home Assistant MQTT discovery configs (retained)",
+                          optional=False),
+    "homeassistant_prefix": Rule(str, "Home Assistant's MQTT discovery prefix", optional=False),
 }
 
 
@@ -122,6 +135,13 @@ class RunConfig:
     source_timeout_s: Optional[float] = None
     spool_max_messages: Optional[int] = None
     buffers: int = 3
+    http: Optional[str] = None
+    http_allow_remote: bool = False
+    http_token_file: Optional[str] = None
+    http_basic_auth_file: Optional[str] = None
+    http_preview_fps: float = 5.0
+    homeassistant: bool = False
+    homeassistant_prefix: str = "homeassistant"
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -131,6 +151,17 @@ def optional_path(value: Optional[str]) -> Optional[Path]:
     """A path-valued key (``spool_dir``, ``mqtt_ca``, ...) as a Path with ``~`` expanded; None
     when unset."""
     return Path(value).expanduser() if value else None
+
+
+def parse_flag_bool(text: str) -> bool:
+    """A boolean flag value: true/false, yes/no, on/off, 1/0 (argparse's ``type=bool`` would
+    read "false" as True)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
 
 
 def _reject(origin: str, key: str, message: str) -> JetyoloError:

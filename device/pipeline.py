@@ -31,6 +31,9 @@ Extension points (what later capabilities plug into; each is safe to use while `
   postprocess and before the sinks, in the order added; it may return the same result, a new
   one (tracker ids, zone events), or raise (the run stops with that error). Keep it cheap: it
   is on the per-frame path.
+- ``add_frame_observer(observer)``: ``observer(image, result)`` runs on the publishing thread
+  after the frame was published (latencies complete), with the captured frame; it cannot change
+  the result (the HTTP endpoint's metrics and preview). Keep it cheap too.
 - ``counters()``: a snapshot dict of live figures (frames, dropped, fps since start, per-stage
   time, queue depths, backend swaps), safe to call from any thread (an HTTP ``/metrics``).
   ``stats_message`` is the periodic message built from the same figures.
@@ -72,6 +75,7 @@ DRAIN_TIMEOUT_S = 10.0  # frames in flight after a stop are a handful; more mean
 TIMED_STAGES = ("preprocess", "infer", "postprocess")
 
 FrameHook = Callable[[FrameResult], FrameResult]
+FrameObserver = Callable[[np.ndarray, FrameResult], None]
 
 
 class FrameSink(Protocol):
@@ -216,6 +220,7 @@ class Pipeline:
         self.stats = StageStats()
         self.stopped_by = "end of source"
         self._hooks: List[FrameHook] = []
+        self._observers: List[FrameObserver] = []
         self._times = {stage: StageTime() for stage in TIMED_STAGES}
         self._stop = threading.Event()
         self._abort = threading.Event()
@@ -242,6 +247,11 @@ class Pipeline:
     def add_frame_hook(self, hook: FrameHook) -> None:
         """Run ``hook(result) -> result`` on every frame after postprocess, before publishing."""
         self._hooks.append(hook)
+
+    def add_frame_observer(self, observer: FrameObserver) -> None:
+        """Run ``observer(image, result)`` on every frame after it was published (latencies
+        complete); ``image`` is the captured frame (sources hand out a new array per frame)."""
+        self._observers.append(observer)
 
     def swap_backend(self, backend: Backend) -> None:
         """Switch to ``backend`` (constructed, not activated) between two frames; see the module
@@ -519,6 +529,8 @@ class Pipeline:
         self.stats.record(work.latency_ms)
         self._counters.frames += 1
         self._counters.last_publish = time.perf_counter()
+        for observer in self._observers:
+            observer(image, result)
 
     # ---- main ----------------------------------------------------------------------------------
     def run(self) -> RunSummary:

@@ -16,7 +16,8 @@ import argparse
 import sys
 from typing import Any, Dict
 
-from device.config import FIELD_RULES, RunConfig, load_config
+from device.config import FIELD_RULES, RunConfig, load_config, parse_flag_bool
+from device.ops.extension import http_extensions
 from device.setup import run_configured
 
 # Every config key is also a flag: ``stats_interval_s`` <-> ``--stats-interval-s``.
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if key in EXPLICIT_FLAGS:
             continue
         parser.add_argument(
-            "--" + key.replace("_", "-"), *FLAG_ALIASES.get(key, ()), dest=key, type=rule.kind,
+            "--" + key.replace("_", "-"), *FLAG_ALIASES.get(key, ()), dest=key,
+            type=parse_flag_bool if rule.kind is bool else rule.kind,
             choices=rule.choices or None, help=rule.help.replace("%", "%%"),
         )
 
@@ -46,7 +48,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_configured(config_from_args(args))
+    config = config_from_args(args)
+    summary = run_configured(config, extensions=http_extensions(config))
     for line in summary.format_lines():
         print(line, file=sys.stderr, flush=True)
     return 0

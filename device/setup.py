@@ -108,13 +108,18 @@ def sink_options(config: RunConfig, bundle: Bundle) -> SinkOptions:
         extra["spool_dir"] = config.spool_dir
     if config.spool_max_messages is not None:
         extra["spool_max_messages"] = config.spool_max_messages
-    return SinkOptions(
+    options = SinkOptions(
         class_names=bundle.class_names, model_id=bundle.model_id, prefix=config.topic_prefix,
         report=config.report, max_rate_hz=config.report_max_rate_hz, qos=config.mqtt_qos,
         mqtt_ca=optional_path(config.mqtt_ca), mqtt_cert=optional_path(config.mqtt_cert),
         mqtt_key=optional_path(config.mqtt_key),
         stats_interval_s=config.stats_interval_s, **extra,
     )
+    if config.homeassistant:
+        from device.ops.homeassistant import config_announcements
+
+        options.announcements = config_announcements(config, options)
+    return options
 
 
 def open_configured_backend(config: RunConfig, bundle: Bundle) -> Backend:

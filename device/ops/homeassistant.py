@@ -14,8 +14,12 @@ import json
 import re
 from typing import Any, Dict, List, Sequence
 
+from device.config import RunConfig
+from device.errors import JetyoloError
 from device.message import available_topic, detections_topic
-from device.sinks.base import Outgoing
+from device.sinks.base import Outgoing, SinkOptions
+from device.sinks.urls import parse_sink_url
+from device.sources import default_source_name
 
 DEFAULT_PREFIX = "homeassistant"
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]+")  # node_id/object_id: [a-zA-Z0-9_-]
@@ -84,3 +88,16 @@ def _config(prefix: str, component: str, node: str, object_id: str,
     topic = f"{prefix}/{component}/{node}/{object_id}/config"
     payload = json.dumps(config, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return Outgoing(topic, payload, retain=True)
+
+
+def config_announcements(config: RunConfig, options: SinkOptions) -> List[Outgoing]:
+    """The discovery messages of a run with ``homeassistant: true``; refused without an MQTT
+    sink (Home Assistant would never hear of them)."""
+    if not any(parse_sink_url(url).kind == "mqtt" for url in config.sinks):
+        raise JetyoloError("homeassistant: true needs an mqtt:// or mqtts:// sink (the "
+                           "discovery configs go to the broker Home Assistant reads)")
+    source = config.source_name or default_source_name(config.source)
+    return discovery_messages(options.device_id, [source], options.class_names,
+                              topic_prefix=options.prefix,
+                              discovery_prefix=config.homeassistant_prefix,
+                              model_id=options.model_id)

@@ -26,7 +26,7 @@ DEFAULT_FPS = 5.0
 JPEG_QUALITY = 75
 # BGR, saturated and far from the synthetic classes' colours; one per class id, cycling.
 PALETTE: Tuple[Tuple[int, int, int], ...] = (
-    (255, 0, 255), (0, 255, 0), (255, 255, 0), (0, 128, 255), (255, 0, 0), (0, 255, 255),
+    (255, 0, 255), (128, 255, 128), (255, 255, 0), (0, 128, 255), (255, 0, 0), (0, 255, 255),
     (128, 0, 255), (0, 0, 255),
 )
 ZONE_COLOUR = (255, 255, 255)

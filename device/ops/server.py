@@ -79,6 +79,8 @@ class OpsView:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.0"  # one request per connection; streams end with the socket
+    server_version = "jetyolo"
+    sys_version = ""  # no Python version in the Server header
 
     def log_message(self, format: str, *args: Any) -> None:
         LOG.debug("http %s: " + format, self.address_string(), *args)

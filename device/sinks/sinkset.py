@@ -85,6 +85,7 @@ class SinkSet:
         self.frames_skipped = 0
         self.intake_dropped = 0  # counted by the publishing thread
         self.build_errors = 0  # counted by the dispatcher (each thread owns its counter)
+        self.last_stats: Optional[Dict[str, Any]] = None  # the latest stats message (HTTP)
 
     # ---- the publishing side (inference loop) ------------------------------------------
     def publish_frame(self, result: FrameResult) -> None:
@@ -161,6 +162,7 @@ class SinkSet:
         else:
             stats = dict(value, sinks=self.depths())
             body = build_stats_message(stats, seq, options, now)
+            self.last_stats = body  # one assignment: readers on other threads see old or new
             topic = stats_topic(options.prefix, options.device_id)
         return Outgoing(topic, encode(body), seq)
 

@@ -54,6 +54,7 @@ def test_jetyolo_run_on_the_cpu_backend_imports_nothing_heavy(
     assert "onnxruntime" in modules and "device.pipeline" in modules  # it really ran
     assert (tmp_path / "out.jsonl").read_text().count('"type":"detections"') == 3
     assert forbidden_modules(modules) == []
+    assert "prometheus_client" not in modules  # only with --http (device/ops/extension.py)
 
 
 def test_the_check_catches_a_heavy_import() -> None:
