@@ -1,0 +1,115 @@
+"""The preview page in a real headless browser (Debian's chromium + chromium-driver, driven by
+Selenium): served by a running ``jetyolo run`` on the synthetic video, the preview image
+updates, and the boxes drawn in it are the boxes of the detections messages. The page's
+screenshot is kept as a test artifact (``.work/test-artifacts/preview-page.png``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import cv2
+import numpy as np
+import pytest
+from preview_check import edge_coverage  # tests/ is on sys.path (tests/device/conftest.py)
+from test_ops_run import jetyolo_run
+
+from device.ops.preview import DEFAULT_WIDTH, class_colour
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / ".work" / "test-artifacts"
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+VIDEO_SIZE = (960, 540)
+SHIFT_PX = 25  # a wrong box: the right one moved this far (it must not match)
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="chromium and chromium-driver are missing (make install adds them)",
+)
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Long enough (360 frames) for a browser to open the page while the run goes on."""
+    from host.synth import make_video
+
+    return make_video(tmp_path_factory.mktemp("long") / "yard.mp4", 4, VIDEO_SIZE, 360, seed=3)
+
+
+def browser() -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--disable-gpu", "--force-device-scale-factor=1", "--window-size=900,800"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+
+
+def element_image(element: Any) -> np.ndarray:
+    png = np.frombuffer(element.screenshot_as_png, np.uint8)
+    return cv2.imdecode(png, cv2.IMREAD_COLOR)
+
+
+def frame_messages(path: Path) -> List[Dict[str, Any]]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    payloads = [json.loads(line)["payload"] for line in lines if line.strip()]
+    return [p for p in payloads if isinstance(p, dict) and p.get("type") == "detections"]
+
+
+def box_match(image: np.ndarray, message: Dict[str, Any], shift: float = 0.0) -> float:
+    """The worst edge coverage over the message's boxes, scaled to the preview (0: no boxes)."""
+    scale = DEFAULT_WIDTH / VIDEO_SIZE[0]
+    coverages = [edge_coverage(image, np.array(d["box"]) * scale + shift,
+                               class_colour(d["class_id"])) for d in message["detections"]]
+    return min(coverages) if coverages else 0.0
+
+
+def best_message(image: np.ndarray, messages: List[Dict[str, Any]]) -> Tuple[float, Dict]:
+    scored = [(box_match(image, m), m) for m in messages if m["detections"]]
+    return max(scored, key=lambda pair: pair[0])
+
+
+def test_the_page_shows_a_live_annotated_preview(
+    bundle_dir: Path, long_video: Path, tmp_path: Path
+) -> None:
+    jsonl = tmp_path / "out.jsonl"
+    args = [str(bundle_dir), "--source", str(long_video), "--backend", "onnxruntime",
+            "--sink", f"jsonl:{jsonl}", "--spool-dir", str(tmp_path / "spool"),
+            "--stats-interval-s", "1", "--http", "127.0.0.1:0", "--http-preview-fps", "10"]
+    with jetyolo_run(args, tmp_path) as (_run, host, port):
+        driver = browser()
+        try:
+            driver.get(f"http://{host}:{port}/")
+            preview = driver.find_element("css selector", "img.preview")
+            loaded = "return arguments[0].complete && arguments[0].naturalWidth"
+            deadline = time.monotonic() + 30
+            while not driver.execute_script(loaded, preview) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert driver.execute_script("return arguments[0].naturalWidth", preview) == 640
+            first = element_image(preview)
+            time.sleep(1.0)
+            second = element_image(preview)
+            assert first.shape[:2] == (360, 640)
+            assert np.abs(first.astype(int) - second.astype(int)).mean() > 1.0  # it moves
+            shot = element_image(preview)
+            time.sleep(0.5)  # the frame shown was published before it was offered
+            score, message = best_message(shot, frame_messages(jsonl))
+            assert score >= 0.8, (score, message["frame_index"])
+            assert box_match(shot, message, shift=SHIFT_PX) < 0.4  # a wrong box does not match
+            deadline = time.monotonic() + 15  # the stats table fills from /api/stats
+            while "fps" not in driver.find_element("id", "stats").text:
+                assert time.monotonic() < deadline, driver.find_element("id", "stats").text
+                time.sleep(0.3)
+            assert driver.find_element("id", "health").text == "healthy"
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(ARTIFACTS / "preview-page.png"))
+            cv2.imwrite(str(ARTIFACTS / "preview-frame.png"), shot)
+        finally:
+            driver.quit()
