@@ -87,6 +87,8 @@ demo: $(STAMP)
 	echo "the first detection message:"; \
 	grep -m1 '/detections ' $(DEMO)/subscriber.log | cut -d' ' -f2- | $(BIN)/python -c \
 	  'import json, sys; m = json.load(sys.stdin); d = m.pop("detections"); print(json.dumps(m)); [print(" ", x) for x in d]'
+	@$(STEP) "7b/10 operations endpoint: jetyolo run --http; /healthz, /metrics, a preview frame, the page in headless chromium"
+	$(BIN)/python -m host.http_demo $(DEMO_BUNDLE) $(DEMO_VIDEO) $(DEMO)/http
 	@$(STEP) "8/10 verify host vs device with polygraphy: FP32 (tensors + detections), INT8 (detections)"
 	$(JY) verify $(DEMO_BUNDLE) --backend onnxruntime --variant fp32
 	$(JY) verify $(DEMO_BUNDLE) --backend onnxruntime --variant int8-qdq

@@ -6,7 +6,6 @@ screenshot is kept as a test artifact (``.work/test-artifacts/preview-page.png``
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -18,16 +17,15 @@ from preview_check import edge_coverage  # tests/ is on sys.path (tests/device/c
 from test_ops_run import jetyolo_run
 
 from device.ops.preview import DEFAULT_WIDTH, class_colour
+from host.http_demo import chromium_available, headless_chromium
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / ".work" / "test-artifacts"
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
 VIDEO_SIZE = (960, 540)
 SHIFT_PX = 25  # a wrong box: the right one moved this far (it must not match)
 
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
+    not chromium_available(),
     reason="chromium and chromium-driver are missing (make install adds them)",
 )
 
@@ -38,18 +36,6 @@ def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from host.synth import make_video
 
     return make_video(tmp_path_factory.mktemp("long") / "yard.mp4", 4, VIDEO_SIZE, 360, seed=3)
-
-
-def browser() -> Any:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                     "--disable-gpu", "--force-device-scale-factor=1", "--window-size=900,800"):
-        options.add_argument(argument)
-    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
 
 
 def element_image(element: Any) -> np.ndarray:
@@ -84,7 +70,7 @@ def test_the_page_shows_a_live_annotated_preview(
             "--sink", f"jsonl:{jsonl}", "--spool-dir", str(tmp_path / "spool"),
             "--stats-interval-s", "1", "--http", "127.0.0.1:0", "--http-preview-fps", "10"]
     with jetyolo_run(args, tmp_path) as (_run, host, port):
-        driver = browser()
+        driver = headless_chromium()
         try:
             driver.get(f"http://{host}:{port}/")
             preview = driver.find_element("css selector", "img.preview")

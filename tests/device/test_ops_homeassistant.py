@@ -105,3 +105,19 @@ def test_the_mqtt_sink_publishes_the_configs_retained_at_every_connection(
         assert set(retained(broker.port, "homeassistant/#", len(expected))) == expected
         assert wait_until(lambda: mqtt.depth()["spool"] == 0, timeout=15)
 
+
+
+def test_the_run_config_turns_it_on_and_needs_an_mqtt_sink() -> None:
+    from device.config import config_from_mapping
+    from device.errors import JetyoloError
+    from device.ops.homeassistant import config_announcements
+
+    options = SinkOptions(device_id="cam-1", class_names=NAMES, model_id="synth")
+    base = {"bundle": "b", "source": "rtsp://u:pw@gatecam/live", "homeassistant": True}
+    with pytest.raises(JetyoloError, match="needs an mqtt:// or mqtts:// sink"):
+        config_announcements(config_from_mapping({**base, "sinks": ["stdout"]}), options)
+    config = config_from_mapping({**base, "sinks": ["mqtt://broker"],
+                                  "homeassistant_prefix": "ha"})
+    topics = [m.topic for m in config_announcements(config, options)]
+    assert topics[-1] == "ha/binary_sensor/jetyolo_cam-1/gatecam_object_present/config"
+    assert all("pw" not in topic for topic in topics)

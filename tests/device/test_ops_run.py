@@ -246,3 +246,20 @@ def test_remote_bind_with_a_token_file_needs_the_token(
         assert "tok-3" not in " ".join(map(str, run.process.args))  # never on the command line
         assert "tok-3" not in run.log()
     camera.close()
+
+
+def test_the_example_config_http_lines_are_valid_settings() -> None:
+    """The commented-out http/homeassistant lines of systemd/config.example.yaml, uncommented,
+    are accepted keys and values (off by default: commented out)."""
+    import yaml
+
+    from device.config import checked_values
+
+    text = (Path(__file__).resolve().parents[2] / "systemd/config.example.yaml").read_text()
+    lines = [line[2:] for line in text.splitlines()
+             if re.match(r"# (http|homeassistant)\w*: ", line)]
+    values = yaml.safe_load("\n".join(lines))
+    assert {"http", "http_allow_remote", "http_token_file", "homeassistant"} <= set(values)
+    checked = checked_values(values, "config.example.yaml")
+    assert checked["http"] == "127.0.0.1:8080" and checked["http_allow_remote"] is False
+    assert "http" not in yaml.safe_load(text)  # off by default
