@@ -182,7 +182,8 @@ class PreviewChannel:
         serial, image, result, annotations = pending
         with self._encoding:  # viewers of the same frame share one encoding
             if self._latest is None or self._encoded_serial != serial:
-                canvas = annotate(image, result, self.class_names, self.width, annotations)
+                names = result.class_names or self.class_names  # after a model switch: its own
+                canvas = annotate(image, result, names, self.width, annotations)
                 self._latest = PreviewFrame(result.frame_index, encode_jpeg(canvas))
                 self._encoded_serial = serial
                 self.encoded += 1
