@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from device.config import RunConfig, optional_path
 from device.detections import FrameResult
 from device.jetson_stats import jetson_readings
 from device.ops.access import AccessPlan, plan_access
-from device.ops.preview import Annotations, PreviewHub, Zone
+from device.ops.preview import Annotations, PreviewHub, Region
 from device.pipeline import Pipeline
 from device.sdnotify import watchdog_seconds
 
@@ -58,19 +58,38 @@ class _Progress:
             self.window_start, self.window_frames = now, 0
 
 
-def annotations_of(result: FrameResult) -> Annotations:
-    """Track ids and zones, when the tracker put them on the result."""
-    track_ids = getattr(result.detections, "tracker_id", None)
-    zones = [Zone(str(zone.name), [tuple(p) for p in zone.polygon])
-             for zone in getattr(result, "zones", None) or ()]
-    return Annotations(track_ids=None if track_ids is None else list(track_ids), zones=zones)
+RegionsFn = Callable[[str, Tuple[int, int]], Sequence[Region]]
+
+
+def no_regions(_source: str, _frame_size: Tuple[int, int]) -> Sequence[Region]:
+    return ()
+
+
+def preview_regions(regions: Any) -> List[Region]:
+    """A source's bound zones and lines (``device.zones.SourceRegions``) as preview outlines,
+    labelled with their live counts."""
+    outlines = [Region(f"{zone.name}: {zone.count}", [tuple(p) for p in zone.polygon])
+                for zone in regions.zones]
+    outlines += [Region(f"{line.name}: in {line.counts['in']} out {line.counts['out']}",
+                        [tuple(line.start), tuple(line.end)], closed=False)
+                 for line in regions.lines]
+    return outlines
+
+
+def annotations_of(result: FrameResult, regions: RegionsFn = no_regions) -> Annotations:
+    """Track ids (when a tracker set them on the detections) and the source's regions."""
+    track_id = result.detections.track_id
+    return Annotations(track_ids=None if track_id is None else track_id.tolist(),
+                       regions=regions(result.source, result.frame_size))
 
 
 class HttpExtension:
     """``extension(pipeline, config, stack)``: observer + server for one run."""
 
-    def __init__(self, plan: AccessPlan, config: RunConfig) -> None:
+    def __init__(self, plan: AccessPlan, config: RunConfig,
+                 regions: RegionsFn = no_regions) -> None:
         self.plan = plan
+        self.regions = regions  # zones/lines to outline: (source, frame size) -> regions
         self.preview_fps = config.http_preview_fps
         self.variant = config.variant or "default"
         self.progress: Dict[str, _Progress] = {}
@@ -95,7 +114,8 @@ class HttpExtension:
             if not batch:
                 batch.append(int(pipeline.backend.input_spec.shape[0]))
             metrics.observe_batch(batch[0])  # one inference call per published frame
-            previews.offer(image, result, annotations_of(result))
+            if previews.watched(result.source):  # annotations only for a viewer
+                previews.offer(image, result, annotations_of(result, self.regions))
 
         pipeline.add_frame_observer(observe)
         title = f"jetyolo {getattr(options, 'device_id', '')}".strip()

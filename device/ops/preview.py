@@ -40,19 +40,20 @@ def class_colour(class_id: int) -> Tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
-class Zone:
-    """A named polygon in frame pixels (what the preview outlines)."""
+class Region:
+    """A zone (closed polygon) or a line (open segment) in frame pixels, with its label."""
 
-    name: str
+    label: str
     points: Sequence[Tuple[float, float]]
+    closed: bool = True
 
 
 @dataclass(frozen=True)
 class Annotations:
     """What is drawn over one frame besides the boxes of ``result``."""
 
-    track_ids: Optional[Sequence[int]] = None  # one per detection, or None
-    zones: Sequence[Zone] = ()
+    track_ids: Optional[Sequence[int]] = None  # one per detection (-1: untracked), or None
+    regions: Sequence[Region] = ()
 
 
 NO_ANNOTATIONS = Annotations()
@@ -85,18 +86,19 @@ def annotate(
     width: int = DEFAULT_WIDTH,
     annotations: Annotations = NO_ANNOTATIONS,
 ) -> np.ndarray:
-    """A new BGR image: ``image`` scaled to at most ``width`` pixels wide, with the zones, each
-    box in its class colour, and ``label score #track`` tags."""
+    """A new BGR image: ``image`` scaled to at most ``width`` pixels wide, with the zones and
+    lines, each box in its class colour, and ``label score #track`` tags."""
     scale = preview_scale(image.shape[1], width)
     if scale < 1.0:
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
         canvas = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     else:
         canvas = image.copy()
-    for zone in annotations.zones:
-        points = np.round(np.asarray(zone.points, np.float32) * scale).astype(np.int32)
-        cv2.polylines(canvas, [points.reshape(-1, 1, 2)], True, ZONE_COLOUR, 1, cv2.LINE_AA)
-        cv2.putText(canvas, zone.name, (int(points[0][0]) + 3, int(points[0][1]) + 14), FONT,
+    for region in annotations.regions:
+        points = np.round(np.asarray(region.points, np.float32) * scale).astype(np.int32)
+        cv2.polylines(canvas, [points.reshape(-1, 1, 2)], region.closed, ZONE_COLOUR, 1,
+                      cv2.LINE_AA)
+        cv2.putText(canvas, region.label, (int(points[0][0]) + 3, int(points[0][1]) + 14), FONT,
                     FONT_SCALE, ZONE_COLOUR, 1, cv2.LINE_AA)
     detections = result.detections
     track_ids = annotations.track_ids
@@ -107,6 +109,7 @@ def annotate(
         cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, BOX_THICKNESS)
         name = class_names[class_id] if class_id < len(class_names) else str(class_id)
         track = int(track_ids[index]) if track_ids is not None else None
+        track = track if track is not None and track >= 0 else None
         _draw_label(canvas, _label(name, float(detections.confidence[index]), track),
                     (x1, y1), colour)
     return canvas
@@ -212,6 +215,10 @@ class PreviewHub:
     def sources(self) -> List[str]:
         with self._lock:
             return sorted(self._channels)
+
+    def watched(self, source: str) -> bool:
+        channel = self._channels.get(source)
+        return channel is not None and channel.viewers > 0
 
     def offer(self, image: np.ndarray, result: FrameResult,
               annotations: Annotations = NO_ANNOTATIONS) -> None:

@@ -17,7 +17,7 @@ from device.ops.preview import (
     ZONE_COLOUR,
     Annotations,
     PreviewHub,
-    Zone,
+    Region,
     _label,
     annotate,
     class_colour,
@@ -58,13 +58,17 @@ def test_jpeg_keeps_the_boxes_findable() -> None:
     assert edge_coverage(decoded, result.detections.xyxy[1] * 0.5, PALETTE[1]) > 0.9
 
 
-def test_small_frames_are_not_upscaled_and_zones_and_tracks_are_drawn() -> None:
+def test_small_frames_are_not_upscaled_and_zones_and_lines_are_drawn() -> None:
     image = np.zeros((240, 320, 3), np.uint8)
     result = FrameResult("gate", 0, 0.0, (320, 240), Detections.empty())
-    zone = Zone("door", [(10, 10), (300, 10), (300, 200), (10, 200)])
-    canvas = annotate(image, result, NAMES, width=640, annotations=Annotations(zones=[zone]))
+    zone = Region("door: 2", [(10, 10), (300, 10), (300, 200), (10, 200)])
+    line = Region("gate: in 1 out 0", [(20, 220), (300, 220)], closed=False)
+    canvas = annotate(image, result, NAMES, width=640,
+                      annotations=Annotations(regions=[zone, line]))
     assert canvas.shape == image.shape
     assert edge_coverage(canvas, (10, 10, 300, 200), ZONE_COLOUR, tolerance=30) > 0.95
+    assert (canvas[220, 40:290] > 200).all()  # the line
+    assert canvas[150, 250].max() == 0  # an open line is not closed into a polygon
     assert _label("car", 0.876, 12) == "car 0.88 #12"
     assert _label("car", 0.876, None) == "car 0.88"
 
@@ -123,3 +127,23 @@ def test_no_frame_within_the_timeout(timeout: float) -> None:
     channel = PreviewHub(NAMES).channel("gate")
     with channel.watching():
         assert channel.next_frame(0, timeout) is None
+
+
+def test_track_ids_and_the_tracker_regions_reach_the_preview() -> None:
+    from device.ops.extension import annotations_of, preview_regions
+    from device.zones import bind, parse_lines, parse_zones
+
+    zones = parse_zones({"door": {"polygon": [[0, 0], [100, 0], [100, 100], [0, 100]]}}, "t")
+    lines = parse_lines({"gate": {"start": [0, 50], "end": [200, 50]}}, "t")
+    regions = bind(zones, lines, "gate", (320, 240), NAMES)
+    outlines = preview_regions(regions)
+    assert [(r.label, r.closed) for r in outlines] == [("door: 0", True),
+                                                      ("gate: in 0 out 0", False)]
+    detections = Detections(np.array([[1, 1, 9, 9], [20, 20, 40, 40]], np.float32),
+                            np.array([0.9, 0.8], np.float32), np.array([0, 1], np.int32),
+                            track_id=np.array([7, -1]))
+    result = FrameResult("gate", 0, 0.0, (320, 240), detections)
+    annotations = annotations_of(result, lambda source, size: preview_regions(regions))
+    assert annotations.track_ids == [7, -1] and len(annotations.regions) == 2
+    assert annotations_of(FrameResult("gate", 0, 0.0, (320, 240),
+                                      Detections.empty())).track_ids is None
