@@ -161,7 +161,7 @@ def load_line(report: Dict[str, Any]) -> str:
 
 def contender_rows(record: Dict[str, Any]) -> List[str]:
     rows = ["| contender | frames | s | FPS (median; runs) | pre ms p50/p90/p99 | "
-            "infer ms p50/p90/p99 | post ms p50/p90/p99 | frame latency ms p50/p90/p99 | "
+            "infer ms p50/p90/p99 | post ms p50/p90/p99 | frame latency ms p50/p90/p99 ‡ | "
             "pre+post CPU ms/frame | process CPU ms/frame | peak RSS MiB | cold start s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, figures in record["contenders"].items():
@@ -171,11 +171,21 @@ def contender_rows(record: Dict[str, Any]) -> List[str]:
             f"| {name} | {figures['frames']} | {_num(figures['seconds'], 2)} | "
             f"**{_num(figures['fps'])}** ({runs}) | {_triple(latency, 'preprocess')} | "
             f"{_triple(latency, 'infer')} | {_triple(latency, 'postprocess')} | "
-            f"{_triple(latency, 'total')} | {_num(figures.get('prepost_cpu_ms_per_frame'), 2)} | "
+            f"{_triple(latency, 'total')}{INTERVAL_MARK if name == 'ultralytics' else ''} | "
+            f"{_num(figures.get('prepost_cpu_ms_per_frame'), 2)} | "
             f"{_num(figures.get('process_cpu_ms_per_frame'))} | "
             f"{_num(figures.get('peak_rss_mib'), 0)} | {_num(figures.get('cold_start_s'), 2)} |"
         )
-    return rows
+    return [*rows, "", LATENCY_NOTE]
+
+
+INTERVAL_MARK = " †"
+LATENCY_NOTE = (
+    "‡ pipeline: frame in hand → published (a file source reads ahead as fast as it can, so this "
+    "is mostly queueing: see `--live` for what a camera user feels). † ultralytics' stream mode "
+    "exposes no capture time: its figure is the interval between consecutive results (1/FPS), "
+    "not a latency."
+)
 
 
 def target_rows(record: Dict[str, Any]) -> List[str]:
