@@ -56,7 +56,11 @@ FIELD_RULES: Dict[str, Rule] = {
     "spool_dir": Rule(str, "on-disk spool for MQTT messages not yet acknowledged"),
     "engine_cache_dir": Rule(str, "where TensorRT engines are cached (default: "
                                   "$JETYOLO_ENGINE_CACHE, else ~/.cache/jetyolo/engines)"),
-    "threads": Rule(int, "ONNX Runtime intra-op threads (default: one per core)", low=1, high=256),
+    "threads": Rule(int, "ONNX Runtime intra-op threads, shared by the infer_workers (default: "
+                         "one per core)", low=1, high=256),
+    "infer_workers": Rule(int, "ONNX Runtime inferences run at once on consecutive frames, "
+                               "frame order kept; threads are shared among them (default 1)",
+                          low=1, high=16),
     "report": Rule(str, "which frames are published: every frame, frames with detections, or "
                         "at most report_max_rate_hz per source", REPORT_MODES, optional=False),
     "report_max_rate_hz": Rule(float, "frames per second per source for report: max-rate",
@@ -118,6 +122,7 @@ class RunConfig:
     spool_dir: Optional[str] = None
     engine_cache_dir: Optional[str] = None
     threads: Optional[int] = None
+    infer_workers: Optional[int] = None
     report: str = "every"
     report_max_rate_hz: float = 0.0
     topic_prefix: str = "jetyolo"

@@ -53,13 +53,15 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Callable, Dict, List, Optional, Protocol
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol
 
 import numpy as np
 
-from device.backends.base import Backend, TensorSpec
+from device.backends.base import Backend, InferTiming, TensorSpec
 from device.detections import FrameResult
 from device.errors import JetyoloError
 from device.jetson_stats import jetson_readings
@@ -117,6 +119,16 @@ class _Work:
     slot: Optional[_Slot] = None
     geometry: Optional[Letterbox] = None
     outputs: Optional[Dict[str, np.ndarray]] = None
+
+
+@dataclass
+class _InFlight:
+    """A frame whose inference was submitted and is not yet passed on."""
+
+    work: _Work
+    outputs: Dict[str, np.ndarray]
+    future: Future[InferTiming]
+    submitted_at: float
 
 
 @dataclass
@@ -385,11 +397,16 @@ class Pipeline:
 
     def _preprocess_loop(self) -> None:
         while True:
+            # Live: hold a free buffer first, then take the newest frame, so the frame never
+            # waits for a buffer while newer ones arrive (a standing queue of stale frames).
+            held: Optional[_Slot] = self._get(self._free_inputs) if self.source.live else None
             work = self._get(self._captured)
             if work is None:
+                if held is not None:
+                    self._free_inputs.put(held)
                 self._put(self._preprocessed, None)
                 return
-            slot: _Slot = self._get(self._free_inputs)
+            slot: _Slot = held if held is not None else self._get(self._free_inputs)
             with _Timed(self._times["preprocess"]) as timed:
                 work.geometry = slot.preprocessor(work.frame.image)
             work.latency_ms["preprocess"] = timed.ms
@@ -402,13 +419,7 @@ class Pipeline:
             self._check_input(self.backend)
             self._add_generation(self.backend)
             self._ready.set()
-            while True:
-                self._apply_pending_swap()
-                work = self._get(self._preprocessed)
-                if work is None:
-                    self._put(self._inferred, None)
-                    break
-                self._infer_one(work)
+            self._infer_frames()
             while not self._post_done.wait(POLL_S) and not self._abort.is_set():
                 pass  # output arrays may be backend memory: keep it alive until they are read
         finally:
@@ -416,16 +427,62 @@ class Pipeline:
                 retiring.backend.deactivate()
             self.backend.deactivate()
 
-    def _infer_one(self, work: _Work) -> None:
+    def _infer_frames(self) -> None:
+        """Up to ``backend.concurrency`` frames in flight, finished (and passed on) in frame
+        order; a swap is applied only with nothing in flight. Live sources: the newest
+        preprocessed frame wins, older ones waiting behind it are dropped."""
+        in_flight: Deque[_InFlight] = deque()
+        while True:
+            if not in_flight:
+                self._apply_pending_swap()
+            room = len(in_flight) < self.backend.concurrency
+            if in_flight and (not room or self._preprocessed.empty()):
+                self._finish(in_flight.popleft())
+                continue
+            work = self._get(self._preprocessed)
+            if work is not None and self.source.live:
+                work = self._newest(work)
+            if work is None:
+                while in_flight:
+                    self._finish(in_flight.popleft())
+                self._put(self._inferred, None)
+                return
+            in_flight.append(self._submit(work))
+
+    def _newest(self, work: _Work) -> Optional[_Work]:
+        """The newest preprocessed frame; the ones before it are dropped (buffers returned)."""
+        while True:
+            try:
+                newer: Optional[_Work] = self._preprocessed.get_nowait()
+            except queue.Empty:
+                return work
+            if newer is None:  # the end: keep it for after this frame
+                self._preprocessed.put_nowait(None)
+                return work
+            if work.slot is not None:
+                self._return_slot(work.slot)
+            self._counters.dropped += 1
+            work = newer
+
+    def _submit(self, work: _Work) -> _InFlight:
         outputs = self._current_outputs()
         slot = work.slot
         if slot is None or self._input_spec is None:
             raise RuntimeError("frame reached inference without an input buffer")
-        with _Timed(self._times["infer"]) as timed:
-            self.backend.infer({self._input_spec.name: slot.buffer}, out=outputs)
-        work.latency_ms["infer"] = timed.ms
-        self._return_slot(slot)
-        work.outputs = outputs
+        future = self.backend.submit({self._input_spec.name: slot.buffer}, outputs)
+        return _InFlight(work, outputs, future, time.perf_counter())
+
+    def _finish(self, flight: _InFlight) -> None:
+        timing = flight.future.result()  # re-raises what the call raised
+        stage = self._times["infer"]
+        stage.calls += 1
+        stage.wall_s += timing.wall_s
+        stage.cpu_s += timing.cpu_s
+        work = flight.work
+        work.latency_ms["infer"] = _ms(flight.submitted_at)
+        if work.slot is not None:
+            self._return_slot(work.slot)
+        work.outputs = flight.outputs
         self._put(self._inferred, work)
 
     def _check_input(self, backend: Backend) -> None:

@@ -127,7 +127,7 @@ def open_configured_backend(config: RunConfig, bundle: Bundle) -> Backend:
     return open_backend(
         config.backend, bundle, precision=config.precision, variant=config.variant,
         threads=config.threads, engine_cache_dir=optional_path(config.engine_cache_dir),
-        int8_from=config.int8_from,
+        int8_from=config.int8_from, infer_workers=config.infer_workers,
     )
 
 

@@ -88,6 +88,7 @@ def open_backend(
     threads: Optional[int] = None,
     engine_cache_dir: Optional[Path] = None,
     int8_from: Optional[str] = None,
+    infer_workers: Optional[int] = None,
 ) -> Backend:
     """The backend for ``kind`` (not yet activated). ``auto`` prefers TensorRT and says why not.
 
@@ -116,7 +117,17 @@ def open_backend(
     chosen = _onnxruntime_variant(bundle, precision, variant)
     LOG.info("backend: onnxruntime on the CPU, variant %s (%s)", chosen,
              reason if kind == "onnxruntime" else f"auto: {reason}")
-    return OnnxRuntimeBackend(bundle.model_path(chosen), threads=threads)
+    workers = infer_workers or auto_infer_workers(threads)
+    return OnnxRuntimeBackend(bundle.model_path(chosen), threads=threads, workers=workers)
+
+
+AUTO_WORKERS = 1  # what infer_workers defaults to; docs/BENCHMARKS.md has the measurements
+
+
+def auto_infer_workers(threads: Optional[int]) -> int:
+    """ONNX Runtime workers when the config names none: with ``threads`` set, 1 (the thread
+    count was chosen for one call); else ``AUTO_WORKERS``."""
+    return 1 if threads is not None else AUTO_WORKERS
 
 
 def _try_tensorrt(

@@ -12,8 +12,9 @@ refuses ``infer`` before ``activate`` and refuses feeds with a wrong name, shape
 memory layout, saying which.
 
 Thread contract (CUDA contexts are per thread): the pipeline calls ``activate``,
-``allocate_inputs``, ``allocate_outputs``, ``infer`` and ``deactivate`` from one thread, its
-inference thread. Buffers may be *filled* by any thread.
+``allocate_inputs``, ``allocate_outputs``, ``infer``/``submit`` and ``deactivate`` from one
+thread, its inference thread (a backend with ``concurrency`` > 1 runs the submitted calls on
+threads of its own). Buffers may be *filled* by any thread.
 
 Output ownership: without ``out`` the returned arrays belong to the backend and stay valid only
 until the next ``infer`` call. With ``out`` (a dict from ``allocate_outputs``) results are written
@@ -23,6 +24,8 @@ postprocessing of frame k overlaps inference of frame k+1 without copies.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -43,10 +46,25 @@ class TensorSpec:
         return f"{self.name} {list(self.shape)} {np.dtype(self.dtype).name}"
 
 
+@dataclass(frozen=True)
+class InferTiming:
+    """What one ``submit`` call cost: wall and CPU seconds of the thread that ran it."""
+
+    wall_s: float
+    cpu_s: float
+
+
 class Backend:
-    """Base class: checks and lifecycle; subclasses supply the ``*_impl`` hooks."""
+    """Base class: checks and lifecycle; subclasses supply the ``*_impl`` hooks.
+
+    ``submit`` is ``infer`` as a future, so a caller can keep ``concurrency`` calls in flight
+    (the pipeline does, and restores frame order itself). The base class runs the call at once
+    in the caller's thread (``concurrency`` 1); ONNX Runtime with ``workers`` > 1 runs calls on a
+    pool of threads over one session.
+    """
 
     kind = "base"  # "onnxruntime", "tensorrt": what logs and summaries call the backend
+    concurrency = 1  # calls that may be in flight at once through submit()
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -169,6 +187,25 @@ class Backend:
         if out is not None:
             check_out(self.name, self._output_specs, out)
         return self.infer_impl(feed, out)
+
+    def submit(
+        self, feed: Mapping[str, np.ndarray], out: Dict[str, np.ndarray]
+    ) -> Future[InferTiming]:
+        """``infer(feed, out=out)`` as a future of its timing; ``out`` holds the results once
+        the future is done. Here the call runs at once, in the caller's thread."""
+        future: Future[InferTiming] = Future()
+        try:
+            future.set_result(self.timed_infer(feed, out))
+        except BaseException as exc:  # handed to whoever waits on the future
+            future.set_exception(exc)
+        return future
+
+    def timed_infer(
+        self, feed: Mapping[str, np.ndarray], out: Dict[str, np.ndarray]
+    ) -> InferTiming:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        self.infer(feed, out=out)
+        return InferTiming(time.perf_counter() - wall, time.thread_time() - cpu)
 
 
 def check_feed(

@@ -3,17 +3,26 @@
 Same I/O contract as TensorRT. With ``out=`` the outputs are bound to caller-owned arrays
 through an ``IOBinding`` (ORT writes straight into them); without it ``session.run`` returns
 fresh arrays. docs/BENCHMARKS.md records what the binding buys.
+
+``workers`` > 1 runs that many ``submit``-ted calls at once over ONE session (``Run`` is
+thread-safe; each worker thread has its own IOBinding), each with ``threads // workers``
+intra-op threads (at least 1): on 2 cores two 1-thread calls in parallel beat one 2-thread
+call, whose workers wait at every operator barrier while decode or preprocess hold a core
+(docs/BENCHMARKS.md). One session means one copy of the weights.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from device.backends.base import Backend, TensorSpec
+from device.backends.base import Backend, InferTiming, TensorSpec
 from device.errors import JetyoloError
 
 LOG = logging.getLogger(__name__)
@@ -53,14 +62,26 @@ class OnnxRuntimeBackend(Backend):
         threads: Optional[int] = None,
         io_binding: bool = True,
         spin: bool = False,
+        workers: int = 1,
     ) -> None:
         super().__init__(f"onnxruntime:{Path(model_path).name}")
+        if workers < 1:
+            raise JetyoloError(f"onnxruntime: workers must be at least 1, got {workers}")
         self.model_path = Path(model_path)
         self.threads = threads  # None: ONNX Runtime's default (one per core)
         self.io_binding = io_binding
         self.spin = spin
+        self.workers = workers
+        self.concurrency = workers
         self._session: Any = None
-        self._binding: Any = None
+        self._bindings = threading.local()  # one IOBinding per calling thread
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def intra_op_threads(self) -> Optional[int]:
+        """Threads per call: ``threads`` shared among the workers (None: ORT's default)."""
+        if self.workers == 1:
+            return self.threads
+        return max(1, (self.threads or os.cpu_count() or 1) // self.workers)
 
     def activate_impl(self) -> None:
         try:
@@ -73,8 +94,8 @@ class OnnxRuntimeBackend(Backend):
         if not self.model_path.is_file():
             raise JetyoloError(f"model {self.model_path} does not exist; check the bundle")
         options = ort.SessionOptions()
-        if self.threads is not None:
-            options.intra_op_num_threads = self.threads
+        if self.intra_op_threads() is not None:
+            options.intra_op_num_threads = self.intra_op_threads()
         options.inter_op_num_threads = 1
         if not self.spin:
             # Spinning workers burn the cores that decode and preprocess need in the pipeline
@@ -87,7 +108,9 @@ class OnnxRuntimeBackend(Backend):
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise JetyoloError(f"ONNX Runtime cannot load {self.model_path}: {exc}") from exc
-        self._binding = self._session.io_binding() if self.io_binding else None
+        self._bindings = threading.local()
+        if self.workers > 1:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="jetyolo-ort")
 
     def input_specs_impl(self) -> Dict[str, TensorSpec]:
         return {node.name: _spec(node) for node in self._session.get_inputs()}
@@ -98,7 +121,7 @@ class OnnxRuntimeBackend(Backend):
     def infer_impl(
         self, feed: Mapping[str, np.ndarray], out: Optional[Dict[str, np.ndarray]]
     ) -> Dict[str, np.ndarray]:
-        if out is None or self._binding is None:
+        if out is None or not self.io_binding:
             results = self._session.run(None, dict(feed))
             arrays = dict(zip(self.outputs, results))
             if out is None:
@@ -106,7 +129,9 @@ class OnnxRuntimeBackend(Backend):
             for name, array in arrays.items():
                 out[name][...] = array
             return out
-        binding = self._binding
+        binding = getattr(self._bindings, "binding", None)
+        if binding is None:
+            binding = self._bindings.binding = self._session.io_binding()
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         for name, array in feed.items():
@@ -118,6 +143,17 @@ class OnnxRuntimeBackend(Backend):
         self._session.run_with_iobinding(binding)
         return out
 
+    def submit(
+        self, feed: Mapping[str, np.ndarray], out: Dict[str, np.ndarray]
+    ) -> Future[InferTiming]:
+        if self._pool is None:
+            return super().submit(feed, out)
+        self._require_active("submit()")
+        return self._pool.submit(self.timed_infer, feed, out)
+
     def deactivate_impl(self) -> None:
-        self._binding = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # calls in flight finish before the session goes
+            self._pool = None
+        self._bindings = threading.local()
         self._session = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
@@ -214,3 +215,27 @@ def test_auto_falls_back_when_the_engine_cannot_be_built(
     # asked for explicitly, the same failure is an error, not a silent CPU fallback
     with pytest.raises(JetyoloError, match="engine built for Orin"):
         open_backend("tensorrt", Bundle.load(bundle_dir))
+
+
+def test_onnxruntime_workers_run_calls_at_once_each_into_its_own_outputs(ort_model: Path) -> None:
+    """Two 1-thread workers over one session: each submitted call writes its own outputs, equal
+    to a synchronous call on the same input (the inputs differ, so a mix-up shows)."""
+    rng = np.random.default_rng(1)
+    inputs = [rng.random((1, 3, 320, 320), dtype=np.float32) for _ in range(4)]
+    with OnnxRuntimeBackend(ort_model, threads=2, workers=1) as single:
+        expected = [{k: v.copy() for k, v in single.infer({"images": x}).items()} for x in inputs]
+        assert single.concurrency == 1 and single.intra_op_threads() == 2
+    with OnnxRuntimeBackend(ort_model, threads=2, workers=2) as backend:
+        assert backend.concurrency == 2 and backend.intra_op_threads() == 1
+        outs = [backend.allocate_outputs() for _ in inputs]
+        futures = [backend.submit({"images": x}, out) for x, out in zip(inputs, outs)]
+        timings = [future.result() for future in futures]
+        assert all(t.wall_s > 0 for t in timings)
+        pool = [t for t in threading.enumerate() if t.name.startswith("jetyolo-ort")]
+        assert len(pool) == 2
+    for want, got in zip(expected, outs):
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-4)
+    assert not np.allclose(outs[0]["scores"], outs[1]["scores"], atol=1e-4)
+    with pytest.raises(JetyoloError, match="workers must be at least 1"):
+        OnnxRuntimeBackend(ort_model, workers=0)
