@@ -57,7 +57,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Union
 
 import numpy as np
 
@@ -66,7 +66,7 @@ from device.detections import FrameResult
 from device.errors import JetyoloError
 from device.jetson_stats import jetson_readings
 from device.postprocess import PostprocessConfig, postprocess
-from device.preprocess import Letterbox, Preprocessor
+from device.preprocess import FRAME_INPUT, FrameCopier, Letterbox, Preprocessor
 from device.sources import Frame, Source
 from device.stats import RateMeter, RunSummary, StageStats
 
@@ -107,7 +107,7 @@ class _Slot:
     """One input buffer, the preprocessor that writes into it, and the backend it came from."""
 
     buffer: np.ndarray
-    preprocessor: Preprocessor
+    preprocessor: Union[Preprocessor, FrameCopier]
     generation: int
 
 
@@ -487,6 +487,8 @@ class Pipeline:
 
     def _check_input(self, backend: Backend) -> None:
         spec = backend.input_spec
+        if spec.name == FRAME_INPUT:  # the camera frame itself: FrameCopier checks each frame
+            return
         expected = Preprocessor.input_shape(self.input_size, spec.dtype.name)
         if tuple(spec.shape) != expected:
             raise JetyoloError(
@@ -500,7 +502,10 @@ class Pipeline:
         spec = backend.input_spec
         self._input_spec = spec
         for buffer in backend.allocate_inputs(self.buffers):
-            preprocessor = Preprocessor(self.input_size, spec.dtype.name, buffer=buffer)
+            preprocessor: Union[Preprocessor, FrameCopier] = (
+                FrameCopier(self.input_size, buffer) if spec.name == FRAME_INPUT
+                else Preprocessor(self.input_size, spec.dtype.name, buffer=buffer)
+            )
             self._free_inputs.put(_Slot(buffer, preprocessor, self._generation))
         for _ in range(self.buffers):
             outputs = backend.allocate_outputs()

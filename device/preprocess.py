@@ -14,7 +14,10 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
+from device.errors import JetyoloError
+
 PAD_VALUE = 114
+FRAME_INPUT = "frame"  # the input name of a bundle's frame-input variant (letterbox in the graph)
 
 
 @dataclass(frozen=True)
@@ -128,4 +131,31 @@ class Preprocessor:
                 out=self.buffer[0],
                 casting="unsafe",
             )
+        return self._geometry
+
+
+class FrameCopier:
+    """Preprocessing for the frame-input variant (``jetyolo export --frame-input``): the graph
+    letterboxes, so the frame is only copied into ``self.buffer`` (uint8 [1, h, w, 3] BGR, the
+    frame size the engine was built for); the geometry is still computed here, to map boxes
+    back. Same interface as ``Preprocessor``."""
+
+    def __init__(self, input_size: Tuple[int, int], buffer: np.ndarray) -> None:
+        if buffer.dtype != np.uint8 or buffer.ndim != 4 or buffer.shape[0] != 1 \
+                or buffer.shape[3] != 3 or not buffer.flags.c_contiguous:
+            raise ValueError(f"frame buffer must be C-contiguous uint8 [1,h,w,3], got "
+                             f"{buffer.shape} {buffer.dtype}")
+        self.input_size = input_size
+        self.buffer = buffer
+        self.frame_size = (int(buffer.shape[2]), int(buffer.shape[1]))
+        self._geometry = Letterbox.fit(self.frame_size, input_size)
+
+    def __call__(self, frame: np.ndarray) -> Letterbox:
+        if frame.shape != self.buffer.shape[1:]:
+            raise JetyoloError(
+                f"the frame-input model was set up for {self.frame_size[0]}x{self.frame_size[1]} "
+                f"frames, the source delivered {frame.shape[1]}x{frame.shape[0]}; fix the "
+                "camera's capture size or use another variant"
+            )
+        np.copyto(self.buffer[0], frame)
         return self._geometry

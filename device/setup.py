@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
-from device.backends import Backend, open_backend
+from device.backends import Backend, FrameSizeProbe, open_backend
 from device.bundle import Bundle
 from device.config import RunConfig, optional_path
 from device.pipeline import FrameSink, Pipeline, ProgressNotifier, stop_on_signals
@@ -122,12 +122,15 @@ def sink_options(config: RunConfig, bundle: Bundle) -> SinkOptions:
     return options
 
 
-def open_configured_backend(config: RunConfig, bundle: Bundle) -> Backend:
-    """The (not yet activated) backend, precision, variant and engine cache ``config`` names."""
+def open_configured_backend(
+    config: RunConfig, bundle: Bundle, frame_size: Optional[FrameSizeProbe] = None
+) -> Backend:
+    """The (not yet activated) backend, precision, variant and engine cache ``config`` names
+    (``frame_size``: the source's, asked for by the frame-input variant only)."""
     return open_backend(
         config.backend, bundle, precision=config.precision, variant=config.variant,
         threads=config.threads, engine_cache_dir=optional_path(config.engine_cache_dir),
-        int8_from=config.int8_from, infer_workers=config.infer_workers,
+        int8_from=config.int8_from, infer_workers=config.infer_workers, frame_size=frame_size,
     )
 
 
@@ -175,7 +178,7 @@ def open_parts(
     source = open_source(config.source, capture_options(config), start_wait_reporter(notifier))
     closer = _SourceCloser(source)
     stack.callback(closer.close)
-    backend = open_configured_backend(config, bundle)
+    backend = open_configured_backend(config, bundle, source.frame_size)
     stack.callback(backend.deactivate)  # a no-op when the inference thread already did
     if sinks is None:
         sinks = stack.enter_context(open_checked_sinks(checked, options))

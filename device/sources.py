@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import cv2
@@ -208,6 +208,17 @@ class Source:
     def close(self) -> None:
         """Release the device or file; ``frames`` must not be used afterwards."""
 
+    def frame_size(self) -> Optional[Tuple[int, int]]:
+        """(width, height) of the frames, when the source knows it before reading them."""
+        return None
+
+
+def _capture_size(capture: Optional[cv2.VideoCapture]) -> Optional[Tuple[int, int]]:
+    if capture is None:
+        return None
+    size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    return size if min(size) > 0 else None
+
 
 class ImageSource(Source):
     """Still images in name order; an unreadable image is skipped and counted."""
@@ -226,6 +237,14 @@ class ImageSource(Source):
                 LOG.warning("source: %s cannot be decoded; skipped", path)
                 continue
             yield Frame(index, time.time(), image)
+
+    def frame_size(self) -> Optional[Tuple[int, int]]:
+        """The first readable image's size (a folder of one camera's stills)."""
+        for path in self.paths:
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is not None:
+                return (int(image.shape[1]), int(image.shape[0]))
+        return None
 
 
 class VideoFileSource(Source):
@@ -262,6 +281,9 @@ class VideoFileSource(Source):
 
     def close(self) -> None:
         self._capture.release()
+
+    def frame_size(self) -> Optional[Tuple[int, int]]:
+        return _capture_size(self._capture)
 
 
 class LiveSource(Source):
@@ -316,6 +338,9 @@ class LiveSource(Source):
         if self._capture is not None:
             self._capture.release()
             self._capture = None
+
+    def frame_size(self) -> Optional[Tuple[int, int]]:
+        return _capture_size(self._capture)
 
 
 def open_failure(name: str) -> str:

@@ -23,6 +23,7 @@ from device.bundle import (
 )
 from device.errors import JetyoloError
 from device.postprocess import PostprocessConfig
+from device.preprocess import FRAME_INPUT
 from host import parity, surgeon
 from host._env import require
 from host.reference import DEFAULT_NUM as REFERENCE_NUM
@@ -196,7 +197,7 @@ def frame_variant(fp32: Dict[str, Any]) -> Dict[str, Any]:
         file="model_frame.onnx",
         passes=[*fp32["passes"], "frame_input"],
         input={
-            "name": surgeon.FRAME_INPUT,
+            "name": FRAME_INPUT,
             "shape": [1, "frame_height", "frame_width", 3],
             "dtype": "uint8",
             "layout": "NHWC",

@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Sequence, Tuple, Union
 import numpy as np
 
 from device.errors import JetyoloError
+from device.preprocess import FRAME_INPUT
 from host._env import require
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,6 @@ def uint8_input(graph: Graph) -> Graph:
     return graph
 
 
-FRAME_INPUT = "frame"  # the frame-input variant's input: the camera frame itself
 
 
 def frame_input(graph: Graph) -> Graph:

@@ -13,16 +13,18 @@ import importlib
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from device.backends.base import Backend, TensorSpec
 from device.bundle import Bundle
 from device.engine import PRECISIONS
 from device.errors import JetyoloError
+from device.preprocess import FRAME_INPUT
 
 LOG = logging.getLogger(__name__)
 
 BACKEND_KINDS = ("auto", "tensorrt", "onnxruntime")
+FrameSizeProbe = Callable[[], Optional[Tuple[int, int]]]  # the source's (w, h), if known
 TENSORRT_PACKAGE_HINT = (
     "install JetPack's TensorRT Python bindings (`sudo apt install python3-libnvinfer`) and "
     "pycuda, and use a venv made with --system-site-packages; `jetyolo doctor` lists what is "
@@ -89,16 +91,26 @@ def open_backend(
     engine_cache_dir: Optional[Path] = None,
     int8_from: Optional[str] = None,
     infer_workers: Optional[int] = None,
+    frame_size: Optional[FrameSizeProbe] = None,
 ) -> Backend:
     """The backend for ``kind`` (not yet activated). ``auto`` prefers TensorRT and says why not.
 
     ``precision`` None means fp16 on TensorRT and the fp32 graph on ONNX Runtime; ``variant``
-    names a bundle graph (``fp32``, ``uint8``, ``nms``, ``int8-qdq``).
+    names a bundle graph (``fp32``, ``uint8``, ``nms``, ``int8-qdq``, ``frame``); the
+    ``frame`` variant takes the camera frame itself and needs ``frame_size()``, the source's
+    (w, h); it is asked only for that variant.
     """
     if kind not in BACKEND_KINDS:
         raise JetyoloError(f"backend {kind!r} is not one of {', '.join(BACKEND_KINDS)}")
     if precision is not None and precision not in PRECISIONS:
         raise JetyoloError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    frame_shape = _frame_input_shape(bundle, variant, frame_size)
+    if frame_shape is not None and kind != "onnxruntime":
+        raise JetyoloError(
+            "variant 'frame' (letterbox in the graph) runs on ONNX Runtime only so far: its "
+            "TensorRT engine needs an optimisation profile pinned to the frame size, which the "
+            "engine builder does not add yet; use --backend onnxruntime or another variant"
+        )
     if kind == "tensorrt":
         missing = tensorrt_missing()
         if missing:
@@ -118,7 +130,25 @@ def open_backend(
     LOG.info("backend: onnxruntime on the CPU, variant %s (%s)", chosen,
              reason if kind == "onnxruntime" else f"auto: {reason}")
     workers = infer_workers or auto_infer_workers(threads)
-    return OnnxRuntimeBackend(bundle.model_path(chosen), threads=threads, workers=workers)
+    return OnnxRuntimeBackend(
+        bundle.model_path(chosen), threads=threads, workers=workers,
+        input_shapes={FRAME_INPUT: frame_shape} if frame_shape is not None else None,
+    )
+
+
+def _frame_input_shape(
+    bundle: Bundle, variant: Optional[str], probe: Optional[FrameSizeProbe]
+) -> Optional[Tuple[int, int, int, int]]:
+    """The [1, h, w, 3] input of the frame-input variant, or None for the other variants."""
+    if variant is None or bundle.variant(variant).get("input", {}).get("name") != FRAME_INPUT:
+        return None
+    frame_size = probe() if probe is not None else None
+    if frame_size is None:
+        raise JetyoloError(
+            f"variant {variant!r} takes the camera frame itself, and the source's frame size is "
+            "not known before reading it; set capture_width/capture_height or use another variant"
+        )
+    return (1, frame_size[1], frame_size[0], 3)
 
 
 AUTO_WORKERS = 1  # what infer_workers defaults to; docs/BENCHMARKS.md has the measurements

@@ -18,7 +18,7 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -39,8 +39,12 @@ ORT_DTYPES = {
 }
 
 
-def _spec(node: Any) -> TensorSpec:
+def _spec(node: Any, pinned: Optional[Tuple[int, ...]] = None) -> TensorSpec:
     shape = tuple(node.shape)
+    if pinned is not None and len(pinned) == len(shape) and all(
+        not isinstance(dim, int) or dim == want for dim, want in zip(shape, pinned)
+    ):
+        shape = tuple(pinned)  # dynamic dims fixed by the caller (the frame-input variant)
     if not all(isinstance(dim, int) and dim > 0 for dim in shape):
         raise JetyoloError(
             f"ONNX tensor {node.name!r} has dynamic shape {list(shape)}; jetyolo bundles are "
@@ -63,6 +67,7 @@ class OnnxRuntimeBackend(Backend):
         io_binding: bool = True,
         spin: bool = False,
         workers: int = 1,
+        input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
     ) -> None:
         super().__init__(f"onnxruntime:{Path(model_path).name}")
         if workers < 1:
@@ -73,6 +78,7 @@ class OnnxRuntimeBackend(Backend):
         self.spin = spin
         self.workers = workers
         self.concurrency = workers
+        self.input_shapes = dict(input_shapes or {})  # name -> shape pinning dynamic dims
         self._session: Any = None
         self._bindings = threading.local()  # one IOBinding per calling thread
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -113,7 +119,8 @@ class OnnxRuntimeBackend(Backend):
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="jetyolo-ort")
 
     def input_specs_impl(self) -> Dict[str, TensorSpec]:
-        return {node.name: _spec(node) for node in self._session.get_inputs()}
+        return {node.name: _spec(node, self.input_shapes.get(node.name))
+                for node in self._session.get_inputs()}
 
     def output_specs_impl(self) -> Dict[str, TensorSpec]:
         return {node.name: _spec(node) for node in self._session.get_outputs()}

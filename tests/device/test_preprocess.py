@@ -145,3 +145,18 @@ def test_no_frame_sized_allocation_per_frame(dtype: str) -> None:
     # a resized 320x180 frame alone would be 172,800 bytes, the float input 1,228,800; numpy's
     # casting buffer for the strided uint8 -> float32 multiply is about 32 kB
     assert peak < 64_000
+
+
+def test_frame_copier_copies_the_frame_and_keeps_the_letterbox_geometry() -> None:
+    from device.errors import JetyoloError
+    from device.preprocess import FrameCopier
+
+    buffer = np.zeros((1, 540, 960, 3), np.uint8)
+    copier = FrameCopier((192, 320), buffer)
+    frame = np.random.default_rng(0).integers(0, 255, (540, 960, 3), dtype=np.uint8)
+    geometry = copier(frame)
+    assert np.array_equal(buffer[0], frame) and geometry == Letterbox.fit((960, 540), (192, 320))
+    with pytest.raises(JetyoloError, match="for 960x540 frames, the source delivered 640x480"):
+        copier(np.zeros((480, 640, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        FrameCopier((192, 320), np.zeros((1, 540, 960, 3), np.float32))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -193,3 +193,40 @@ def test_frame_check_fails_on_a_wrong_channel_order(rect_bundle: Bundle, tmp_pat
     bad = frame_difference(rect_bundle.model_path("fp32"), broken, frames, RECT, config)
     assert good["agreement"] >= 0.99
     assert bad["agreement"] < 0.9
+
+
+def run_detections(bundle: Bundle, source: Path, variant: str, out: Path) -> Dict[int, Detections]:
+    from device.cli import main
+
+    code = main(["run", str(bundle.root), "--source", str(source), "--backend", "onnxruntime",
+                 "--variant", variant, "--sink", f"jsonl:{out}"])
+    assert code == 0
+    found: Dict[int, Detections] = {}
+    for line in out.read_text().splitlines():
+        message = json.loads(line)["payload"]
+        if isinstance(message, dict) and message.get("type") == "detections":
+            found[message["frame_index"]] = Detections.from_list(message["detections"])
+    return found
+
+
+def test_jetyolo_run_on_the_frame_variant_agrees_with_the_cpu_letterbox(
+    rect_bundle: Bundle, synth_video: Path, tmp_path: Path
+) -> None:
+    cpu = run_detections(rect_bundle, synth_video, "fp32", tmp_path / "cpu.jsonl")
+    graph = run_detections(rect_bundle, synth_video, "frame", tmp_path / "graph.jsonl")
+    assert sorted(cpu) == sorted(graph) and len(cpu) >= 40
+    total = sum(max(len(cpu[i]), len(graph[i])) for i in cpu)
+    assert total > 40
+    assert sum(match_detections(cpu[i], graph[i]) for i in cpu) / total >= 0.99
+
+
+def test_the_frame_variant_refuses_tensorrt_and_an_unknown_frame_size(rect_bundle: Bundle) -> None:
+    from device.backends import open_backend
+
+    with pytest.raises(JetyoloError, match="runs on ONNX Runtime only so far"):
+        open_backend("tensorrt", rect_bundle, variant="frame", frame_size=lambda: (1920, 1080))
+    with pytest.raises(JetyoloError, match="frame size is not known"):
+        open_backend("onnxruntime", rect_bundle, variant="frame", frame_size=lambda: None)
+    backend = open_backend("onnxruntime", rect_bundle, variant="frame", frame_size=lambda: (64, 48))
+    with backend:
+        assert backend.input_spec.shape == (1, 48, 64, 3)
