@@ -24,6 +24,7 @@ from device.preprocess import FRAME_INPUT
 LOG = logging.getLogger(__name__)
 
 BACKEND_KINDS = ("auto", "tensorrt", "onnxruntime")
+CPU_DEFAULT_VARIANT = "uint8"
 FrameSizeProbe = Callable[[], Optional[Tuple[int, int]]]  # the source's (w, h), if known
 TENSORRT_PACKAGE_HINT = (
     "install JetPack's TensorRT Python bindings (`sudo apt install python3-libnvinfer`) and "
@@ -79,7 +80,10 @@ def _onnxruntime_variant(bundle: Bundle, precision: Optional[str], variant: Opti
             "backend: --precision %s applies to TensorRT engines; ONNX Runtime runs the "
             "bundle's fp32 model (pick another graph with --variant)", precision
         )
-    return "fp32"
+    # The uint8 graph computes what fp32 does (export checks: max abs 0) and leaves the cast,
+    # transpose and scale to ONNX Runtime: pre+post CPU 0.46-0.49x ultralytics' vs 0.70x
+    # (docs/BENCHMARKS.md). The CPU default when the bundle has it.
+    return CPU_DEFAULT_VARIANT if CPU_DEFAULT_VARIANT in bundle.manifest["variants"] else "fp32"
 
 
 def open_backend(

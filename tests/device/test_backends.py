@@ -239,3 +239,24 @@ def test_onnxruntime_workers_run_calls_at_once_each_into_its_own_outputs(ort_mod
     assert not np.allclose(outs[0]["scores"], outs[1]["scores"], atol=1e-4)
     with pytest.raises(JetyoloError, match="workers must be at least 1"):
         OnnxRuntimeBackend(ort_model, workers=0)
+
+
+def test_the_cpu_runs_the_uint8_graph_when_the_bundle_has_one(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    """No --variant on ONNX Runtime: uint8 if the bundle has it (same numbers, less CPU work
+    before inference), else fp32."""
+    import shutil
+
+    plain = open_backend("onnxruntime", Bundle.load(bundle_dir))
+    assert isinstance(plain, OnnxRuntimeBackend) and plain.model_path.name == "model.onnx"
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    manifest = dict(Bundle.load(copy).manifest)
+    manifest["variants"] = dict(manifest["variants"])
+    manifest["variants"]["uint8"] = dict(manifest["variants"]["fp32"], file="model_u8.onnx")
+    with_uint8 = open_backend("onnxruntime", Bundle(copy, manifest))
+    assert isinstance(with_uint8, OnnxRuntimeBackend)
+    assert with_uint8.model_path.name == "model_u8.onnx"
+    chosen = open_backend("onnxruntime", Bundle(copy, manifest), variant="fp32")
+    assert isinstance(chosen, OnnxRuntimeBackend) and chosen.model_path.name == "model.onnx"
