@@ -69,13 +69,16 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def one_run(bundle: Path, video: Path, mode: str, spool: Path) -> Tuple[float, float, int]:
+def one_run(bundle: Path, video: Path, mode: str, spool: Path,
+            frames: Optional[int] = None) -> Tuple[float, float, int]:
     """(FPS, CPU ms per frame, preview frames received) of one `jetyolo run` in ``mode``. CPU
     time (user + system of the run's process) resolves small costs on a shared machine, where
     wall-clock FPS swings with the other sessions' load."""
     cpu_before = children_cpu_s()
     command = [sys.executable, "-m", "device.cli", "run", str(bundle), "--source", str(video),
                "--backend", "onnxruntime", "--sink", "jsonl:/dev/null", "--spool-dir", str(spool)]
+    if frames is not None:
+        command += ["--max-frames", str(frames)]
     if mode != "off":
         command += ["--http", "127.0.0.1:0"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -131,6 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--source", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--frames", type=int, help="stop each run after this many frames")
     parser.add_argument("--append-md", type=Path)
     args = parser.parse_args(argv)
     load_before = load_average()
@@ -142,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             order = MODES[round_index % 3:] + MODES[: round_index % 3]
             for mode in order:
                 value, cpu_ms, received = one_run(args.bundle, args.source, mode,
-                                                  Path(tmp) / "spool")
+                                                  Path(tmp) / "spool", args.frames)
                 fps[mode].append(value)
                 cpu[mode].append(cpu_ms)
                 if mode == "on, one viewer":
@@ -173,7 +177,8 @@ def report(args: argparse.Namespace, fps: Dict[str, List[float]], cpu: Dict[str,
         "## HTTP endpoint cost (`jetyolo run --http`)",
         "",
         f"{dt.date.today().isoformat()}, {platform.machine()} {platform.node()}, "
-        f"{args.runs} alternating rounds over `{args.source.name}` (ONNX Runtime, JSONL sink).",
+        f"{args.runs} alternating rounds over `{args.source.name}`"
+        f"{f' ({args.frames} frames)' if args.frames else ''} (ONNX Runtime, JSONL sink).",
         f"Load before: `{loads[0]}`; after: `{loads[1]}`.",
         "",
         "| mode | median FPS | FPS × off | median CPU ms/frame | off CPU ÷ this | FPS per run |",
@@ -189,7 +194,7 @@ def report(args: argparse.Namespace, fps: Dict[str, List[float]], cpu: Dict[str,
         "encodes).",
         "",
         f"Command: `python -m host.bench_http {args.bundle} --source {args.source} "
-        f"--runs {args.runs}`",
+        f"--runs {args.runs}{f' --frames {args.frames}' if args.frames else ''}`",
     ]
 
 

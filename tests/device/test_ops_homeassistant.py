@@ -121,3 +121,26 @@ def test_the_run_config_turns_it_on_and_needs_an_mqtt_sink() -> None:
     topics = [m.topic for m in config_announcements(config, options)]
     assert topics[-1] == "ha/binary_sensor/jetyolo_cam-1/gatecam_object_present/config"
     assert all("pw" not in topic for topic in topics)
+
+
+def test_a_run_with_homeassistant_true_leaves_the_configs_at_the_broker(
+    bundle_dir: Path, synth_video: Path, tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    from device.bundle import Bundle
+    from device.config import config_from_mapping
+    from device.setup import run_configured
+
+    config = config_from_mapping({
+        "bundle": str(bundle_dir), "source": str(synth_video), "backend": "onnxruntime",
+        "sinks": [f"mqtt://127.0.0.1:{broker.port}"], "spool_dir": str(tmp_path / "spool"),
+        "device_id": "ha-dev", "source_name": "yard", "homeassistant": True, "max_frames": 3,
+    })
+    run_configured(config, handle_signals=False)
+    names = Bundle.load(bundle_dir).class_names
+    got = dict(retained(broker.port, "homeassistant/#", len(names) + 1))
+    assert len(got) == len(names) + 1
+    present = json.loads(got["homeassistant/binary_sensor/jetyolo_ha-dev/yard_object_present/"
+                            "config"])
+    assert present["state_topic"] == "jetyolo/ha-dev/yard/detections"
+    assert dict(retained(broker.port, "jetyolo/ha-dev/available", 1)) == {
+        "jetyolo/ha-dev/available": b"offline"}  # the run ended: availability says so

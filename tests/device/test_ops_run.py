@@ -22,6 +22,7 @@ from http_camera import MjpegCamera  # tests/ is on sys.path (tests/device/conft
 from mqtt_broker import MosquittoBroker, mosquitto_available
 from polling import wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from test_run_e2e import Collect
 
 from device.config import config_from_mapping
 from device.errors import JetyoloError
@@ -51,17 +52,6 @@ def samples(text: bytes) -> Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
     return found
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.frames: List[Any] = []
-
-    def publish_frame(self, result: Any) -> None:
-        self.frames.append(result)
-
-    def publish_stats(self, stats: Dict[str, Any]) -> None:
-        pass
-
-
 def test_metrics_match_the_run_counters_frame_for_frame(
     bundle_dir: Path, synth_video: Path
 ) -> None:
@@ -86,7 +76,7 @@ def test_metrics_match_the_run_counters_frame_for_frame(
     sinks = Collect()
     summary = run_configured(config, sinks=sinks, extensions=[extension, probe],
                              handle_signals=False)
-    assert summary.frames == len(sinks.frames) == 40
+    assert summary.frames == len(sinks.results) == 40
     metrics, counters = scraped["metrics"], scraped["counters"]
     source = (("source", counters["source"]),)
     assert metrics[("jetyolo_frames_total", source)] == counters["frames"] == STOP_AT_FRAME
