@@ -1,13 +1,14 @@
-"""What the HTTP endpoint costs `jetyolo run`: FPS with it off, on with nobody watching, and on
-with one preview viewer; plus the per-frame cost of its frame observer, timed in-process.
+"""What the HTTP endpoint costs `jetyolo run`: FPS and CPU per frame with it off, on with
+nobody watching, and on with one preview viewer; plus the per-frame cost of its frame observer,
+timed in-process.
 
-  python -m host.bench_http BUNDLE --source VIDEO [--runs 5] [--append-md docs/BENCHMARKS.md]
+  python -m host.bench_http BUNDLE --source VIDEO [--runs 5] [--frames N] [--backend tensorrt]
 
-Each run is a fresh `jetyolo run` process over the whole video (ONNX Runtime, JSONL sink to
-/dev/null); the three modes alternate within each round, the order rotating per round, so a busy
-machine slows them alike. The viewer reads the MJPEG stream for the whole run. Prints the median
-FPS of each mode, the ratios to "off", the machine load before and after (`uptime`), and the
-command; appends a Markdown section with --append-md.
+Each run is a fresh `jetyolo run` process over the video (ONNX Runtime by default, JSONL sink
+to /dev/null); the three modes alternate within each round, the order rotating per round, so a
+busy machine slows them alike. The viewer reads the MJPEG stream for the whole run. Prints the
+medians, the ratios to "off", the load before and after (`uptime`) and the command; appends
+that as a Markdown section with --append-md.
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ def children_cpu_s() -> float:
 
 
 def one_run(bundle: Path, video: Path, mode: str, spool: Path,
-            frames: Optional[int] = None) -> Tuple[float, float, int]:
+            frames: Optional[int] = None, backend: str = "onnxruntime"
+            ) -> Tuple[float, float, int]:
     """(FPS, CPU ms per frame, preview frames received) of one `jetyolo run` in ``mode``. CPU
     time (user + system of the run's process) resolves small costs on a shared machine, where
     wall-clock FPS swings with the other sessions' load."""
     cpu_before = children_cpu_s()
     command = [sys.executable, "-m", "device.cli", "run", str(bundle), "--source", str(video),
-               "--backend", "onnxruntime", "--sink", "jsonl:/dev/null", "--spool-dir", str(spool)]
+               "--backend", backend, "--sink", "jsonl:/dev/null", "--spool-dir", str(spool)]
     if frames is not None:
         command += ["--max-frames", str(frames)]
     if mode != "off":
@@ -135,6 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--source", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--frames", type=int, help="stop each run after this many frames")
+    parser.add_argument("--backend", default="onnxruntime",
+                        help="onnxruntime (default) or tensorrt (on a Jetson)")
     parser.add_argument("--append-md", type=Path)
     args = parser.parse_args(argv)
     load_before = load_average()
@@ -146,7 +150,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             order = MODES[round_index % 3:] + MODES[: round_index % 3]
             for mode in order:
                 value, cpu_ms, received = one_run(args.bundle, args.source, mode,
-                                                  Path(tmp) / "spool", args.frames)
+                                                  Path(tmp) / "spool", args.frames,
+                                                  args.backend)
                 fps[mode].append(value)
                 cpu[mode].append(cpu_ms)
                 if mode == "on, one viewer":
@@ -178,7 +183,7 @@ def report(args: argparse.Namespace, fps: Dict[str, List[float]], cpu: Dict[str,
         "",
         f"{dt.date.today().isoformat()}, {platform.machine()} {platform.node()}, "
         f"{args.runs} alternating rounds over `{args.source.name}`"
-        f"{f' ({args.frames} frames)' if args.frames else ''} (ONNX Runtime, JSONL sink).",
+        f"{f' ({args.frames} frames)' if args.frames else ''} ({args.backend}, JSONL sink).",
         f"Load before: `{loads[0]}`; after: `{loads[1]}`.",
         "",
         "| mode | median FPS | FPS × off | median CPU ms/frame | off CPU ÷ this | FPS per run |",
