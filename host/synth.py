@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -210,27 +210,37 @@ def _yolo_line(class_id: int, box: Sequence[float], width: int, height: int) -> 
     )
 
 
+ImageSize = Union[int, Tuple[int, int]]  # a square side, or (width, height)
+
+
+def image_size(imgsz: ImageSize) -> Tuple[int, int]:
+    return (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[1]))
+
+
 def write_split(
-    root: Path, split: str, count: int, classes: int, imgsz: int, rng: np.random.Generator
+    root: Path, split: str, count: int, classes: int, imgsz: ImageSize, rng: np.random.Generator
 ) -> None:
     images, labels = root / split / "images", root / split / "labels"
     images.mkdir(parents=True)
     labels.mkdir(parents=True)
+    width, height = image_size(imgsz)
     for index in range(count):
-        image, labelled = render(rng, classes, imgsz, imgsz)
+        image, labelled = render(rng, classes, width, height)
         stem = f"{split}_{index:05d}"
         cv2.imwrite(str(images / f"{stem}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        lines = [_yolo_line(cls, box, imgsz, imgsz) for cls, box in labelled]
+        lines = [_yolo_line(cls, box, width, height) for cls, box in labelled]
         (labels / f"{stem}.txt").write_text("\n".join(lines) + "\n")
 
 
 def make_dataset(
-    out: Path, classes: int, train: int, val: int, imgsz: int, seed: int, force: bool = False
+    out: Path, classes: int, train: int, val: int, imgsz: ImageSize, seed: int,
+    force: bool = False,
 ) -> Path:
-    """Write the dataset into ``out`` atomically and return the path of its data.yaml."""
+    """Write the dataset into ``out`` atomically and return the path of its data.yaml;
+    ``imgsz``: square images of that side, or (width, height)."""
     if not 1 <= classes <= MAX_CLASSES:
         raise JetyoloError(f"--classes must be between 1 and {MAX_CLASSES}, got {classes}")
-    if train < 1 or val < 1 or imgsz < 32:
+    if train < 1 or val < 1 or min(image_size(imgsz)) < 32:
         raise JetyoloError("--train and --val must be >= 1 and --imgsz >= 32")
     prepare_output_dir(out, force)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
@@ -372,12 +382,19 @@ def _move(obj: SynthObject, speed: np.ndarray, width: int, height: int) -> None:
     obj.center = (x, y)
 
 
-def _parse_size(text: str) -> Tuple[int, int]:
+def _parse_size(text: str, flag: str = "--video-size") -> Tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise JetyoloError(f"--video-size must look like 1920x1080, got {text!r}") from None
+        raise JetyoloError(f"{flag} must look like 1920x1080, got {text!r}") from None
     return width, height
+
+
+def _side(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise JetyoloError(f"--imgsz must be a number of pixels or WxH, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -389,7 +406,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--train", type=int, default=200, help="training images")
     parser.add_argument("--val", type=int, default=50, help="validation images")
-    parser.add_argument("--imgsz", type=int, default=320, help="image side in pixels")
+    parser.add_argument("--imgsz", default="320",
+                        help="image side in pixels, or WxH for rectangular images (640x360)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--video", type=Path, help="also write an MP4 here (+ .json ground truth)")
     parser.add_argument("--video-size", default="1920x1080", help="WxH of the video")
@@ -401,8 +419,10 @@ def run(args: argparse.Namespace) -> int:
     video_size = _parse_size(args.video_size)
     if args.video:  # before writing anything
         check_video_args(args.classes, video_size, args.frames)
+    imgsz: ImageSize = _parse_size(args.imgsz, "--imgsz") if "x" in args.imgsz.lower() \
+        else _side(args.imgsz)
     data_yaml = make_dataset(
-        args.out, args.classes, args.train, args.val, args.imgsz, args.seed, args.force
+        args.out, args.classes, args.train, args.val, imgsz, args.seed, args.force
     )
     print(
         f"dataset: {data_yaml} ({args.train} train, {args.val} val, {args.classes} classes, "

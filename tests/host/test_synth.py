@@ -55,6 +55,18 @@ def test_every_label_passes_the_dataset_check(tmp_path: Path) -> None:
     assert used <= set(range(MAX_CLASSES)) and len(used) > 1
 
 
+def test_rectangular_images_have_labels_normalised_to_their_own_size(tmp_path: Path) -> None:
+    data_yaml = make_dataset(tmp_path / "ds", 3, 4, 2, (160, 90), seed=3)
+    root = data_yaml.parent
+    image = cv2.imread(str(root / "train" / "images" / "train_00000.jpg"))
+    assert image is not None and image.shape == (90, 160, 3)
+    report = check_dataset(data_yaml)
+    assert (report.errors, report.warnings) == ([], [])
+    rows = [line.split() for line in (root / "train/labels/train_00000.txt").read_text().split("\n")
+            if line]
+    assert rows and all(0 < float(v) <= 1 for row in rows for v in row[1:])
+
+
 def _video_frames(path: Path) -> List[Any]:
     capture = cv2.VideoCapture(str(path))
     frames = []
