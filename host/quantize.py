@@ -233,23 +233,108 @@ def collect_ranges(
     if method not in METHODS:
         raise JetyoloError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     progress = Progress(f"calibrate ({method})", len(paths))
+    options = calibrator_options(method, recipe)
     with tempfile.TemporaryDirectory(prefix="jetyolo-calib-") as tmp:
         calibrator = quantization.create_calibrator(
             str(model_path),
             None,  # every float tensor: the TensorRT cache needs them all
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=getattr(quantization.CalibrationMethod, ORT_METHODS[method]),
-            extra_options=calibrator_options(method, recipe),
+            extra_options=options,
         )
+        collector = _tolerant_collector(calibrator, method)
         with _quiet_ort_prints():
             for chunk in _chunks(list(paths), CHUNK):
                 inputs = preprocessed_inputs(chunk, input_size)
                 calibrator.collect_data(_data_reader(input_name, inputs, progress))
             tensors_data = calibrator.compute_data()
+    _define_degenerate_ranges(tensors_data, collector.degenerate if collector else {}, method)
     values = {name: _range_of(data) for name, data in tensors_data.data.items()}
     log.info("calibrate: %d tensor ranges from %d images in %.1f s (%.1f img/s)",
              len(values), len(paths), progress.seconds, len(paths) / max(progress.seconds, 1e-9))
     return Ranges(method, values, tensors_data, progress.seconds, len(paths))
+
+
+def _tolerant_collector(calibrator: Any, method: str) -> Any:
+    """For the histogram methods, a collector that survives degenerate tensors; None for MinMax.
+
+    ONNX Runtime's ``HistogramCollector`` raises ``Too many bins for data range`` for a whole
+    calibration when one tensor spans fewer float32 steps than there are bins (an attention
+    Softmax of an untrained YOLO12/YOLO26, a constant tensor). This one histograms tensor by
+    tensor and keeps only the min/max of those that fail, for ``_define_degenerate_ranges``."""
+    if method == "minmax":
+        return None
+    calibrate_module = require("onnxruntime.quantization.calibrate", "calibrate")
+
+    class TolerantHistogramCollector(calibrate_module.HistogramCollector):  # type: ignore[name-defined]
+        def __init__(self) -> None:
+            super().__init__(method=method, symmetric=calibrator.symmetric,
+                             num_bins=calibrator.num_bins,
+                             num_quantized_bins=calibrator.num_quantized_bins,
+                             percentile=calibrator.percentile, scenario=calibrator.scenario)
+            self.degenerate: Dict[str, Tuple[float, ...]] = {}
+
+        def collect(self, name_to_arr: Mapping[str, Any]) -> None:
+            for name, array in name_to_arr.items():
+                if name not in self.degenerate:
+                    try:
+                        super().collect({name: array})
+                        continue
+                    except ValueError as exc:  # numpy's "Too many bins for data range"
+                        log.debug("calibrate: %s cannot be histogrammed (%s)", name, exc)
+                        earlier = self.histogram_dict.pop(name, None)  # (hist, edges, min, max..)
+                        self.degenerate[name] = _span(earlier[2:4] if earlier else ())
+                seen = self.degenerate[name]
+                self.degenerate[name] = _span((*seen, *_finite_span(array)))
+
+        def compute_collection_result(self) -> Any:
+            return super().compute_collection_result() if self.histogram_dict else {}
+
+    collector = TolerantHistogramCollector()
+    calibrator.collector = collector  # collect_data() creates its own only when this is unset
+    return collector
+
+
+def _finite_span(array: Any) -> Tuple[float, ...]:
+    values = np.asarray(array, dtype=np.float32).reshape(-1)
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.size else ()
+
+
+def _span(values: Sequence[Any]) -> Tuple[float, ...]:
+    """(min, max) of ``values``, () for none."""
+    floats = [float(v) for v in values]
+    return (min(floats), max(floats)) if floats else ()
+
+
+def _define_degenerate_ranges(
+    tensors_data: Any, degenerate: Mapping[str, Tuple[float, ...]], method: str
+) -> None:
+    """Give each tensor the histogram could not take its observed symmetric min/max range (what
+    MinMax calibration gives it), and every tensor whose ``amax / 127`` is no normal float32 (all
+    zeros, subnormals; any method) the range +-1: ONNX Runtime's own quantizer uses scale 1 there,
+    TensorRT would get a zero scale, and such values round to 0 within 1e-38. Warns by name."""
+    calibrate_module = require("onnxruntime.quantization.calibrate", "calibrate")
+
+    def symmetric(amax: float) -> Any:
+        return calibrate_module.TensorData(
+            lowest=np.array(-amax, dtype=np.float32), highest=np.array(amax, dtype=np.float32)
+        )
+
+    for name, span in sorted(degenerate.items()):
+        low, high = span or (0.0, 0.0)  # () when every value was NaN or inf
+        log.warning("calibrate: %s spans [%.9g, %.9g], too narrow for %s histogram bins; using "
+                    "its min/max range instead", name, low, high, method)
+        tensors_data.data[name] = symmetric(max(abs(low), abs(high)))
+    unscalable = sorted(
+        name for name, data in tensors_data.data.items()
+        if max(abs(v) for v in _range_of(data)) / 127 < np.finfo(np.float32).tiny
+    )
+    for name in unscalable:
+        tensors_data.data[name] = symmetric(1.0)
+    if unscalable:
+        log.warning("calibrate: %d tensor(s) are (almost) all zeros, too small for an int8 scale; "
+                    "given the range +-1: %s", len(unscalable), ", ".join(unscalable[:8]))
 
 
 def _range_of(data: Any) -> Tuple[float, float]:
