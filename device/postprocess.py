@@ -21,8 +21,11 @@ from device.preprocess import Letterbox
 
 @dataclass(frozen=True)
 class PostprocessConfig:
+    """Defaults are ultralytics' ``predict`` defaults (conf 0.25, iou 0.7, max_det 300), so that
+    ``yolo predict`` and jetyolo agree on the same frames (docs/export.md, "Matching ultralytics")."""
+
     conf: float = 0.25
-    iou: float = 0.45
+    iou: float = 0.7
     max_det: int = 300
 
 

@@ -34,10 +34,23 @@ class TrainResult:
     metrics: Dict[str, float]
 
 
+# RT-DETR is refused, not half-supported: its output is a third contract ([B, 300, 4+nc]: boxes
+# normalised to 0..1, no NMS) that nothing on the device decodes or tests; it needs ultralytics'
+# RTDETR class and its own training recipe; and its smallest model (rtdetr-l, 32 M parameters)
+# is far from the Jetson-class real time jetyolo targets. One message, for every verb.
+RTDETR_UNSUPPORTED = (
+    "RT-DETR models are not supported by jetyolo (its [B,300,4+nc] normalised, NMS-free output "
+    "is a contract the device does not decode, and rtdetr-l is 32 M parameters); train a YOLO "
+    "detect model instead, e.g. --model yolo11n.yaml or yolo26n.yaml"
+)
+
+
 def load_detect_model(model: str, verb: str = "train") -> Any:
     """A ultralytics YOLO detect model from a .pt or a model yaml, or a clear error."""
     ultralytics = ultralytics_offline(verb)
     is_yaml = model.endswith((".yaml", ".yml"))
+    if is_yaml and "rtdetr" in Path(model).name.lower():
+        raise JetyoloError(f"{model}: {RTDETR_UNSUPPORTED}")
     if not is_yaml and not Path(model).is_file():
         raise JetyoloError(
             f"model {model} does not exist; pass a .pt you trained or a yaml such as yolo11n.yaml"
@@ -49,6 +62,8 @@ def load_detect_model(model: str, verb: str = "train") -> Any:
             f"{model} is not an ultralytics model ({_first_line(exc)}); pass a .pt saved by "
             "ultralytics training or a model yaml such as yolo11n.yaml"
         ) from exc
+    if type(yolo.model).__name__.startswith("RTDETR"):  # YOLO() loads an RT-DETR .pt silently
+        raise JetyoloError(f"{model}: {RTDETR_UNSUPPORTED}")
     if yolo.task != "detect":
         raise JetyoloError(f"{model} is a {yolo.task!r} model; jetyolo needs a YOLO detect model")
     return yolo

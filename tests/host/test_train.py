@@ -132,6 +132,39 @@ def test_classify_model_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
         train(tiny_dataset, model=str(classifier), project=tmp_path)
 
 
+TINY_RTDETR_YAML = """\
+nc: 4
+backbone:
+  - [-1, 1, Conv, [8, 3, 2]]
+  - [-1, 1, Conv, [16, 3, 2]]
+  - [-1, 1, Conv, [16, 3, 2]]
+head:
+  - [[2], 1, RTDETRDecoder, [nc, 16, 10, 1, 2, 1]]
+"""
+
+
+def test_rtdetr_is_refused_by_train_and_export(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A yaml by name, and a .pt by its model class: ultralytics' YOLO() loads an RT-DETR .pt as a
+    'detect' model without complaint, so before the check train and export went on with it."""
+    from host._env import ultralytics_offline
+    from host.export import export_bundle
+    from host.train import RTDETR_UNSUPPORTED
+
+    with pytest.raises(JetyoloError) as caught:
+        train(tiny_dataset, model="rtdetr-l.yaml", project=tmp_path)
+    assert str(caught.value) == f"rtdetr-l.yaml: {RTDETR_UNSUPPORTED}"
+    yaml = tmp_path / "tiny-detr.yaml"  # no "rtdetr" in the name: the .pt check must catch it
+    yaml.write_text(TINY_RTDETR_YAML)
+    weights = tmp_path / "detr.pt"
+    ultralytics_offline("train").RTDETR(str(yaml)).save(str(weights))
+    for verb in (lambda: train(tiny_dataset, model=str(weights), project=tmp_path),
+                 lambda: export_bundle(weights, tmp_path / "bundle", imgsz=64)):
+        with pytest.raises(JetyoloError) as caught:
+            verb()
+        assert str(caught.value) == f"{weights}: {RTDETR_UNSUPPORTED}"
+    assert not (tmp_path / "train").exists() and not (tmp_path / "bundle").exists()
+
+
 def test_dataset_errors_stop_training_before_it_starts(tmp_path: Path) -> None:
     data_yaml = make_dataset(tmp_path / "ds", 2, 2, 1, 64, seed=0)
     (data_yaml.parent / "valid" / "labels" / "valid_00000.txt").write_text("5 0.5 0.5 0.1 0.1\n")
