@@ -1,28 +1,41 @@
 """Model outputs -> ``Detections`` in frame pixels.
 
-Two output contracts (see the bundle manifest's ``outputs``):
-- split head (``boxes`` [1, 4, N] xywh in input pixels, ``scores`` [1, nc, N] in [0, 1]):
-  confidence pre-filter, class-aware NMS with OpenCV, ``max_det``;
-- EfficientNMS (``num_dets``, ``det_boxes`` corners, ``det_scores``, ``det_classes``): NMS was done
-  by TensorRT, only the mapping back to frame pixels is left.
+Three output contracts (the bundle manifest's variant ``contract``), told apart by output names:
+- ``split_head`` (``boxes`` [1, 4, N] xywh in input pixels, ``scores`` [1, nc, N] in [0, 1]; the
+  one-to-many head of YOLOv8/11/12/26): confidence pre-filter, class-aware NMS with OpenCV,
+  ``max_det``;
+- ``end2end`` (``det_boxes`` [1, K, 4] corners, ``det_scores`` [1, K], ``det_classes`` [1, K]; the
+  NMS-free one-to-one head of YOLO26 after its TopK): confidence threshold only, no NMS;
+- ``efficient_nms`` (``num_dets`` and the three ``det_*`` outputs): NMS was done by TensorRT.
+Anything else is refused with one line naming the outputs found.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import cv2
 import numpy as np
 
 from device.detections import Detections
+from device.errors import JetyoloError
 from device.preprocess import Letterbox
+
+SPLIT_HEAD_OUTPUTS = ("boxes", "scores")
+END2END_OUTPUTS = ("det_boxes", "det_scores", "det_classes")
+EFFICIENT_NMS_OUTPUTS = ("num_dets", *END2END_OUTPUTS)
+CONTRACTS = {
+    "split_head": SPLIT_HEAD_OUTPUTS,
+    "end2end": END2END_OUTPUTS,
+    "efficient_nms": EFFICIENT_NMS_OUTPUTS,
+}
 
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """Defaults are ultralytics' ``predict`` defaults (conf 0.25, iou 0.7, max_det 300), so that
-    ``yolo predict`` and jetyolo agree on the same frames (docs/export.md, "Matching ultralytics")."""
+    """ultralytics' ``predict`` defaults (conf 0.25, iou 0.7, max_det 300), so that ``yolo
+    predict`` and jetyolo agree on the same frames (docs/export.md, "Matching ultralytics")."""
 
     conf: float = 0.25
     iou: float = 0.7
@@ -74,13 +87,42 @@ def decode_efficient_nms(outputs: Mapping[str, np.ndarray], max_det: int) -> Det
     )
 
 
+def decode_end2end(outputs: Mapping[str, np.ndarray], config: PostprocessConfig) -> Detections:
+    """End-to-end (NMS-free) outputs of one image -> Detections in input pixels: the head already
+    picked its top K, so only the confidence threshold and ``max_det`` are left (no NMS)."""
+    scores = np.asarray(outputs["det_scores"][0], dtype=np.float32).reshape(-1)
+    keep = np.flatnonzero(scores > config.conf)
+    keep = keep[np.argsort(-scores[keep], kind="stable")][: config.max_det]
+    return Detections(
+        np.array(outputs["det_boxes"][0].reshape(-1, 4)[keep], dtype=np.float32),
+        scores[keep],
+        np.rint(np.asarray(outputs["det_classes"][0]).reshape(-1)[keep]).astype(np.int32),
+    )
+
+
+def contract_of(output_names: Iterable[str]) -> str:
+    """Which contract these output names are, or one line naming the layout found."""
+    names = set(output_names)
+    for contract, expected in CONTRACTS.items():
+        if names == set(expected):
+            return contract
+    known = "; ".join(f"{name}: {', '.join(outputs)}" for name, outputs in CONTRACTS.items())
+    raise JetyoloError(
+        f"model outputs {sorted(names)} are no output layout jetyolo decodes ({known}); "
+        "re-export the model with `jetyolo export`"
+    )
+
+
 def postprocess(
     outputs: Mapping[str, np.ndarray], geometry: Letterbox, config: PostprocessConfig
 ) -> Detections:
     """Decode whichever head the model has, then map boxes back into frame pixels."""
-    if "num_dets" in outputs:
+    contract = contract_of(outputs)
+    if contract == "efficient_nms":
         detections = decode_efficient_nms(outputs, config.max_det)
         detections = detections[detections.confidence > config.conf]
+    elif contract == "end2end":
+        detections = decode_end2end(outputs, config)
     else:
         detections = decode_split_head(outputs["boxes"], outputs["scores"], config)
     if len(detections):

@@ -35,7 +35,7 @@ from device.detections import Detections
 from device.engine import PRECISIONS
 from device.errors import JetyoloError
 from device.matching import ImageAgreement, compare_image, map_vs_reference
-from device.postprocess import PostprocessConfig, postprocess
+from device.postprocess import END2END_OUTPUTS, PostprocessConfig, postprocess
 from device.preprocess import Letterbox
 
 log = logging.getLogger(__name__)
@@ -444,8 +444,11 @@ class VerifyReport:
     notes: List[str] = field(default_factory=list)
 
     def gate_results(self) -> List[Tuple[str, bool, bool]]:
-        """``(gate, passed, gated)`` for every check; only gated ones decide the verdict."""
-        results = [(f"tensor {check.name}", check.ok, self.gates.tensor_gated)
+        """``(gate, passed, gated)`` for every check; only gated ones decide the verdict. The
+        end-to-end head's rows come out of a TopK whose near-ties reorder under FP16 (or another
+        kernel library): those tensors are reported, and judged at the detection level only."""
+        results = [(f"tensor {check.name}", check.ok,
+                    self.gates.tensor_gated and check.name not in END2END_OUTPUTS)
                    for check in self.outputs]
         if self.gates.tensor_gated and not self.outputs:
             results.append(("tensor outputs in common", False, True))

@@ -27,6 +27,7 @@ import yaml
 from device import calibcache
 from device.bundle import Bundle, add_files, atomic_write_json
 from device.errors import JetyoloError
+from device.postprocess import END2END_OUTPUTS, SPLIT_HEAD_OUTPUTS
 from host import quantize
 from host._env import installed_versions
 from host.evaluate import EvalResult, evaluate_model, val_image_paths
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 QDQ_FILE = "model_int8_qdq.onnx"
 REPORT_FILE = "calibration.json"
 CACHE_DIR = "calibration"
-SPLIT_HEAD_OUTPUTS = ("boxes", "scores")
 REPORT_VERSIONS = ("jetyolo", "onnxruntime", "onnx", "numpy", "opencv-python",
                    "opencv-python-headless", "ultralytics")
 # Defaults of calibration/default.yaml (a test keeps the two equal). CLI flags override a recipe.
@@ -111,13 +111,15 @@ def checked_trt_versions(versions: Sequence[str]) -> Dict[str, int]:
 
 def split_head_nodes(bundle: Bundle, model: Any) -> List[str]:
     """The head's post-processing node names present in the graph; refuses a bundle whose fp32
-    graph does not end in the split ``boxes``/``scores`` head."""
+    graph does not end in a split head: ``boxes``/``scores`` (one-to-many) or
+    ``det_boxes``/``det_scores``/``det_classes`` (YOLO26 end-to-end, whose TopK/Gather and score
+    and class tensors are head nodes too, so they stay out of INT8 like the DFL and sigmoid)."""
     outputs = [o.name for o in model.graph.output]
-    if sorted(outputs) != sorted(SPLIT_HEAD_OUTPUTS):
+    if sorted(outputs) not in (sorted(SPLIT_HEAD_OUTPUTS), sorted(END2END_OUTPUTS)):
         raise JetyoloError(
-            f"bundle {bundle.root}: the fp32 model's outputs are {outputs}, not the split head "
-            f"{list(SPLIT_HEAD_OUTPUTS)}: INT8 would share one scale between boxes and scores; "
-            "re-export the bundle with `jetyolo export`"
+            f"bundle {bundle.root}: the fp32 model's outputs are {outputs}, not a split head "
+            f"({list(SPLIT_HEAD_OUTPUTS)} or {list(END2END_OUTPUTS)}): INT8 would share one "
+            "scale between boxes and scores; re-export the bundle with `jetyolo export`"
         )
     listed = bundle.manifest.get("head", {}).get("postprocess_nodes")
     if not listed:
@@ -389,6 +391,7 @@ def manifest_updates(bundle: Bundle, report: Mapping[str, Any]) -> Dict[str, Any
         "variants": {"int8-qdq": {
             "file": QDQ_FILE,
             "input": fp32["input"],
+            "contract": fp32.get("contract", "split_head"),
             "outputs": fp32["outputs"],
             "quantization": {"format": "QDQ", "activations": "int8 symmetric per-tensor",
                              "weights": "int8 symmetric per-channel (axis 0)",

@@ -25,7 +25,7 @@ import numpy as np
 from device.backends.onnxruntime import OnnxRuntimeBackend
 from device.bundle import Bundle
 from device.errors import JetyoloError
-from device.postprocess import PostprocessConfig, postprocess
+from device.postprocess import PostprocessConfig, contract_of, postprocess
 from device.preprocess import Preprocessor
 from host._env import ultralytics_offline
 
@@ -202,7 +202,7 @@ def evaluate_bundle(
     plot_dir: Optional[Path] = None,
 ) -> EvalResult:
     outputs = bundle.variant(variant)["outputs"]  # names the bundle's variants if it lacks this
-    if "boxes" not in outputs or "scores" not in outputs:
+    if "num_dets" in outputs or contract_of(outputs) == "efficient_nms":
         raise JetyoloError(
             f"variant {variant!r} ends in {sorted(outputs)} (TensorRT's EfficientNMS plugin), "
             "which ONNX Runtime cannot run; evaluate the pre-NMS graphs: fp32, uint8, int8-qdq"

@@ -8,6 +8,7 @@ import argparse
 import datetime as dt
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,16 +89,64 @@ def fitted_input(frame_size: Size, imgsz: Size, stride: int) -> Size:
     return chosen
 
 
-def ultralytics_onnx(weights: Path, workdir: Path, imgsz: Size, batch: int, opset: int) -> Path:
+HEADS = ("one2many", "end2end")
+# Measured on the YOLO26n fixture (docs/export.md, "Families and heads"): see DEFAULT_HEAD's why.
+DEFAULT_HEAD = "one2many"
+# The device's decoder per head (device.postprocess.CONTRACTS) and its manifest description.
+HEAD_CONTRACTS = {"one2many": "split_head", "end2end": "end2end"}
+FAMILY_PATTERN = re.compile(r"(yolov?\d+)", re.IGNORECASE)
+
+
+def ultralytics_onnx(
+    weights: Path, workdir: Path, imgsz: Size, batch: int, opset: int, head: str = DEFAULT_HEAD
+) -> Path:
     """Plain ultralytics ONNX export (static shape), written in ``workdir``, not beside the .pt
-    (of a copy of ``weights`` loaded there: ultralytics writes beside the model file)."""
+    (of a copy of ``weights`` loaded there: ultralytics writes beside the model file).
+    ``nms=False`` is ultralytics' switch to the NMS-free one-to-one head, ``None`` its default
+    one-to-many head (ultralytics cfg/default.yaml, exporter: ``end2end = nms is False``)."""
     copied = workdir / weights.name
     shutil.copyfile(weights, copied)
     yolo = load_detect_model(str(copied), "export")
     exported = yolo.export(
-        format="onnx", imgsz=list(imgsz), batch=batch, opset=opset, dynamic=False, simplify=True
+        format="onnx", imgsz=list(imgsz), batch=batch, opset=opset, dynamic=False, simplify=True,
+        nms=False if head == "end2end" else None,
     )
     return Path(exported)
+
+
+def model_family(yolo: Any) -> str:
+    """``yolov8``, ``yolo11``, ``yolo12``, ``yolo26``... from the yaml the model was built from."""
+    yaml = getattr(yolo.model, "yaml", None) or {}
+    match = FAMILY_PATTERN.search(str(yaml.get("yaml_file", "")))
+    return match.group(1).lower() if match else "unknown"
+
+
+def has_end2end_head(yolo: Any) -> bool:
+    return getattr(yolo.model.model[-1], "one2one_cv2", None) is not None
+
+
+def check_head(yolo: Any, head: str, weights: Path) -> None:
+    if head not in HEADS:
+        raise JetyoloError(f"--head {head!r} is not one of {', '.join(HEADS)}")
+    if head == "end2end" and not has_end2end_head(yolo):
+        raise JetyoloError(
+            f"--head end2end: {weights} ({model_family(yolo)}) has no NMS-free one-to-one head; "
+            "only YOLO26 (and YOLOv10) models have one: drop --head or pass --head one2many"
+        )
+
+
+def contract_outputs(head: str, classes: int, max_det: int) -> Dict[str, str]:
+    """The manifest's description of a variant's outputs for ``head``."""
+    if head == "end2end":
+        return {
+            "det_boxes": f"[B,K,4] float32: x1, y1, x2, y2 in input pixels (K <= {max_det})",
+            "det_scores": "[B,K] float32: score of each row, highest first (TopK)",
+            "det_classes": "[B,K] float32: class id of each row (whole numbers)",
+        }
+    return {
+        "boxes": "[B,4,N] float32: cx, cy, w, h in input pixels",
+        "scores": f"[B,{classes},N] float32: per-class scores after sigmoid",
+    }
 
 
 def build_manifest(
@@ -109,6 +158,7 @@ def build_manifest(
     weights: Path,
     passes: List[str],
     opset: int,
+    head: str = DEFAULT_HEAD,
 ) -> Dict[str, Any]:
     torch = require("torch", "export")
     onnx = require("onnx", "export")
@@ -120,6 +170,7 @@ def build_manifest(
     return {
         "schema_version": SCHEMA_VERSION,
         "name": name,
+        "family": model_family(yolo),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "class_names": class_names,
         "preprocess": {
@@ -140,14 +191,17 @@ def build_manifest(
                     "dtype": "float32",
                     "layout": "NCHW",
                 },
-                "outputs": {
-                    "boxes": "[B,4,N] float32: cx, cy, w, h in input pixels",
-                    "scores": f"[B,{len(class_names)},N] float32: per-class scores after sigmoid",
-                },
+                "contract": HEAD_CONTRACTS[head],
+                "outputs": contract_outputs(head, len(class_names), defaults.max_det),
                 "passes": passes,
             }
         },
-        "head": {"postprocess_nodes": head_nodes},
+        "head": {
+            "kind": head,
+            "contract": HEAD_CONTRACTS[head],
+            "end2end_available": has_end2end_head(yolo),
+            "postprocess_nodes": head_nodes,
+        },
         "files": {},
         "versions": {
             "ultralytics": ultralytics.__version__,
@@ -213,6 +267,7 @@ def nms_variant(fp32: Dict[str, Any], config: PostprocessConfig) -> Dict[str, An
     return dict(
         fp32,
         file="model_nms.onnx",
+        contract="efficient_nms",
         passes=[*fp32["passes"], "efficient_nms"],
         outputs={
             "num_dets": "[B,1] int32: valid detections per image",
@@ -249,6 +304,7 @@ def export_bundle(
     tolerance: Optional[parity.Tolerance] = None,
     reference_images: Optional[Path] = None,
     reference_num: int = REFERENCE_NUM,
+    head: str = DEFAULT_HEAD,
 ) -> Bundle:
     """Export ``weights`` to the bundle ``out``; raises JetyoloError (writing nothing) on bad input
     or when the ONNX is not at parity with the PyTorch model."""
@@ -258,20 +314,26 @@ def export_bundle(
     if source_size is not None:
         imgsz = fitted_input(source_size, imgsz, int(max(yolo.model.stride)))
     check_shape_args(yolo, imgsz, batch)
+    check_head(yolo, head, weights)
+    if nms and head == "end2end":
+        raise JetyoloError(
+            "--nms appends EfficientNMS_TRT to the one-to-many head; the end2end head is "
+            "NMS-free already: drop --nms or pass --head one2many"
+        )
     frames, source = parity.frames_for(data, len(yolo.names), parity_images)  # bad --data: fail now
     if reference_images is not None and reference_num:
         select_images(reference_images, reference_num, "--reference-images")  # fail now too
     config = PostprocessConfig()
     with tempfile.TemporaryDirectory(prefix="jetyolo-export-") as tmp:
         workdir = Path(tmp)
-        model, applied = fp32_model(weights, workdir, imgsz, batch, opset)
+        model, applied = fp32_model(weights, workdir, imgsz, batch, opset, head)
         files = {"model.onnx": _save(model, workdir / "model.onnx")}
         head_nodes = surgeon.head_postprocess_nodes(surgeon.import_graph(model))
         manifest = build_manifest(
-            yolo, name or out.name, imgsz, batch, head_nodes, weights, applied, opset
+            yolo, name or out.name, imgsz, batch, head_nodes, weights, applied, opset, head
         )
         manifest["parity"] = checked_parity(
-            yolo, files["model.onnx"], frames, source, (batch, imgsz), tolerance
+            yolo, files["model.onnx"], frames, source, (batch, imgsz), tolerance, head
         )
         if uint8_input:
             files["model_uint8.onnx"] = _save(
@@ -325,14 +387,16 @@ def checked_parity(
     source: str,
     shape: Tuple[int, Size],
     tolerance: Optional[parity.Tolerance],
+    head: str = DEFAULT_HEAD,
 ) -> Dict[str, Any]:
     """The parity record for the manifest; over tolerance, logs the figures and raises.
     ``shape`` is (batch, (height, width))."""
-    log.info("export: parity with the PyTorch model")
+    log.info("export: parity with the PyTorch model (%s head)", head)
     batch, imgsz = shape
-    report = parity.compare(
-        yolo.model, onnx_path, frames, imgsz, source, tolerance, PostprocessConfig(), batch
-    )
+    if has_end2end_head(yolo):
+        yolo.model.model[-1].end2end = head == "end2end"  # what ultralytics' exporter sets
+    report = parity.compare(yolo.model, onnx_path, frames, imgsz, source, tolerance,
+                            PostprocessConfig(), batch, HEAD_CONTRACTS[head])
     for line in report.lines() if report.problems else []:
         log.warning(line)
     parity.check(report)
@@ -353,14 +417,13 @@ def check_shape_args(yolo: Any, imgsz: Size, batch: int) -> None:
 
 
 def fp32_model(
-    weights: Path, workdir: Path, imgsz: Size, batch: int, opset: int
+    weights: Path, workdir: Path, imgsz: Size, batch: int, opset: int, head: str = DEFAULT_HEAD
 ) -> Tuple[Any, List[str]]:
     """ultralytics' export, checked to have the asked-for input, then the base passes."""
-    log.info(
-        "export: ultralytics ONNX export of %s at %dx%d (HxW), opset %d", weights, *imgsz, opset
-    )
+    log.info("export: ultralytics ONNX export of %s at %dx%d (HxW), opset %d, %s head",
+             weights, *imgsz, opset, head)
     try:
-        exported = ultralytics_onnx(weights, workdir, imgsz, batch, opset)
+        exported = ultralytics_onnx(weights, workdir, imgsz, batch, opset, head)
     except Exception as exc:  # ultralytics raises many types; keep its first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise JetyoloError(
@@ -420,11 +483,8 @@ def _check_uint8(
     worst = parity.uint8_difference(
         files["model.onnx"], files["model_uint8.onnx"], frames, imgsz, batch
     )
-    log.info(
-        "  uint8 input vs fp32 input: boxes max abs %.3g, scores max abs %.3g",
-        worst["boxes"],
-        worst["scores"],
-    )
+    log.info("  uint8 input vs fp32 input: %s",
+             ", ".join(f"{name} max abs {value:.3g}" for name, value in worst.items()))
     if max(worst.values()) > UINT8_ATOL:
         raise JetyoloError(
             f"the uint8-input variant differs from the fp32 model by {max(worst.values()):.3g} "
@@ -472,6 +532,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--name", help="bundle name (default: the --out folder name)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--head",
+        choices=HEADS,
+        default=DEFAULT_HEAD,
+        help="YOLO26: one2many (boxes + scores, NMS on the device; works with every TensorRT "
+        "INT8 path) or end2end (NMS-free top-300 rows, confidence threshold only); "
+        f"default {DEFAULT_HEAD} (docs/export.md)",
+    )
     parser.add_argument(
         "--uint8-input",
         action="store_true",
@@ -533,6 +601,7 @@ def run(args: argparse.Namespace) -> int:
         parity_images=args.parity_images,
         reference_images=args.reference_images,
         reference_num=args.reference_num,
+        head=args.head,
     )
     for line in parity.report_lines(bundle.manifest["parity"]):
         print(line)

@@ -2,10 +2,14 @@
 
 Both run on the same letterboxed images (``device.preprocess.Preprocessor``, the device's own
 preprocessing) through polygraphy's ``Comparator``: the PyTorch model behind a small runner that
-splits YOLO's single output [1,4+nc,N] into ``boxes`` and ``scores``, the ONNX model in ONNX
-Runtime on the CPU. Reported per output: max abs and max rel difference (polygraphy's statistics,
-rel = |onnx - torch| / |torch|); per image: detections after the device's
-``decode_split_head`` matched by class and IoU >= 0.5. Over tolerance, ``check`` raises.
+splits YOLO's single output like ``surgeon.split_head`` does (one-to-many [1,4+nc,N] into
+``boxes``/``scores``; end-to-end [1,K,6] into ``det_boxes``/``det_scores``/``det_classes``), the
+ONNX model in ONNX Runtime on the CPU. Per image, detections after the device's ``postprocess``
+are matched by class and IoU >= 0.5. One-to-many: boxes and scores are compared tensor by tensor
+(max abs and max rel difference, polygraphy's statistics, rel = |onnx - torch| / |torch|).
+End-to-end: the rows come out of a TopK whose near-ties may order differently on two kernel
+libraries, so boxes and scores are compared on the matched detections instead. Over tolerance,
+``check`` raises.
 """
 
 from __future__ import annotations
@@ -23,12 +27,11 @@ import numpy as np
 from device.detections import Detections
 from device.errors import JetyoloError
 from device.matching import match_pairs
-from device.postprocess import PostprocessConfig, decode_split_head, postprocess
-from device.preprocess import Preprocessor
+from device.postprocess import CONTRACTS, PostprocessConfig, postprocess
+from device.preprocess import Letterbox, Preprocessor
 from host._env import require
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("boxes", "scores")
 # Synthetic parity frames: square, landscape and portrait, so letterbox padding is exercised.
 FRAME_SIZES = ((320, 320), (640, 360), (480, 640), (960, 540))
 
@@ -53,6 +56,7 @@ class ParityReport:
     detections: Dict[str, Any]
     tolerance: Dict[str, float]
     problems: List[str]
+    compared: str = "tensors"  # or "matched detections" (end-to-end head: TopK order may differ)
 
     def as_manifest(self) -> Dict[str, Any]:
         record = asdict(self)
@@ -66,8 +70,10 @@ class ParityReport:
 def report_lines(record: Dict[str, Any]) -> List[str]:
     """Human-readable parity figures from a report (or the manifest's ``parity`` record)."""
     boxes, scores, dets, limit = (record[k] for k in ("boxes", "scores", "detections", "tolerance"))
+    compared = record.get("compared", "tensors")
     lines = [
-        f"parity ({record['images']} images, {record['source']}; PyTorch vs ONNX Runtime FP32):",
+        f"parity ({record['images']} images, {record['source']}; PyTorch vs ONNX Runtime FP32; "
+        f"boxes and scores compared as {compared}):",
         f"  boxes   max abs {boxes['max_abs']:.3g} px  max rel {boxes['max_rel']:.3g}"
         f"  (limit {limit['boxes_atol']:g} px)",
         f"  scores  max abs {scores['max_abs']:.3g}  max rel {scores['max_rel']:.3g}"
@@ -76,11 +82,8 @@ def report_lines(record: Dict[str, Any]) -> List[str]:
         f" -> agreement {dets['agreement']:.4f} (limit {limit['min_agreement']:g})",
     ]
     if "uint8_vs_fp32" in record:
-        worst = record["uint8_vs_fp32"]
-        lines.append(
-            f"  uint8-input variant vs fp32: boxes max abs {worst['boxes']:.3g}, "
-            f"scores max abs {worst['scores']:.3g}"
-        )
+        worst = ", ".join(f"{k} max abs {v:.3g}" for k, v in record["uint8_vs_fp32"].items())
+        lines.append(f"  uint8-input variant vs fp32: {worst}")
     if "frame_vs_cpu_letterbox" in record:
         frame = record["frame_vs_cpu_letterbox"]
         lines.append(
@@ -117,9 +120,16 @@ def dataset_frames(data_yaml: Path, count: int) -> List[np.ndarray]:
     )
 
 
-def torch_runner(model: Any, input_shape: Sequence[int]) -> Any:
+def split_raw(raw: np.ndarray, contract: str) -> Dict[str, np.ndarray]:
+    """YOLO's single output split like ``surgeon.split_head`` splits the ONNX one."""
+    if contract == "end2end":
+        return OrderedDict(det_boxes=raw[..., :4], det_scores=raw[..., 4], det_classes=raw[..., 5])
+    return OrderedDict(boxes=raw[:, :4], scores=raw[:, 4:])
+
+
+def torch_runner(model: Any, input_shape: Sequence[int], contract: str = "split_head") -> Any:
     """A polygraphy runner for an ultralytics detection model (eval mode, no grad) whose outputs
-    are YOLO's single output split like the ONNX head: ``boxes`` [1,4,N], ``scores`` [1,nc,N]."""
+    are YOLO's single output split like the ONNX head (``split_raw``)."""
     base = require("polygraphy.backend.base", "export")
     common = require("polygraphy.common", "export")
     torch = require("torch", "export")
@@ -140,7 +150,7 @@ def torch_runner(model: Any, input_shape: Sequence[int]) -> Any:
                 raw = model(torch.from_numpy(feed_dict["images"]))
             self.inference_time = time.perf_counter() - start
             raw = (raw[0] if isinstance(raw, (list, tuple)) else raw).numpy()
-            return OrderedDict(boxes=raw[:, :4], scores=raw[:, 4:])
+            return split_raw(raw, contract)
 
         def deactivate_impl(self) -> None:
             pass
@@ -157,6 +167,7 @@ def compare(
     tolerance: Optional[Tolerance] = None,
     config: Optional[PostprocessConfig] = None,
     batch: int = 1,
+    contract: str = "split_head",
 ) -> ParityReport:
     """Run both models on ``frames`` (letterboxed by the device's Preprocessor) and measure."""
     tolerance = tolerance or Tolerance()
@@ -165,32 +176,54 @@ def compare(
     onnxrt = require("polygraphy.backend.onnxrt", "export")
     logger = require("polygraphy.logger", "export").G_LOGGER
     feeds = list(_feeds(frames, input_size, batch))
-    reference = torch_runner(torch_model, feeds[0]["images"].shape)
+    reference = torch_runner(torch_model, feeds[0]["images"].shape, contract)
     onnx_runner = onnxrt.OnnxrtRunner(
         onnxrt.SessionFromOnnx(str(onnx_path), providers=["cpu"]), name="onnxruntime"
     )
+    names = CONTRACTS[contract]
     severity = logger.module_severity
     logger.module_severity = logger.ERROR
     try:
         results = comparator.Comparator.run([reference, onnx_runner], data_loader=feeds)
-        accuracy = comparator.Comparator.compare_accuracy(
-            results,
-            compare_func=comparator.CompareFunc.simple(
-                atol={"boxes": tolerance.boxes_atol, "scores": tolerance.scores_atol},
-                rtol=0.0,
-                check_error_stat="max",
-            ),
-        )
+        problems = shape_problems(results, names)
+        if contract == "split_head" and not problems:
+            accuracy = comparator.Comparator.compare_accuracy(
+                results,
+                compare_func=comparator.CompareFunc.simple(
+                    atol={"boxes": tolerance.boxes_atol, "scores": tolerance.scores_atol},
+                    rtol=0.0,
+                    check_error_stat="max",
+                ),
+            )
     finally:
         logger.module_severity = severity
-    per_iteration = accuracy[0][("pytorch", "onnxruntime")]
-    stats = {name: _max_stats(per_iteration, name) for name in OUTPUTS}
-    detections = _agreement(results["pytorch"], results["onnxruntime"], config)
-    report = ParityReport(
-        len(feeds), source, stats["boxes"], stats["scores"], detections, asdict(tolerance), []
-    )
-    report.problems = problems_of(report, tolerance)
+    detections, deltas = _agreement(results["pytorch"], results["onnxruntime"], config, input_size)
+    if contract == "split_head" and not problems:
+        per_iteration = accuracy[0][("pytorch", "onnxruntime")]
+        stats = {name: _max_stats(per_iteration, name) for name in names}
+    else:  # end-to-end rows (and mismatched shapes) are compared on matched detections
+        stats = deltas
+    compared = "matched detections" if contract == "end2end" else "tensors"
+    report = ParityReport(len(feeds), source, stats["boxes"], stats["scores"], detections,
+                          asdict(tolerance), [], compared)
+    report.problems = problems or problems_of(report, tolerance)
     return report
+
+
+def shape_problems(results: Any, names: Sequence[str]) -> List[str]:
+    """One line per output whose shape (or presence) differs between the two runners: polygraphy
+    reports those as a bare ``False`` instead of statistics."""
+    problems = []
+    torch_first, onnx_first = results["pytorch"][0], results["onnxruntime"][0]
+    for name in names:
+        want = np.shape(torch_first[name]) if name in torch_first else None
+        got = np.shape(onnx_first[name]) if name in onnx_first else None
+        if want != got:
+            problems.append(f"output {name} is {got} in the ONNX, {want} in PyTorch")
+    extra = sorted(set(onnx_first.keys()) - set(names))
+    if extra:
+        problems.append(f"the ONNX has outputs {extra} PyTorch's split head has not")
+    return problems
 
 
 def check(report: ParityReport) -> None:
@@ -213,24 +246,51 @@ def _feeds(
 
 
 def _max_stats(per_iteration: Sequence[Any], name: str) -> Dict[str, float]:
+    """Worst statistics over the iterations; inf where polygraphy has none (a shape mismatch)."""
+    results: List[Any] = [iteration.get(name, None) for iteration in per_iteration]
+    if not all(hasattr(result, "max_absdiff") for result in results):
+        return {"max_abs": float("inf"), "max_rel": float("inf")}
     return {
-        "max_abs": max(float(iteration[name].max_absdiff) for iteration in per_iteration),
-        "max_rel": max(float(iteration[name].max_reldiff) for iteration in per_iteration),
+        "max_abs": max(float(result.max_absdiff) for result in results),
+        "max_rel": max(float(result.max_reldiff) for result in results),
     }
 
 
 def _agreement(
-    reference: Sequence[Any], candidate: Sequence[Any], config: PostprocessConfig
-) -> Dict[str, Any]:
+    reference: Sequence[Any], candidate: Sequence[Any], config: PostprocessConfig,
+    input_size: Tuple[int, int],
+) -> Tuple[Dict[str, Any], Dict[str, Dict[str, float]]]:
+    """Detection agreement, and the max abs box/score differences of the matched detections."""
     totals = {"reference": 0, "onnx": 0, "matched": 0}
+    worst = {"boxes": [0.0, 0.0], "scores": [0.0, 0.0]}  # [max abs, max rel]
+    height, width = input_size
+    identity = Letterbox.fit((width, height), input_size)  # input pixels in and out
     for ref_out, onnx_out in zip(reference, candidate):
-        ref = decode_split_head(ref_out["boxes"], ref_out["scores"], config)
-        got = decode_split_head(onnx_out["boxes"], onnx_out["scores"], config)
+        if set(ref_out.keys()) != set(onnx_out.keys()):
+            continue  # reported by shape_problems
+        ref = postprocess(_as_arrays(ref_out), identity, config)
+        got = postprocess(_as_arrays(onnx_out), identity, config)
         totals["reference"] += len(ref)
         totals["onnx"] += len(got)
-        totals["matched"] += match_detections(ref, got)
+        pairs = [(r, d) for r, d, _ in match_pairs(ref, got, 0.5)
+                 if ref.class_id[r] == got.class_id[d]]
+        totals["matched"] += len(pairs)
+        for r, d in pairs:
+            box_abs = np.abs(ref.xyxy[r] - got.xyxy[d])
+            score_abs = abs(float(ref.confidence[r]) - float(got.confidence[d]))
+            box_rel = float((box_abs / np.maximum(np.abs(ref.xyxy[r]), 1e-6)).max())
+            score_rel = score_abs / max(abs(float(ref.confidence[r])), 1e-6)
+            for key, (a, rel) in (("boxes", (float(box_abs.max()), box_rel)),
+                                  ("scores", (score_abs, score_rel))):
+                worst[key] = [max(worst[key][0], a), max(worst[key][1], rel)]
     compared = max(totals["reference"], totals["onnx"])
-    return dict(totals, agreement=totals["matched"] / compared if compared else 1.0)
+    agreement = dict(totals, agreement=totals["matched"] / compared if compared else 1.0)
+    deltas = {key: {"max_abs": v[0], "max_rel": v[1]} for key, v in worst.items()}
+    return agreement, deltas
+
+
+def _as_arrays(outputs: Any) -> Dict[str, np.ndarray]:
+    return {name: np.asarray(array) for name, array in outputs.items()}
 
 
 def match_detections(reference: Detections, candidate: Detections, min_iou: float = 0.5) -> int:
@@ -271,13 +331,14 @@ def uint8_difference(
     fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
     uint8 = ort.InferenceSession(str(uint8_path), providers=["CPUExecutionProvider"])
     as_float, as_uint8 = Preprocessor(input_size, "float32"), Preprocessor(input_size, "uint8")
-    worst = dict.fromkeys(OUTPUTS, 0.0)
+    names = [output.name for output in fp32.get_outputs()]
+    worst = dict.fromkeys(names, 0.0)
     for frame in frames:
         as_float(frame)
         as_uint8(frame)
-        expected = fp32.run(list(OUTPUTS), {"images": np.repeat(as_float.buffer, batch, axis=0)})
-        got = uint8.run(list(OUTPUTS), {"images": np.repeat(as_uint8.buffer, batch, axis=0)})
-        for name, want, have in zip(OUTPUTS, expected, got):
+        expected = fp32.run(names, {"images": np.repeat(as_float.buffer, batch, axis=0)})
+        got = uint8.run(names, {"images": np.repeat(as_uint8.buffer, batch, axis=0)})
+        for name, want, have in zip(names, expected, got):
             worst[name] = max(worst[name], float(np.abs(want - have).max()))
     return worst
 

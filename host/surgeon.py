@@ -81,27 +81,50 @@ def remove_identity(graph: Graph) -> Graph:
 
 
 def find_head_concat(graph: Graph) -> Any:
-    """The final Concat joining boxes [B,4,N] and scores [B,nc,N] into YOLO's single output."""
+    """The final Concat of YOLO's single output: boxes [B,4,N] + scores [B,nc,N] (one-to-many
+    head), or boxes [B,K,4] + score [B,K,1] + class [B,K,1] (YOLO26's end-to-end head)."""
     if len(graph.outputs) != 1:
         names = [t.name for t in graph.outputs]
         raise JetyoloError(
             f"expected one YOLO output to split, the graph has {names}; is it a detect model?"
         )
-    producer = graph.outputs[0].inputs[0] if graph.outputs[0].inputs else None
-    if producer is None or producer.op != "Concat" or len(producer.inputs) != 2:
+    output = graph.outputs[0]
+    producer = output.inputs[0] if output.inputs else None
+    if producer is None or producer.op != "Concat" or len(producer.inputs) not in (2, 3):
+        found = f"{producer.op} with {len(producer.inputs)} inputs" if producer else "no producer"
         raise JetyoloError(
-            "the model's output is not a 2-input Concat of boxes and scores; "
-            "export a YOLO11/YOLOv8 detect model with ultralytics"
+            f"the model's output {output.name} {list(output.shape or [])} is made by {found}, not "
+            "the Concat of YOLO's one-to-many [B,4+nc,N] or end-to-end [B,K,6] head; export a "
+            "YOLOv8/11/12/26 detect model with ultralytics"
         )
     return producer
 
 
-def split_head(graph: Graph) -> Graph:
-    """Replace the final Concat with two outputs, ``boxes`` [B,4,N] and ``scores`` [B,nc,N].
+def head_layout(graph: Graph) -> str:
+    """``one2many`` or ``end2end``: which YOLO head the single-output graph ends in."""
+    concat = find_head_concat(graph)
+    shape = list(graph.outputs[0].shape or [])
+    if len(concat.inputs) == 2 and len(shape) == 3:
+        return "one2many"
+    if len(concat.inputs) == 3 and len(shape) == 3 and shape[2] == 6:
+        return "end2end"
+    raise JetyoloError(
+        f"the model's output {graph.outputs[0].name} {shape} is a {len(concat.inputs)}-input "
+        "Concat of neither YOLO head layout ([B,4+nc,N] one-to-many, [B,K,6] end-to-end)"
+    )
 
-    Boxes are 0..imgsz pixels, scores 0..1: sharing one INT8 scale wipes the scores (measured), so
-    they must be separate tensors. Values are unchanged; only the split is new.
+
+def split_head(graph: Graph) -> Graph:
+    """Replace the final Concat with separate outputs; values are unchanged, only the split is new.
+
+    One-to-many head: ``boxes`` [B,4,N] (cx, cy, w, h px) and ``scores`` [B,nc,N]. Boxes are
+    0..imgsz pixels, scores 0..1: sharing one INT8 scale wipes the scores (measured), so they must
+    be separate tensors. End-to-end head: ``det_boxes`` [B,K,4] (x1, y1, x2, y2 px),
+    ``det_scores`` [B,K] and ``det_classes`` [B,K] (float class ids), the contract
+    ``device.postprocess.decode_end2end`` reads.
     """
+    if head_layout(graph) == "end2end":
+        return _split_end2end(graph)
     concat = find_head_concat(graph)
     boxes, scores = concat.inputs
     output = graph.outputs[0]
@@ -110,6 +133,28 @@ def split_head(graph: Graph) -> Graph:
     boxes.shape, scores.shape = [batch, 4, anchors], [batch, channels - 4, anchors]
     boxes.dtype = scores.dtype = np.float32
     graph.outputs = [boxes, scores]
+    concat.outputs.clear()
+    return graph.cleanup()
+
+
+def _split_end2end(graph: Graph) -> Graph:
+    """[B,K,6] -> det_boxes [B,K,4], det_scores [B,K], det_classes [B,K]. The two Reshapes are
+    named inside the Detect module, so they count as head post-processing (kept out of INT8)."""
+    gs = _gs()
+    concat = find_head_concat(graph)
+    boxes, scores, classes = concat.inputs
+    batch, count, _ = graph.outputs[0].shape
+    prefix = _detect_prefix(graph)
+    boxes.name, boxes.shape, boxes.dtype = "det_boxes", [batch, count, 4], np.float32
+    flat = gs.Constant(f"{prefix}split_shape", np.array([batch, count], dtype=np.int64))
+    outputs = []
+    for name, tensor in (("det_scores", scores), ("det_classes", classes)):
+        flattened = gs.Variable(name, dtype=np.float32, shape=[batch, count])
+        graph.nodes.append(
+            gs.Node("Reshape", f"{prefix}split/{name}", inputs=[tensor, flat], outputs=[flattened])
+        )
+        outputs.append(flattened)
+    graph.outputs = [boxes, *outputs]
     concat.outputs.clear()
     return graph.cleanup()
 
@@ -318,13 +363,16 @@ def efficient_nms(score_threshold: float, iou_threshold: float, max_output_boxes
 def split_outputs(
     graph: Graph, needed_by: str, fix: str = "run split_head first"
 ) -> Tuple[Any, Any]:
-    """The ``boxes`` and ``scores`` outputs of a split-head graph, or one line saying what
-    ``needed_by`` needs and ``fix``."""
+    """The ``boxes`` and ``scores`` outputs of a split one-to-many graph, or one line saying what
+    ``needed_by`` needs, the layout found and ``fix``."""
     by_name = {t.name: t for t in graph.outputs}
     if set(by_name) != {"boxes", "scores"}:
+        if set(by_name) == {"det_boxes", "det_scores", "det_classes"}:
+            fix = "the end-to-end head is NMS-free already: export with --head one2many for it"
+        found = ", ".join(f"{t.name} {list(t.shape or [])}" for t in graph.outputs)
         raise JetyoloError(
-            f"{needed_by} needs the split head (outputs boxes, scores), the graph has "
-            f"{sorted(by_name)}; {fix}"
+            f"{needed_by} needs the split one-to-many head (outputs boxes [B,4,N], scores "
+            f"[B,nc,N]), the graph has {found}; {fix}"
         )
     return by_name["boxes"], by_name["scores"]
 

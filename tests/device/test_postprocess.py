@@ -95,3 +95,40 @@ def test_efficient_nms_outputs_are_read_and_copied() -> None:
         {**outputs, "det_scores": np.array([[0.9, 0.2, 0.0]], np.float32)}, geometry, CONFIG
     )
     assert filtered.class_id.tolist() == [2]  # the conf threshold applies to NMS outputs too
+
+
+def end2end_outputs(rows: List[Tuple[Tuple[float, float, float, float], float, int]]) -> dict:
+    """YOLO26's one-to-one head after TopK: K rows of corners, score, class id (float)."""
+    return {
+        "det_boxes": np.array([[box for box, _, _ in rows]], np.float32).reshape(1, -1, 4),
+        "det_scores": np.array([[score for _, score, _ in rows]], np.float32),
+        "det_classes": np.array([[cls for _, _, cls in rows]], np.float32),
+    }
+
+
+def test_end2end_outputs_are_thresholded_not_suppressed() -> None:
+    """Two heavily overlapping boxes of one class both survive (no NMS: the one-to-one head was
+    trained not to emit duplicates); boxes are corners already; below conf is dropped."""
+    rows = [((10, 10, 50, 50), 0.6, 1), ((11, 11, 51, 51), 0.9, 1), ((0, 0, 5, 5), 0.1, 0)]
+    geometry = Letterbox.fit((320, 320), (320, 320))
+    detections = postprocess(end2end_outputs(rows), geometry, CONFIG)
+    assert detections.class_id.tolist() == [1, 1]
+    assert detections.confidence.tolist() == pytest.approx([0.9, 0.6])  # sorted by score
+    np.testing.assert_allclose(detections.xyxy, [[11, 11, 51, 51], [10, 10, 50, 50]])
+    capped = postprocess(end2end_outputs(rows), geometry, PostprocessConfig(0.25, 0.7, 1))
+    assert capped.confidence.tolist() == pytest.approx([0.9])
+
+
+def test_end2end_boxes_map_back_to_frame_pixels() -> None:
+    geometry = Letterbox.fit((960, 540), (320, 320))  # scale 1/3, 70 px padding on top
+    detections = postprocess(end2end_outputs([((80, 80, 120, 120), 0.9, 2)]), geometry, CONFIG)
+    expected = [240, (80 - 70) * 3, 360, (120 - 70) * 3]
+    np.testing.assert_allclose(detections.xyxy[0], expected, atol=1e-3)
+
+
+def test_unknown_output_layout_is_refused_naming_it() -> None:
+    from device.errors import JetyoloError
+
+    geometry = Letterbox.fit((320, 320), (320, 320))
+    with pytest.raises(JetyoloError, match=r"model outputs \['output0'\] are no output layout"):
+        postprocess({"output0": np.zeros((1, 300, 6), np.float32)}, geometry, CONFIG)

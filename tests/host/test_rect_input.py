@@ -137,7 +137,9 @@ def test_frame_variant_in_the_manifest(rect_bundle: Bundle) -> None:
     assert variant["input"]["name"] == "frame" and variant["input"]["color"] == "BGR"
     record = rect_bundle.manifest["parity"]["frame_vs_cpu_letterbox"]
     assert record["agreement"] >= 0.99 and record["cpu"] > 10
-    assert 0 < record["max_box_px"] < 8  # float resize vs uint8 resize: a few frame pixels
+    # float resize vs uint8 resize: a few frame pixels (< 8 at NMS IoU 0.45); at ultralytics' IoU
+    # 0.7 (the default since issue 13) near-duplicate boxes survive NMS and can differ by ~21 px
+    assert 0 < record["max_box_px"] < 25
     session = ort.InferenceSession(str(rect_bundle.model_path("frame")))
     (frame_input,) = session.get_inputs()
     assert frame_input.shape == [1, "frame_height", "frame_width", 3]

@@ -153,8 +153,10 @@ def test_split_head_outputs_concatenate_to_the_old_output() -> None:
 @pytest.mark.parametrize(
     "final, message",
     [
-        ("add", "not a 2-input Concat"),  # the output is not produced by a Concat
-        ("concat3", "not a 2-input Concat"),  # a Concat, but of three tensors
+        # the output is not produced by a Concat: the message names what makes it
+        ("add", r"output0 \[1, 4, 64\] is made by Add with 2 inputs, not the Concat"),
+        # a Concat of three tensors, but not [B,K,6]: neither head layout
+        ("concat3", r"output0 \[1, 10, 64\] is a 3-input Concat of neither YOLO head layout"),
     ],
 )
 def test_split_head_refuses_other_heads(final: str, message: str) -> None:
@@ -268,7 +270,8 @@ def test_efficient_nms_outputs_are_what_the_device_decodes() -> None:
 
 
 def test_efficient_nms_needs_the_split_head() -> None:
-    with pytest.raises(JetyoloError, match="needs the split head"):
+    with pytest.raises(JetyoloError, match=r"needs the split one-to-many head .* the graph has "
+                       r"output0 \[1, 7, 64\]; run split_head first"):
         surgeon.apply_passes(tiny_yolo(), [surgeon.efficient_nms(0.25, 0.45, 100)])
 
 
@@ -305,3 +308,58 @@ def test_load_onnx_reads_a_good_file(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
     onnx.save(tiny_yolo(), str(path))
     assert surgeon.load_onnx(path).graph.name == "tiny_yolo"
+
+
+def tiny_end2end(rows: int = 5) -> onnx.ModelProto:
+    """YOLO26's end-to-end output, in miniature: a Concat of boxes [1,K,4], score [1,K,1] and
+    class [1,K,1] into [1,K,6] (the TopK before it does not matter to the split)."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(6, 3, 1, 1)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([1, 6, ANCHORS], np.int64), "flat"),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["images", "w"], ["maps"], name=f"{HEAD}/one2one_cv2.0/Conv"),
+        node("Reshape", ["maps", "flat"], ["flat_maps"], name=f"{HEAD}/Reshape"),
+        node("Transpose", ["flat_maps"], ["rows_all"], perm=[0, 2, 1], name=f"{HEAD}/Transpose"),
+        node("Slice", ["rows_all", "s0", "s1", "axis1"], ["rows"], name=f"{HEAD}/Slice"),
+        node("Split", ["rows", "parts"], ["b", "s", "c"], axis=2, name=f"{HEAD}/Split"),
+        node("Concat", ["b", "s", "c"], ["output0"], axis=2, name=f"{HEAD}/Concat_5"),
+    ]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in
+              (("s0", [0]), ("s1", [rows]), ("axis1", [1]), ("parts", [4, 1, 1]))]
+    graph = helper.make_graph(
+        nodes, "tiny_end2end",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, SIDE, SIDE])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, rows, 6])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_split_head_splits_the_end2end_head_into_the_device_contract() -> None:
+    from device.postprocess import END2END_OUTPUTS, contract_of
+
+    feed = np.random.default_rng(2).normal(size=(1, 3, SIDE, SIDE)).astype(np.float32)
+    old = run(tiny_end2end(), feed)["output0"]
+    model, _ = surgeon.apply_passes(tiny_end2end(), [surgeon.split_head])
+    new = run(model, feed)
+    assert contract_of(new) == "end2end" and list(new) == list(END2END_OUTPUTS)
+    assert new["det_boxes"].shape == (1, 5, 4) and new["det_scores"].shape == (1, 5)
+    rebuilt = np.concatenate(
+        [new["det_boxes"], new["det_scores"][..., None], new["det_classes"][..., None]], axis=2
+    )
+    np.testing.assert_array_equal(rebuilt, old)
+    head = surgeon.head_postprocess_nodes(surgeon.import_graph(model))
+    assert f"{HEAD}/split/det_scores" in head and f"{HEAD}/split/det_classes" in head
+    assert f"{HEAD}/one2one_cv2.0/Conv" not in head  # convs stay quantizable
+
+
+def test_efficient_nms_refuses_the_end2end_head_naming_it() -> None:
+    model, _ = surgeon.apply_passes(tiny_end2end(), [surgeon.split_head])
+    with pytest.raises(JetyoloError, match=r"the graph has det_boxes \[1, 5, 4\], det_scores "
+                       r"\[1, 5\], det_classes \[1, 5\]; the end-to-end head is NMS-free already"):
+        surgeon.apply_passes(model, [surgeon.efficient_nms(0.25, 0.7, 100)])
