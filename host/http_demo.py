@@ -110,6 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         print(f"serving {url}")
         print("GET /healthz:", wait_healthy(url))
+        time.sleep(2.5)  # the FPS gauge covers the last 2 s
         metrics = fetch(url + "/metrics").decode()
         (out / "metrics.txt").write_text(metrics)
         shown = [line for line in metrics.splitlines()
