@@ -57,7 +57,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple, Union
 
 import numpy as np
 
@@ -119,6 +119,17 @@ class _Work:
     slot: Optional[_Slot] = None
     geometry: Optional[Letterbox] = None
     outputs: Optional[Dict[str, np.ndarray]] = None
+    model: Optional[ModelInfo] = None  # the model whose backend inferred it
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a frame's message says about the model that computed it, and how its outputs are
+    decoded; it changes with ``swap_backend`` (``jetyolo update``)."""
+
+    model_id: str = ""
+    class_names: Tuple[str, ...] = ()
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
 
 @dataclass
@@ -213,6 +224,7 @@ class Pipeline:
         precision: Optional[str] = None,
         readings: Callable[[], Dict[str, Any]] = jetson_readings,
         source_name: Optional[str] = None,
+        model: Optional[ModelInfo] = None,
     ) -> None:
         if buffers < 2:
             raise ValueError("the pipeline needs at least 2 input buffers to overlap stages")
@@ -221,6 +233,8 @@ class Pipeline:
         self.source_name = source_name or source.name  # what topics and messages call it
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.postprocess_config = postprocess_config
+        # the model frames are inferred with now (the inference thread changes it at a swap)
+        self.model = model or ModelInfo(postprocess=postprocess_config)
         self.sinks = sinks
         self.buffers = buffers
         self.max_frames = max_frames
@@ -249,6 +263,7 @@ class Pipeline:
         self._output_generation: Dict[int, int] = {}  # id(output set) -> generation
         self._retiring: List[_Retiring] = []
         self._pending_backend: Optional[Backend] = None
+        self._pending_model: Optional[ModelInfo] = None
         self._swap_result = "no swap requested"
         self._counters = _Counters()
         self._stop_requested_at: Optional[float] = None
@@ -265,11 +280,13 @@ class Pipeline:
         complete); ``image`` is the captured frame (sources hand out a new array per frame)."""
         self._observers.append(observer)
 
-    def swap_backend(self, backend: Backend) -> None:
+    def swap_backend(self, backend: Backend, model: Optional[ModelInfo] = None) -> None:
         """Switch to ``backend`` (constructed, not activated) between two frames; see the module
-        docstring. A swap requested before the previous one was applied replaces it."""
+        docstring. A swap requested before the previous one was applied replaces it. ``model``
+        (default: the current one) is what frames inferred by ``backend`` are published as."""
         with self._lock:
             self._pending_backend = backend
+            self._pending_model = model
             self._swap_result = "pending"
 
     def swap_result(self) -> str:
@@ -469,6 +486,7 @@ class Pipeline:
         slot = work.slot
         if slot is None or self._input_spec is None:
             raise RuntimeError("frame reached inference without an input buffer")
+        work.model = self.model  # the model of the backend this frame is submitted to
         future = self.backend.submit({self._input_spec.name: slot.buffer}, outputs)
         return _InFlight(work, outputs, future, time.perf_counter())
 
@@ -543,6 +561,7 @@ class Pipeline:
     def _apply_pending_swap(self) -> None:
         with self._lock:
             new, self._pending_backend = self._pending_backend, None
+            model, self._pending_model = self._pending_model, None
         if new is None:
             return
         try:
@@ -559,6 +578,7 @@ class Pipeline:
         self._retiring.append(_Retiring(old, self._generation, self.buffers, self.buffers))
         self._add_generation(new)
         self.backend = new
+        self.model = model or self.model
         self._counters.backend_swaps += 1
         self._swap_result = f"swapped to {new.name}"
         LOG.info("pipeline: backend swapped from %s to %s", old.name, new.name)
@@ -572,7 +592,8 @@ class Pipeline:
         if geometry is None:
             raise RuntimeError("frame reached postprocess without letterbox geometry")
         with _Timed(self._times["postprocess"]) as timed:
-            detections = postprocess(outputs, geometry, self.postprocess_config)
+            model = work.model or self.model
+            detections = postprocess(outputs, geometry, model.postprocess)
             self._free_outputs.put(outputs)
             image = work.frame.image
             result = FrameResult(
@@ -582,6 +603,8 @@ class Pipeline:
                 frame_size=(int(image.shape[1]), int(image.shape[0])),
                 detections=detections,
                 latency_ms=work.latency_ms,
+                model_id=model.model_id,
+                class_names=model.class_names or None,
             )
             for hook in self._hooks:
                 result = hook(result)
@@ -687,6 +710,7 @@ class Pipeline:
             "reconnects": self.source.reconnects,
             "backend": self.backend.kind,
             "source": self.source_name,
+            "model_id": self.model.model_id,
             "latency_ms": self.stats.percentiles(last=max(1, int(fps * self.stats_interval_s))),
             "queues": {"captured": self._captured.qsize(),
                        "preprocessed": self._preprocessed.qsize(),

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 from device.backends import Backend, FrameSizeProbe, open_backend
 from device.bundle import Bundle
 from device.config import RunConfig, optional_path
-from device.pipeline import FrameSink, Pipeline, ProgressNotifier, stop_on_signals
+from device.pipeline import FrameSink, ModelInfo, Pipeline, ProgressNotifier, stop_on_signals
 from device.postprocess import PostprocessConfig
 from device.sdnotify import Notifier
 from device.sinks import SinkOptions, check_sinks, open_checked_sinks
@@ -122,6 +122,12 @@ def sink_options(config: RunConfig, bundle: Bundle) -> SinkOptions:
     return options
 
 
+def model_info(config: RunConfig, bundle: Bundle) -> ModelInfo:
+    """The model the pipeline publishes frames as: id, class names, thresholds."""
+    return ModelInfo(bundle.model_id, tuple(bundle.class_names),
+                     postprocess_config(config, bundle))
+
+
 def open_configured_backend(
     config: RunConfig, bundle: Bundle, frame_size: Optional[FrameSizeProbe] = None
 ) -> Backend:
@@ -198,6 +204,7 @@ def build_pipeline(
         notifier=notifier,
         precision=reported_precision(parts.backend.kind, config),
         source_name=config.source_name or default_source_name(config.source),
+        model=model_info(config, parts.bundle),
     )
 
 

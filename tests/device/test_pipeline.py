@@ -493,3 +493,20 @@ def test_live_inference_takes_the_newest_frame_not_a_standing_queue() -> None:
     # A frame waits for the inference under way (10 frames long): half of it on average.
     # Measured: median 6 (before the fix: 21, two inference times).
     assert behind[len(behind) // 2] < 10, behind
+
+
+def test_frames_carry_the_model_whose_backend_inferred_them() -> None:
+    from device.pipeline import ModelInfo
+
+    old, new = EchoBackend(delay_s=0.002), EchoBackend(delay_s=0.002)
+    first, second = ModelInfo("a@1", ("car",)), ModelInfo("b@2", ("truck",))
+    sink = CollectingSink()
+    pipeline = make_pipeline(FakeSource(30), old, sink, model=first)
+    sink.on_frame = lambda count: pipeline.swap_backend(new, second) if count == 10 else None
+    pipeline.run()
+    models = [r.model_id for r in sink.results]
+    switch = models.index("b@2")
+    # One switch, at the first frame the new backend inferred; nothing after it is "a@1".
+    assert models == ["a@1"] * switch + ["b@2"] * (30 - switch)
+    assert switch >= 10 and new.calls == 30 - switch
+    assert sink.results[-1].class_names == ("truck",)
