@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := .work/demo
 
-.PHONY: install test lint demo bench rootfs-install service-demo clean
+.PHONY: install test lint demo bench rootfs-install service-demo update-demo clean
 
 install: $(STAMP)
 
@@ -96,6 +96,8 @@ demo: $(STAMP)
 	$(JY) bench $(DEMO_BUNDLE) --source $(DEMO_VIDEO) --frames 60 --runs 1 --no-profile --out $(DEMO)/bench
 	@$(STEP) "10/10 stage the hardened systemd service into a rootfs"
 	$(MAKE) --no-print-directory service-demo BUNDLE=$(DEMO_BUNDLE)
+	@$(STEP) "model update of the running detector: copy, verify, switch between two frames, roll back"
+	systemd/update-demo.sh $(JY) $(DEMO_BUNDLE) $(DEMO)/update
 	@echo; echo "demo finished: everything is in $(DEMO)/"
 
 # The recorded benchmark (docs/BENCHMARKS.md, docs/bench.png): 640 and 320 px on a 1080p video.
@@ -122,6 +124,11 @@ $(SERVICE_BUNDLE)/manifest.json: | $(STAMP)
 	$(BIN)/jetyolo export tests/fixtures/synth_yolo11n.pt --out $(SERVICE_BUNDLE) --imgsz 320 --force
 service-demo: $(STAMP) $(if $(BUNDLE),,$(SERVICE_BUNDLE)/manifest.json)
 	systemd/service-demo.sh $(BIN)/jetyolo "$(or $(BUNDLE),$(SERVICE_BUNDLE))" $(WHEELHOUSE)
+
+# The model-update switch measured (docs/BENCHMARKS.md): SWITCHES alternating update/rollback.
+SWITCHES ?= 6
+update-demo: $(STAMP) $(SERVICE_BUNDLE)/manifest.json
+	systemd/update-demo.sh $(JY) $(SERVICE_BUNDLE) .work/update-demo $(SWITCHES)
 
 clean:
 	rm -rf .work runs .pytest_cache .mypy_cache .ruff_cache

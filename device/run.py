@@ -18,6 +18,8 @@ from typing import Any, Dict
 
 from device.config import FIELD_RULES, RunConfig, load_config, parse_flag_bool
 from device.ops.extension import http_extensions
+from device.reload import Reloader, crash_guard
+from device.sdnotify import Notifier
 from device.setup import run_configured
 
 # Every config key is also a flag: ``stats_interval_s`` <-> ``--stats-interval-s``.
@@ -49,7 +51,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    summary = run_configured(config, extensions=http_extensions(config))
+    crash_guard(config)  # a model that keeps crashing the service is rolled back first
+    notifier = Notifier.from_env()
+    reloader = Reloader(config, notifier)  # SIGHUP: switch to what `bundle:` names now
+    summary = run_configured(config, notifier=notifier, wrap_sinks=reloader.wrap_sinks,
+                             extensions=[reloader.attach, *http_extensions(config)])
     for line in summary.format_lines():
         print(line, file=sys.stderr, flush=True)
     return 0

@@ -73,6 +73,7 @@ class Watchdog:
         self.pings = 0
         self._last_time = clock()
         self._last_frames = 0
+        self.note = ""  # appended to STATUS= (the model and its last update, device.reload)
 
     def frame_done(self, count: int = 1) -> bool:
         """Record ``count`` processed frames; returns True when a datagram was sent."""
@@ -83,7 +84,7 @@ class Watchdog:
             return False
         fps = (self.frames - self._last_frames) / elapsed if elapsed > 0 else 0.0
         self._last_time, self._last_frames = now, self.frames
-        state = f"STATUS=running: {fps:.1f} fps, {self.frames} frames"
+        state = f"STATUS=running: {fps:.1f} fps, {self.frames} frames{self.note}"
         if self.enabled:
             state = "WATCHDOG=1\n" + state
             self.pings += 1
