@@ -92,6 +92,11 @@ class Reloader:
         self._published = _Published()
         self._baseline: Optional[float] = None
         self._last_reload: Optional[Dict[str, Any]] = None
+        self._previous_handler: Any = None
+        if threading.current_thread() is threading.main_thread():
+            # Now, not at attach: SIGHUP's default action ends the process, and systemd counts
+            # that as a clean stop (no restart) -- a reload sent during start-up must not.
+            self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
 
     # ---- wiring into device.setup ----------------------------------------------------------
     def wrap_sinks(self, sinks: FrameSink) -> FrameSink:
@@ -102,9 +107,8 @@ class Reloader:
         self.pipeline = pipeline
         self.current = pipeline.model
         pipeline.add_frame_hook(self.on_frame)
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGHUP, self._on_sighup)
-            stack.callback(signal.signal, signal.SIGHUP, previous)
+        if self._previous_handler is not None:
+            stack.callback(signal.signal, signal.SIGHUP, self._previous_handler)
         thread = threading.Thread(target=self._loop, name="jetyolo-reload", daemon=True)
         thread.start()
         stack.callback(thread.join, 5.0)
@@ -150,13 +154,13 @@ class Reloader:
     # ---- the reload thread -----------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            if self._requested.wait(TICK_S):
-                self._requested.clear()
-                try:
+            try:
+                if self._requested.wait(TICK_S):
+                    self._requested.clear()
                     self._reload(self._requested_at)
-                except Exception:  # the detector must outlive a reload that went wrong
-                    LOG.exception("reload: failed")
-            self._check_rate_guard()
+                self._check_rate_guard()
+            except Exception:  # the detector must outlive a reload that went wrong
+                LOG.exception("reload: failed")
 
     def _reload(self, requested_at: float) -> None:
         if self.store is not None:

@@ -59,6 +59,13 @@ def store_dir_name(model_id: str) -> str:
     return _UNSAFE.sub("_", model_id).strip("._") or "model"
 
 
+def engine_folder(cache_dir: Path, model_id: str) -> Path:
+    """Where ``jetyolo build`` keeps this model's plans (engine.plan_path's naming)."""
+    from device.engine import plan_path
+
+    return plan_path(cache_dir, model_id, "fp32").parent
+
+
 def store_of(bundle_path: Union[str, Path]) -> Optional[Path]:
     """The store whose ``active`` link ``bundle_path`` is, or None for a plain bundle folder."""
     path = Path(bundle_path)
@@ -269,7 +276,7 @@ class Store:
             os.rename(folder, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
         for engines in engine_dirs:
-            shutil.rmtree(engines / store_dir_name(model_id), ignore_errors=True)
+            shutil.rmtree(engine_folder(engines, model_id), ignore_errors=True)
 
         def change(state: Dict[str, Any]) -> None:
             state["models"].pop(model_id, None)

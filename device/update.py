@@ -37,7 +37,7 @@ from device.store import (
     DEFAULT_MAX_RESTARTS,
     DEFAULT_PROBATION_S,
     Store,
-    store_dir_name,
+    engine_folder,
 )
 
 LOG = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def rollback(args: argparse.Namespace, store: Store, progress: Progress) -> int:
 
 def engines_of(model_id: str, folders: List[Path]) -> List[str]:
     return sorted(plan.name for folder in folders
-                  for plan in (folder / store_dir_name(model_id)).glob("*.plan"))
+                  for plan in engine_folder(folder, model_id).glob("*.plan"))
 
 
 def list_models(args: argparse.Namespace, store: Store) -> int:

@@ -14,7 +14,7 @@ import pytest
 
 from device.bundle import MANIFEST, Bundle, write_new_bundle
 from device.errors import JetyoloError
-from device.store import Store, store_dir_name, store_of
+from device.store import Store, engine_folder, store_dir_name, store_of
 
 
 def tiny_bundle(folder: Path, name: str, payload: bytes = b"onnx bytes") -> Path:
@@ -143,11 +143,11 @@ def test_keep_set_and_removal(store: Store, tmp_path: Path) -> None:
     for model_id in ids:
         store.activate(model_id)
     engines = tmp_path / "engines"
-    (engines / store_dir_name(ids[0])).mkdir(parents=True)
+    engine_folder(engines, ids[0]).mkdir(parents=True)
     assert store.keep_set(2) == [ids[3], ids[2]]
     store.remove_bundle(ids[0], [engines])
     assert ids[0] not in store.stored_ids()
-    assert not (engines / store_dir_name(ids[0])).exists()
+    assert not engine_folder(engines, ids[0]).exists()
     assert ids[0] not in store.read_state()["models"]
 
 

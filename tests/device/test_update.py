@@ -17,7 +17,7 @@ from update_bundles import renamed, wrong_reference  # tests/ is on sys.path (co
 
 from device.bundle import Bundle
 from device.cli import main
-from device.store import Store
+from device.store import Store, engine_folder
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,10 @@ def model_id(path: Path) -> str:
 
 
 def test_update_verify_gate_rollback_and_list(
-    bundles: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+    bundles: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    engines = tmp_path / "engines"
+    monkeypatch.setenv("JETYOLO_ENGINE_CACHE", str(engines))
     device = tmp_path / "device"
     store = Store(device)
     assert update(device, bundles["A"]) == 0
@@ -56,12 +58,17 @@ def test_update_verify_gate_rollback_and_list(
     assert state["last_update"]["ok"] is False and state["last_update"]["phase"] == "verify"
     assert state["models"][model_id(bundles["C"])]["status"] == "verify failed"
 
+    plan = engine_folder(engines, model_id(bundles["A"])) / "fp16.plan"  # as `build` names it
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"plan")
     assert update(device, "--list") == 0
     listing = capsys.readouterr().out
     lines = {line.split()[1] if line.startswith("*") else line.split()[0]: line
              for line in listing.splitlines()[1:-1]}
     assert lines[model_id(bundles["B"])].startswith("* ")
     assert "PASS fp32" in lines[model_id(bundles["A"])]
+    assert lines[model_id(bundles["A"])].endswith("fp16.plan")
+    assert lines[model_id(bundles["B"])].endswith("-")
     assert "FAIL fp32" in lines[model_id(bundles["C"])]
 
     assert update(device, "--rollback") == 0
