@@ -275,12 +275,18 @@ def check_cache_for_device(
     return problems
 
 
-def header_version(path: Union[str, Path]) -> Optional[int]:
-    """The header version int of a cache file, or None when the first line is not a header
-    (cheap: reads one line, for picking the right cache among several in a bundle)."""
+def header_version(path: Union[str, Path]) -> int:
+    """The header version int of a cache file (cheap: reads one line, for picking the right
+    cache among several in a bundle); a file without a TensorRT header is one error naming it."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            match = _HEADER.match(handle.readline().strip())
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
+            first = handle.readline().strip()
+    except OSError as exc:
+        raise JetyoloError(f"cannot read calibration cache {path}: {exc.strerror or exc}") from exc
+    match = _HEADER.match(first)
+    if not match:
+        raise JetyoloError(
+            f"{path}:1: {first[:60]!r} is not a TensorRT cache header like "
+            "'TRT-100300-EntropyCalibration2'; regenerate the cache with `jetyolo calibrate`"
+        )
+    return int(match.group(1))

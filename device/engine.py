@@ -52,6 +52,7 @@ JETPACK_FOR_L4T = {
     (36, 2): "6.0 DP",
     (36, 3): "6.0",
     (36, 4): "6.1/6.2",
+    (38, 2): "7.0",
     (38, 4): "7.1",
     (39, 2): "7.2",
 }
@@ -538,8 +539,6 @@ def find_int8_inputs(bundle: Any, trt_version: str, variant: str = "fp32") -> In
     cache, versions = None, []
     for relative in _cache_files(bundle):
         version = header_version(bundle.path(relative))
-        if version is None:
-            continue
         versions.append(version_text(version))
         if version == wanted:
             cache = bundle.path(relative)

@@ -32,7 +32,8 @@ def make_cache(names=NETWORK, version=100300, algorithm="EntropyCalibration2"):
         ("8.6.2", 8602),  # JetPack 6.0
         ("10.3.0", 100300),  # JetPack 6.1/6.2
         ("10.3", 100300),  # patch defaults to 0
-        ("10.13.0", 101300),  # JetPack 7.1: two-digit minor
+        ("10.13.0", 101300),  # two-digit minor
+        ("10.13.3.9", 101303),  # JetPack 7.0's TensorRT 10.13.3 writes TRT-101303-...
         ("10.16.1", 101601),
     ],
 )
@@ -202,6 +203,8 @@ def test_check_lists_many_names_briefly():
 def test_header_version_reads_only_the_header(tmp_path):
     path = write_cache(tmp_path / "c.cache", {"t": 1.0}, "8.6.2")
     assert calibcache.header_version(path) == 8602
-    (tmp_path / "x.cache").write_text("not a cache\n")
-    assert calibcache.header_version(tmp_path / "x.cache") is None
-    assert calibcache.header_version(tmp_path / "missing.cache") is None
+    (tmp_path / "x.cache").write_text("TRT-100300-Entropy Calibration2\nimages: 3c000000\n")
+    with pytest.raises(JetyoloError, match=r"x.cache:1: 'TRT-100300-Entropy Calibration2' is not"):
+        calibcache.header_version(tmp_path / "x.cache")  # garbled: named, not invisible
+    with pytest.raises(JetyoloError, match=r"cannot read calibration cache .*missing.cache"):
+        calibcache.header_version(tmp_path / "missing.cache")

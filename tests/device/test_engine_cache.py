@@ -193,6 +193,8 @@ def test_parse_workspace_refuses(text):
          "DATE: Fri Sep 13 04:36:44 UTC 2024\n", "R36.4.0", "6.1/6.2"),
         ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64\n",
          "R35.4.1", "5.1.2"),
+        ("# R38 (release), REVISION: 2.0, GCID: 41844464, BOARD: generic, EABI: aarch64\n",
+         "R38.2.0", "7.0"),  # Thor's first L4T
         ("# R32 (release), REVISION: 7.4\n", "R32.7.4", None),  # Nano's last L4T: unknown here
         ("", None, None),
         ("garbage\n", None, None),
@@ -545,3 +547,12 @@ def test_int8_of_the_uint8_variant_never_builds_the_float_qdq_graph_under_its_na
     assert result.key.int8_source == "cache" and result.plan.name == "int8-cache-uint8.plan"
     assert ops.builds[0]["onnx"].name == "model_uint8.onnx"
     assert result.key.onnx_sha256 == bundle.model_sha256("uint8")
+
+
+def test_a_garbled_cache_in_the_bundle_is_named_not_invisible(tmp_path):
+    good = cache_bytes(tmp_path, "8.6.2", NETWORK_TENSORS)
+    garbled = b"TRT-100300-EntropyCalibration2 \x00\x01\n" + good.split(b"\n", 1)[1]
+    bundle = make_bundle(tmp_path, {}, {"calib/a.cache": good, "calib/b.cache": garbled})
+    with pytest.raises(JetyoloError, match=r"b.cache:1: .* is not a TensorRT cache header"):
+        ensure_engine(bundle, BuildRequest("int8", "cache", cache_dir=tmp_path / "e"),
+                      RecordingOps())
