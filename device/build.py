@@ -27,17 +27,15 @@ from typing import Any, Optional
 
 from device.backends import BACKEND_KINDS, tensorrt_missing
 from device.bundle import Bundle
-from device.config import RunConfig, load_config, optional_path
+from device.choice import INT8_SOURCES, PRECISIONS, BackendChoice, parse_workspace
+from device.config import RunConfig, load_config
 from device.engine import (
-    INT8_SOURCES,
-    PRECISIONS,
     BuildRequest,
     check_int8_cache,
     default_cache_dir,
     engine_key,
     key_plan_path,
     needs_rebuild,
-    parse_workspace,
 )
 from device.errors import JetyoloError
 
@@ -60,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: qdq on TensorRT >= 10 when the bundle has it, else cache)")
     parser.add_argument("--variant", default=None,
                         help="bundle graph to build from: fp32 (default), uint8, nms, int8-qdq")
-    parser.add_argument("--workspace", default="auto",
-                        help="builder workspace: 'auto' (half the free memory, at most 4 GiB) "
-                             "or MiB")
+    parser.add_argument("--workspace", default=None,
+                        help="builder workspace: 'auto' (half the free memory, at most 4 GiB; "
+                             "default) or MiB; part of the engine's key, so set it in the run "
+                             "config (workspace:) for `jetyolo run` to load this engine")
     parser.add_argument("--dla", type=int, default=None, metavar="N",
                         help="build for DLA core N with GPU fallback (Xavier, Orin AGX/NX)")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -86,6 +85,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "bundle": args.bundle, "backend": backend, "precision": args.precision,
         "int8_from": args.int8_from, "variant": args.variant,
         "engine_cache_dir": str(args.cache_dir) if args.cache_dir is not None else None,
+        "workspace_mib": parse_workspace(args.workspace) if args.workspace else None,
+        "dla": args.dla,
     }
     return load_config(args.config, overrides, required_keys=("bundle",))
 
@@ -104,23 +105,12 @@ def no_engine_reason(config: RunConfig) -> Optional[str]:
 
 def request_from_args(args: argparse.Namespace, config: RunConfig) -> BuildRequest:
     """Flag checks that need no TensorRT, so a typo fails before the (slow) TensorRT import."""
-    precision, int8_from, variant = config.precision, config.int8_from, config.variant
-    if variant == "int8-qdq":  # as the TensorRT backend of `jetyolo run` reads it
-        precision, int8_from, variant = "int8", "qdq", None
-    if args.int8_from and precision != "int8":  # a config's int8_from is ignored, as by `run`
+    choice = BackendChoice.from_config(config)
+    if args.int8_from and choice.precision != "int8" and not choice.is_qdq:
         raise JetyoloError(f"--int8-from only applies to precision int8 (precision is "
-                           f"{precision or 'the default'}); drop it or add --precision int8")
-    if args.dla is not None and args.dla < 0:
-        raise JetyoloError(f"--dla {args.dla}: a DLA core number is 0 or 1")
-    return BuildRequest(
-        precision=precision,
-        int8_from=int8_from,
-        variant=variant or "fp32",
-        workspace_bytes=parse_workspace(args.workspace),
-        dla_core=args.dla,
-        cache_dir=optional_path(config.engine_cache_dir),
-        force=args.force,
-    )
+                           f"{choice.precision or 'the default'}); drop it or add "
+                           "--precision int8")
+    return choice.build_request(force=args.force)
 
 
 def load_tensorrt_ops() -> Any:

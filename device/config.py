@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from device.backends import BACKEND_KINDS
-from device.engine import INT8_SOURCES, PRECISIONS
+from device.choice import BACKEND_KINDS, INT8_SOURCES, PRECISIONS
 from device.errors import JetyoloError
 from device.sinks.base import REPORT_MODES
 
@@ -40,7 +39,8 @@ FIELD_RULES: Dict[str, Rule] = {
                         "GStreamer pipeline", optional=False),
     "backend": Rule(str, "inference backend; auto prefers TensorRT", BACKEND_KINDS,
                     optional=False),
-    "precision": Rule(str, "TensorRT engine precision (default fp16); ONNX Runtime runs fp32",
+    "precision": Rule(str, "TensorRT engine precision (default fp16; on TensorRT 11 fp16 from the "
+                           "bundle's fp16 graph, else fp32); ONNX Runtime runs fp32",
                       PRECISIONS),
     "variant": Rule(str, "bundle graph to run (fp32, uint8, nms, int8-qdq); default per backend"),
     "int8_from": Rule(str, "INT8 engine from the calibration cache or the Q/DQ model",
@@ -56,6 +56,11 @@ FIELD_RULES: Dict[str, Rule] = {
     "spool_dir": Rule(str, "on-disk spool for MQTT messages not yet acknowledged"),
     "engine_cache_dir": Rule(str, "where TensorRT engines are cached (default: "
                                   "$JETYOLO_ENGINE_CACHE, else ~/.cache/jetyolo/engines)"),
+    "workspace_mib": Rule(int, "TensorRT builder workspace in MiB (default: auto, half the free "
+                               "memory, at most 4 GiB); part of the engine's key, as `jetyolo "
+                               "build --workspace MiB`", low=16, high=65536),
+    "dla": Rule(int, "build and run the TensorRT engine on DLA core N with GPU fallback "
+                     "(Xavier, Orin AGX/NX), as `jetyolo build --dla N`", low=0, high=1),
     "threads": Rule(int, "ONNX Runtime intra-op threads, shared by the infer_workers (default: "
                          "one per core)", low=1, high=256),
     "infer_workers": Rule(int, "ONNX Runtime inferences run at once on consecutive frames, "
@@ -121,6 +126,8 @@ class RunConfig:
     source_name: Optional[str] = None
     spool_dir: Optional[str] = None
     engine_cache_dir: Optional[str] = None
+    workspace_mib: Optional[int] = None
+    dla: Optional[int] = None
     threads: Optional[int] = None
     infer_workers: Optional[int] = None
     report: str = "every"

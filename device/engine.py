@@ -26,12 +26,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from device.bundle import atomic_write_bytes, atomic_write_json, make_writable_dir, sha256_file
 from device.calibcache import parse_trt_version
+from device.choice import FP16_VARIANT, INT8_SOURCES, PRECISIONS, QDQ_VARIANT
 from device.errors import JetyoloError
 
 KEY_SCHEMA = 2  # bump when the build recipe changes in a way that makes old plans stale
-PRECISIONS = ("fp32", "fp16", "int8")
-INT8_SOURCES = ("cache", "qdq")
-FP16_VARIANT = "fp16"  # the half-precision ONNX graph TensorRT >= 11 needs for fp16 engines
 MIB = 1 << 20
 GIB = 1 << 30
 # Workspace "auto": half of the free memory, at most 4 GiB, at least 256 MiB. TensorRT >= 8.4
@@ -161,16 +159,6 @@ def auto_workspace_bytes(free_bytes: int, total_bytes: int) -> int:
     return workspace // MIB * MIB
 
 
-def parse_workspace(text: str) -> Optional[int]:
-    """``"auto"`` -> None (size it at build time), ``"512"`` -> 512 MiB in bytes."""
-    text = str(text).strip().lower()
-    if text == "auto":
-        return None
-    if not text.isdigit() or not 16 <= int(text) <= 64 * 1024:
-        raise JetyoloError(f"--workspace {text!r} must be 'auto' or MiB between 16 and 65536")
-    return int(text) * MIB
-
-
 def workspace_setting(workspace_bytes: Optional[int]) -> str:
     return "auto" if workspace_bytes is None else f"{workspace_bytes // MIB}MiB"
 
@@ -279,7 +267,7 @@ def check_cache_dir(folder: Path) -> None:
 class BuildPlan:
     """What to ask TensorRT for, decided from the versions and flags alone."""
 
-    variant: str  # bundle variant whose ONNX is parsed: "fp32" or "int8-qdq"
+    variant: str  # bundle variant whose ONNX is parsed: "fp32", "fp16" or QDQ_VARIANT
     strongly_typed: bool
     explicit_batch_flag: bool  # TensorRT 8 needs it; in 10 it is the default (flag deprecated)
     builder_flags: Tuple[str, ...]  # trt.BuilderFlag member names
@@ -339,7 +327,7 @@ def plan_build(
         return BuildPlan("fp32", False, explicit_batch, cache_flags, True, True)
     strongly = major >= 11 or (major == 10 and qdq_float_dtype == "float16")
     flags: Tuple[str, ...] = () if strongly else ("INT8", "FP16")
-    return BuildPlan("int8-qdq", strongly, explicit_batch, flags, False, False)
+    return BuildPlan(QDQ_VARIANT, strongly, explicit_batch, flags, False, False)
 
 
 def default_precision(trt_version: str, variants: Iterable[str]) -> Tuple[str, str]:
@@ -382,7 +370,7 @@ def choose_int8_source(
     if requested == "cache" and not has_cache:
         raise JetyoloError(f"the bundle has no calibration cache; {calibrate}")
     if requested == "qdq" and not has_qdq:
-        raise JetyoloError(f"the bundle has no 'int8-qdq' variant; {calibrate}")
+        raise JetyoloError(f"the bundle has no '{QDQ_VARIANT}' variant; {calibrate}")
     if requested:
         return requested, f"--int8-from {requested}"
     if has_qdq and (major >= 10 or not has_cache):
@@ -543,8 +531,8 @@ def find_int8_inputs(bundle: Any, trt_version: str, variant: str = "fp32") -> In
         if version == wanted:
             cache = bundle.path(relative)
     variants = bundle.manifest["variants"]
-    qdq = bundle.model_path("int8-qdq") if "int8-qdq" in variants else None
-    qdq_variant = variants.get("int8-qdq", {})
+    qdq = bundle.model_path(QDQ_VARIANT) if QDQ_VARIANT in variants else None
+    qdq_variant = variants.get(QDQ_VARIANT, {})
     float_dtype = str(
         qdq_variant.get("float_dtype")
         or (qdq_variant.get("quantization") or {}).get("float_dtype")
@@ -673,14 +661,14 @@ def engine_key(
 
 
 def parsed_variant(build: BuildPlan, variant: str) -> str:
-    """The bundle graph TensorRT parses: the recipe's own (int8-qdq, fp16) or the one asked for."""
+    """The bundle graph TensorRT parses: the recipe's own (Q/DQ, fp16) or the one asked for."""
     return build.variant if build.variant != "fp32" else variant
 
 
 def key_plan_path(cache_dir: Union[str, Path], model_id: str, key: EngineKey) -> Path:
     """The one plan-naming rule (build, run and verify all call it): precision, INT8 source, the
-    parsed graph unless the precision already says it (fp32, fp16, int8-qdq), DLA core."""
-    implied = key.variant in ("fp32", FP16_VARIANT, "int8-qdq")
+    parsed graph unless the precision already says it (fp32, fp16, Q/DQ), DLA core."""
+    implied = key.variant in ("fp32", FP16_VARIANT, QDQ_VARIANT)
     return plan_path(cache_dir, model_id, key.precision, key.int8_source, key.dla_core,
                      "fp32" if implied else key.variant)
 

@@ -14,25 +14,26 @@ Examples:
   jetyolo verify bundle/ --backend onnxruntime                     # FP32 on the CPU
   jetyolo verify bundle/ --backend onnxruntime --variant int8-qdq  # the Q/DQ INT8 model on ORT
   jetyolo verify bundle/ --precision fp16 --report verify.json     # TensorRT on the Jetson
+                                       (the engine `jetyolo run` loads; built when not cached)
   jetyolo verify bundle/ --engine model.plan --precision int8      # a plan you built
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from device.backends import BACKEND_KINDS
+from device.backends import Backend, open_chosen
 from device.bundle import Bundle, atomic_write_json
+from device.choice import BACKEND_KINDS, INT8_SOURCES, PRECISIONS, QDQ_VARIANT, BackendChoice
 from device.detections import Detections
-from device.engine import PRECISIONS
 from device.errors import JetyoloError
 from device.matching import ImageAgreement, compare_image, map_vs_reference
 from device.postprocess import END2END_OUTPUTS, PostprocessConfig, postprocess
@@ -229,81 +230,59 @@ def load_reference(bundle: Bundle) -> Reference:
 
 
 # ---- runners -------------------------------------------------------------------------------------
-def tensorrt_missing_reason() -> Optional[str]:
-    """Why TensorRT cannot run here, or None when it can be imported."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return (
-            "TensorRT is not importable here (no module 'tensorrt'); on a Jetson install "
-            "python3-libnvinfer and use a venv made with --system-site-packages, or verify on "
-            "the CPU with --backend onnxruntime"
-        )
-    return None
+def backend_runner(backend: Backend) -> Any:
+    """polygraphy's runner interface around a jetyolo backend, so verify runs exactly what
+    ``jetyolo run`` runs (the same engine cache, key and plan name on TensorRT)."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class BackendRunner(BaseRunner):
+        def __init__(self) -> None:
+            super().__init__(name=f"{backend.kind}-{backend.precision}", prefix="jetyolo")
+
+        def activate_impl(self) -> None:
+            backend.activate()
+
+        def get_input_metadata_impl(self) -> Any:
+            metadata = TensorMetadata()
+            for name, spec in backend.input_specs.items():
+                metadata.add(name, spec.dtype, spec.shape)
+            return metadata
+
+        def infer_impl(self, feed_dict: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+            started = time.perf_counter()
+            feed = {name: np.ascontiguousarray(array) for name, array in feed_dict.items()}
+            outputs = backend.infer(feed)
+            self.inference_time = time.perf_counter() - started  # what polygraphy's runners set
+            return {name: np.array(array) for name, array in outputs.items()}
+
+        def deactivate_impl(self) -> None:
+            backend.deactivate()
+
+    return BackendRunner()
 
 
-def choose_backend(backend: str, engine: Optional[Path]) -> str:
-    if backend == "auto":
-        has_tensorrt = tensorrt_missing_reason() is None
-        return "tensorrt" if engine is not None or has_tensorrt else "onnxruntime"
-    if engine is not None and backend != "tensorrt":
-        raise JetyoloError("--engine is a TensorRT plan; drop --backend or pass --backend tensorrt")
-    return backend
+def open_verified_backend(bundle: Bundle, choice: BackendChoice, engine: Optional[Path]) -> Any:
+    """The backend ``choice`` names (as ``jetyolo run`` opens it), or the plan ``engine``."""
+    if engine is not None:
+        if choice.kind == "onnxruntime":
+            raise JetyoloError("--engine is a TensorRT plan; drop --backend or pass "
+                               "--backend tensorrt")
+        if choice.precision is None and not choice.is_qdq:
+            raise JetyoloError("--engine needs --precision (fp32, fp16 or int8): the plan does "
+                               "not say")
+        if not Path(engine).is_file():
+            raise JetyoloError(f"--engine {engine} does not exist; pass a plan `jetyolo build` "
+                               "wrote")
+        from device.backends.tensorrt import TensorRTBackend
 
-
-def onnxruntime_runner(bundle: Bundle, variant: str, precision: str) -> Any:
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-
-    if precision == "fp16":
+        return TensorRTBackend(Path(engine), precision=choice.build_request().precision or "")
+    if choice.kind == "onnxruntime" and choice.precision == "fp16":
         raise JetyoloError(
             "ONNX Runtime on the CPU runs the model as stored; FP16 is a TensorRT build "
             "setting: use --backend tensorrt on the Jetson (or --precision fp32/int8 here)"
         )
-    path = bundle.model_path(variant)
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["cpu"]), name=f"onnxrt-{variant}")
-
-
-def tensorrt_runner(bundle: Bundle, variant: str, precision: str, engine: Optional[Path]) -> Any:
-    """polygraphy's TrtRunner on ``engine``, or on the engine ``jetyolo build`` caches."""
-    reason = tensorrt_missing_reason()
-    if reason:
-        raise JetyoloError(reason)
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-    if engine is None:
-        engine = cached_engine(bundle, variant, precision)
-    elif not Path(engine).is_file():
-        raise JetyoloError(f"--engine {engine} does not exist; pass a plan `jetyolo build` wrote")
-    return TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name=f"trt-{precision}")
-
-
-def cached_engine(bundle: Bundle, variant: str, precision: str) -> Path:
-    """The plan ``jetyolo build`` cached for this bundle, variant and precision."""
-    from device.engine import default_cache_dir, plan_path
-
-    sources: Tuple[Optional[str], ...] = ("qdq", "cache") if precision == "int8" else (None,)
-    if variant.startswith("int8"):
-        sources = ("qdq",)
-    candidates = [
-        plan_path(default_cache_dir(), bundle.model_id, precision, source, None, name)
-        for source in sources
-        for name in dict.fromkeys(("fp32", variant))
-    ]
-    for plan in candidates:
-        if plan.is_file():
-            return plan
-    raise JetyoloError(
-        f"no cached {precision} engine for {bundle.model_id} (looked for {candidates[0]}); "
-        f"build it with `jetyolo build {bundle.root} --precision {precision}` or pass --engine PLAN"
-    )
-
-
-def make_runner(bundle: Bundle, backend: str, variant: str, precision: str,
-                engine: Optional[Path]) -> Any:
-    if backend == "tensorrt":
-        return tensorrt_runner(bundle, variant, precision, engine)
-    if backend == "onnxruntime":
-        return onnxruntime_runner(bundle, variant, precision)
-    raise JetyoloError(f"backend {backend!r} is not one of {list(BACKEND_KINDS)}")
+    return open_chosen(choice, bundle)
 
 
 def check_variant_inputs(bundle: Bundle, variant: str, reference: Reference) -> None:
@@ -315,7 +294,7 @@ def check_variant_inputs(bundle: Bundle, variant: str, reference: Reference) -> 
         raise JetyoloError(
             f"variant {variant!r} takes {spec['name']} {spec['shape']} {spec['dtype']}, the "
             f"reference inputs are {got}; verify a variant with the fp32 model's input "
-            "(fp32, int8-qdq)"
+            f"(fp32, {QDQ_VARIANT})"
         )
 
 
@@ -547,14 +526,6 @@ def _detection_lines(check: DetectionCheck, gates: Gates, worst: int) -> List[st
 
 
 # ---- the verb ------------------------------------------------------------------------------------
-def default_precision(variant: str, engine: Optional[Path]) -> str:
-    if variant.startswith("int8"):
-        return "int8"
-    if engine is not None:
-        raise JetyoloError("--engine needs --precision (fp32, fp16 or int8): the plan does not say")
-    return "fp32"
-
-
 def verify(
     bundle_path: Union[str, Path],
     backend: str = "auto",
@@ -563,27 +534,44 @@ def verify(
     engine: Optional[Path] = None,
     overrides: Optional[Mapping[str, Any]] = None,
     verbose: bool = False,
+    cache_dir: Optional[Path] = None,
+    int8_from: Optional[str] = None,
 ) -> VerifyReport:
-    """Run ``backend`` on the bundle's reference inputs and judge it against the reference."""
+    """``verify_choice`` for the settings one by one."""
+    choice = BackendChoice(backend, variant, precision, int8_from, cache_dir)
+    return verify_choice(bundle_path, choice, engine, overrides, verbose)
+
+
+def verify_choice(
+    bundle_path: Union[str, Path],
+    choice: BackendChoice,
+    engine: Optional[Path] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    verbose: bool = False,
+) -> VerifyReport:
+    """Run the backend ``choice`` names on the bundle's reference inputs and judge it against
+    the reference. Gates: ``choice.precision``'s, else the precision the backend runs."""
     bundle = Bundle.load(bundle_path, verify=True)
     reference = load_reference(bundle)
+    variant = choice.variant or "fp32"
     bundle.variant(variant)
     check_variant_inputs(bundle, variant, reference)
-    backend = choose_backend(backend, engine)
-    precision = precision or default_precision(variant, engine)
-    gates = gates_for(precision, overrides)
-    runner = make_runner(bundle, backend, variant, precision, engine)
+    if engine is not None and choice.kind == "auto":
+        choice = choice.with_kind("tensorrt")
+    backend = open_verified_backend(bundle, choice, engine)
+    gates = gates_for(choice.precision or backend.precision, overrides)
+    runner = backend_runner(backend)
     log.info("verify: %s on %d reference inputs", runner.name, len(reference.inputs))
     device_results = run_runner(runner, reference.inputs, verbose)
     outputs, not_compared = compare_tensors(reference, device_results, gates, verbose)
     detections = compare_detections(reference, device_results, gates)
     notes = []
-    if backend == "onnxruntime" and precision == "int8" and not variant.startswith("int8"):
+    if backend.kind == "onnxruntime" and gates.precision == "int8" and not choice.is_qdq:
         notes.append("ONNX Runtime ran the float model: INT8 gates on FP32 arithmetic")
     return VerifyReport(
         bundle=str(bundle.root), model_id=bundle.model_id, variant=variant,
-        backend=backend, runner=f"{backend} ({runner.name})", gates=gates, outputs=outputs,
-        outputs_not_compared=not_compared, detections=detections,
+        backend=backend.kind, runner=f"{backend.kind} ({backend.name}, {backend.precision})",
+        gates=gates, outputs=outputs, outputs_not_compared=not_compared, detections=detections,
         reference_runner=str(reference.section.get("runner", "")), notes=notes,
     )
 
@@ -592,14 +580,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path,
                         help="bundle with reference data (`jetyolo reference`)")
     parser.add_argument("--backend", choices=BACKEND_KINDS, default="auto",
-                        help="auto: TensorRT when importable (or --engine given), "
+                        help="auto: TensorRT when it can run here (or --engine given), "
                         "else ONNX Runtime")
-    parser.add_argument("--engine", type=Path, help="a TensorRT plan to verify (default: the one "
-                        "`jetyolo build` caches for --precision)")
-    parser.add_argument("--variant", default="fp32", help="bundle variant: fp32 or int8-qdq")
+    parser.add_argument("--engine", type=Path, help="a TensorRT plan to verify (default: the "
+                        "engine `jetyolo run` would load, built first when not cached)")
+    parser.add_argument("--variant", default="fp32",
+                        help=f"bundle variant: fp32 or {QDQ_VARIANT} (the Q/DQ INT8 model)")
     parser.add_argument("--precision", choices=PRECISIONS,
-                        help="engine precision and default gates (default: int8 for int8-* "
-                        "variants, else fp32)")
+                        help="engine precision and default gates (default: what the backend "
+                        "runs: the engine's precision, int8 for the Q/DQ model, else fp32)")
+    parser.add_argument("--int8-from", choices=INT8_SOURCES,
+                        help="INT8 engine from the calibration cache or the Q/DQ model")
+    parser.add_argument("--cache-dir", type=Path, help="engine cache directory "
+                        "(engine_cache_dir of the run config; default as `jetyolo build`)")
     gate = parser.add_argument_group(
         "gates (defaults depend on --precision; see docs/verification.md)"
     )
@@ -636,6 +629,7 @@ def run(args: argparse.Namespace) -> int:
     report = verify(
         args.bundle, backend=args.backend, variant=args.variant, precision=args.precision,
         engine=args.engine, overrides=overrides_from_args(args), verbose=args.verbose,
+        cache_dir=args.cache_dir, int8_from=args.int8_from,
     )
     print(report.format_text())
     if args.report:

@@ -1,10 +1,11 @@
 """Inference backends behind one interface (``device.backends.base.Backend``).
 
-``open_backend`` picks one. ``tensorrt`` lives in ``device.backends.tensorrt`` and is imported
-only when asked for (or tried by ``auto``), so hosts without TensorRT never touch it. That module
-provides ``open_tensorrt(bundle, precision=..., variant=..., engine_cache_dir=..., int8_from=...)
--> Backend``, which loads the cached engine or builds it, and raises ``JetyoloError`` when it
-cannot.
+``open_chosen`` opens the backend a ``device.choice.BackendChoice`` names (``open_backend`` is
+the same for callers holding the settings one by one). ``tensorrt`` lives in
+``device.backends.tensorrt`` and is imported only when asked for (or tried by ``auto``), so
+hosts without TensorRT never touch it; its ``open_tensorrt(bundle, choice)`` loads the cached
+engine or builds it, and raises ``JetyoloError`` when it cannot. Every backend says what
+arithmetic it runs in ``Backend.precision``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from typing import Callable, Optional, Tuple
 
 from device.backends.base import Backend, TensorSpec
 from device.bundle import Bundle
-from device.engine import PRECISIONS
+from device.choice import BACKEND_KINDS, PRECISIONS, BackendChoice
 from device.errors import JetyoloError
 from device.preprocess import FRAME_INPUT
 
 LOG = logging.getLogger(__name__)
 
-BACKEND_KINDS = ("auto", "tensorrt", "onnxruntime")
 CPU_DEFAULT_VARIANT = "uint8"
 FrameSizeProbe = Callable[[], Optional[Tuple[int, int]]]  # the source's (w, h), if known
 TENSORRT_PACKAGE_HINT = (
@@ -32,7 +32,7 @@ TENSORRT_PACKAGE_HINT = (
     "missing"
 )
 
-__all__ = ["BACKEND_KINDS", "PRECISIONS", "Backend", "TensorSpec", "open_backend"]
+__all__ = ["BACKEND_KINDS", "PRECISIONS", "Backend", "TensorSpec", "open_backend", "open_chosen"]
 
 
 def tensorrt_missing() -> Optional[str]:
@@ -43,47 +43,75 @@ def tensorrt_missing() -> Optional[str]:
     return None
 
 
-def _open_tensorrt(
-    bundle: Bundle,
-    precision: Optional[str],
-    variant: Optional[str],
-    engine_cache_dir: Optional[Path],
-    int8_from: Optional[str],
-) -> Backend:
+def _open_tensorrt(bundle: Bundle, choice: BackendChoice) -> Backend:
     try:
         module = importlib.import_module("device.backends.tensorrt")
     except ImportError as exc:
         raise JetyoloError(
             f"TensorRT backend cannot load ({exc}); {TENSORRT_PACKAGE_HINT}"
         ) from exc
-    backend: Backend = module.open_tensorrt(
-        bundle,
-        precision=precision,
-        variant=variant,
-        engine_cache_dir=engine_cache_dir,
-        int8_from=int8_from,
-    )
+    backend: Backend = module.open_tensorrt(bundle, choice)
     return backend
 
 
-def _onnxruntime_variant(bundle: Bundle, precision: Optional[str], variant: Optional[str]) -> str:
-    if variant is not None:
-        outputs = bundle.variant(variant).get("outputs", {})  # names the variants it does have
+def _onnxruntime_variant(bundle: Bundle, choice: BackendChoice) -> str:
+    if choice.variant is not None:
+        outputs = bundle.variant(choice.variant).get("outputs", {})  # names the bundle's variants
         if "num_dets" in outputs:
             raise JetyoloError(
-                f"variant {variant!r} ends in the EfficientNMS_TRT plugin, which ONNX Runtime "
-                "cannot run; use it with --backend tensorrt, or pick fp32/uint8 for the CPU"
+                f"variant {choice.variant!r} ends in the EfficientNMS_TRT plugin, which ONNX "
+                "Runtime cannot run; use it with --backend tensorrt, or pick fp32/uint8 for the CPU"
             )
-        return variant
-    if precision not in (None, "fp32"):
+        return choice.variant
+    if choice.precision not in (None, "fp32"):
         LOG.warning(
             "backend: --precision %s applies to TensorRT engines; ONNX Runtime runs the "
-            "bundle's fp32 model (pick another graph with --variant)", precision
+            "bundle's fp32 model (pick another graph with --variant)", choice.precision
         )
     # The uint8 graph computes what fp32 does (export checks: max abs 0) and leaves the cast,
     # transpose and scale to ONNX Runtime: pre+post CPU 0.46-0.49x ultralytics' vs 0.70x
     # (docs/BENCHMARKS.md). The CPU default when the bundle has it.
     return CPU_DEFAULT_VARIANT if CPU_DEFAULT_VARIANT in bundle.manifest["variants"] else "fp32"
+
+
+def open_chosen(
+    choice: BackendChoice, bundle: Bundle, frame_size: Optional[FrameSizeProbe] = None
+) -> Backend:
+    """The backend ``choice`` names (not yet activated). ``auto`` prefers TensorRT and says why
+    not. The ``frame`` variant takes the camera frame itself and needs ``frame_size()``, the
+    source's (w, h); it is asked only for that variant."""
+    frame_shape = _frame_input_shape(bundle, choice.variant, frame_size)
+    if frame_shape is not None and choice.kind != "onnxruntime":
+        raise JetyoloError(
+            "variant 'frame' (letterbox in the graph) runs on ONNX Runtime only so far: its "
+            "TensorRT engine needs an optimisation profile pinned to the frame size, which the "
+            "engine builder does not add yet; use --backend onnxruntime or another variant"
+        )
+    if choice.kind == "tensorrt":
+        missing = tensorrt_missing()
+        if missing:
+            raise JetyoloError(f"--backend tensorrt: {missing}; {TENSORRT_PACKAGE_HINT}")
+        backend = _open_tensorrt(bundle, choice)
+        LOG.info("backend: tensorrt (%s)", backend.name)
+        return backend
+    reason = "asked for"
+    if choice.kind == "auto":
+        found, reason = _try_tensorrt(bundle, choice)
+        if found is not None:
+            LOG.info("backend: tensorrt (auto: %s)", found.name)
+            return found
+    from device.backends.onnxruntime import OnnxRuntimeBackend
+
+    chosen = _onnxruntime_variant(bundle, choice)
+    LOG.info("backend: onnxruntime on the CPU, variant %s (%s)", chosen,
+             reason if choice.kind == "onnxruntime" else f"auto: {reason}")
+    workers = choice.infer_workers or auto_infer_workers(choice.threads)
+    backend = OnnxRuntimeBackend(
+        bundle.model_path(chosen), threads=choice.threads, workers=workers,
+        input_shapes={FRAME_INPUT: frame_shape} if frame_shape is not None else None,
+    )
+    backend.precision = choice.onnxruntime_precision()
+    return backend
 
 
 def open_backend(
@@ -97,47 +125,10 @@ def open_backend(
     infer_workers: Optional[int] = None,
     frame_size: Optional[FrameSizeProbe] = None,
 ) -> Backend:
-    """The backend for ``kind`` (not yet activated). ``auto`` prefers TensorRT and says why not.
-
-    ``precision`` None means fp16 on TensorRT and the fp32 graph on ONNX Runtime; ``variant``
-    names a bundle graph (``fp32``, ``uint8``, ``nms``, ``int8-qdq``, ``frame``); the
-    ``frame`` variant takes the camera frame itself and needs ``frame_size()``, the source's
-    (w, h); it is asked only for that variant.
-    """
-    if kind not in BACKEND_KINDS:
-        raise JetyoloError(f"backend {kind!r} is not one of {', '.join(BACKEND_KINDS)}")
-    if precision is not None and precision not in PRECISIONS:
-        raise JetyoloError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    frame_shape = _frame_input_shape(bundle, variant, frame_size)
-    if frame_shape is not None and kind != "onnxruntime":
-        raise JetyoloError(
-            "variant 'frame' (letterbox in the graph) runs on ONNX Runtime only so far: its "
-            "TensorRT engine needs an optimisation profile pinned to the frame size, which the "
-            "engine builder does not add yet; use --backend onnxruntime or another variant"
-        )
-    if kind == "tensorrt":
-        missing = tensorrt_missing()
-        if missing:
-            raise JetyoloError(f"--backend tensorrt: {missing}; {TENSORRT_PACKAGE_HINT}")
-        backend = _open_tensorrt(bundle, precision, variant, engine_cache_dir, int8_from)
-        LOG.info("backend: tensorrt (%s)", backend.name)
-        return backend
-    reason = "asked for" if kind == "onnxruntime" else None
-    if kind == "auto":
-        found, reason = _try_tensorrt(bundle, precision, variant, engine_cache_dir, int8_from)
-        if found is not None:
-            LOG.info("backend: tensorrt (auto: %s)", found.name)
-            return found
-    from device.backends.onnxruntime import OnnxRuntimeBackend
-
-    chosen = _onnxruntime_variant(bundle, precision, variant)
-    LOG.info("backend: onnxruntime on the CPU, variant %s (%s)", chosen,
-             reason if kind == "onnxruntime" else f"auto: {reason}")
-    workers = infer_workers or auto_infer_workers(threads)
-    return OnnxRuntimeBackend(
-        bundle.model_path(chosen), threads=threads, workers=workers,
-        input_shapes={FRAME_INPUT: frame_shape} if frame_shape is not None else None,
-    )
+    """``open_chosen`` for callers holding the settings one by one."""
+    choice = BackendChoice(kind, variant, precision, int8_from, engine_cache_dir, threads,
+                           infer_workers=infer_workers)
+    return open_chosen(choice, bundle, frame_size)
 
 
 def _frame_input_shape(
@@ -164,17 +155,11 @@ def auto_infer_workers(threads: Optional[int]) -> int:
     return 1 if threads is not None else AUTO_WORKERS
 
 
-def _try_tensorrt(
-    bundle: Bundle,
-    precision: Optional[str],
-    variant: Optional[str],
-    engine_cache_dir: Optional[Path],
-    int8_from: Optional[str],
-) -> Tuple[Optional[Backend], str]:
+def _try_tensorrt(bundle: Bundle, choice: BackendChoice) -> Tuple[Optional[Backend], str]:
     missing = tensorrt_missing()
     if missing:
         return None, f"TensorRT unavailable: {missing}"
     try:
-        return _open_tensorrt(bundle, precision, variant, engine_cache_dir, int8_from), ""
+        return _open_tensorrt(bundle, choice), ""
     except JetyoloError as exc:
         return None, f"TensorRT engine could not be built or loaded: {exc}"

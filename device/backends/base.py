@@ -68,6 +68,7 @@ class Backend:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.precision = "fp32"  # the arithmetic it runs; what stats messages report
         self.is_active = False
         self._input_specs: Dict[str, TensorSpec] = {}
         self._output_specs: Dict[str, TensorSpec] = {}

@@ -35,9 +35,9 @@ import numpy as np
 
 from device.backends.base import Backend, TensorSpec
 from device.bundle import atomic_write_bytes
+from device.choice import BackendChoice
 from device.engine import (
     BuildPlan,
-    BuildRequest,
     DeviceFacts,
     LayerRecord,
     TensorRTOps,
@@ -411,8 +411,9 @@ class TensorRTBackend(Backend):
 
     kind = "tensorrt"
 
-    def __init__(self, plan_path: Path, device: int = 0) -> None:
+    def __init__(self, plan_path: Path, device: int = 0, precision: str = "fp16") -> None:
         super().__init__(f"tensorrt:{Path(plan_path).name}")
+        self.precision = precision  # what the plan was built for (its sidecar's key)
         self.plan_path = Path(plan_path)
         self.device = device
         self._cuda: Any = None
@@ -535,19 +536,8 @@ class TensorRTBackend(Backend):
 
 
 def open_tensorrt(
-    bundle: Any,
-    precision: Optional[str] = None,
-    variant: Optional[str] = None,
-    engine_cache_dir: Optional[Path] = None,
-    int8_from: Optional[str] = None,
-    log: Callable[[str], None] = LOG.info,
+    bundle: Any, choice: BackendChoice, log: Callable[[str], None] = LOG.info
 ) -> Backend:
     """The TensorRT backend for ``bundle``: the cached engine, built first when needed."""
-    if variant == "int8-qdq":
-        precision, int8_from, variant = "int8", "qdq", None
-    request = BuildRequest(
-        precision=precision, int8_from=int8_from, variant=variant or "fp32",
-        cache_dir=engine_cache_dir,
-    )
-    result = ensure_engine(bundle, request, TensorRTBuildOps(), log)
-    return TensorRTBackend(result.plan)
+    result = ensure_engine(bundle, choice.build_request(), TensorRTBuildOps(), log)
+    return TensorRTBackend(result.plan, precision=result.key.precision)

@@ -19,6 +19,7 @@ import pytest
 from device import engine
 from device.bundle import Bundle, write_new_bundle
 from device.calibcache import write_cache
+from device.choice import parse_workspace
 from device.engine import (
     BuildRequest,
     DeviceFacts,
@@ -176,14 +177,15 @@ def test_auto_workspace_rejects_impossible_numbers():
     [("auto", None), ("AUTO", None), ("512", 512 * MIB), ("16", 16 * MIB)],
 )
 def test_parse_workspace(text, expected):
-    assert engine.parse_workspace(text) == expected
+    mib = parse_workspace(text)
+    assert (None if mib is None else mib * MIB) == expected
     assert engine.workspace_setting(expected) == ("auto" if expected is None else f"{text}MiB")
 
 
 @pytest.mark.parametrize("text", ["0", "8", "-5", "1.5", "lots", "70000"])
 def test_parse_workspace_refuses(text):
-    with pytest.raises(JetyoloError, match="--workspace"):
-        engine.parse_workspace(text)
+    with pytest.raises(JetyoloError, match="workspace '.*' must be 'auto' or MiB"):
+        parse_workspace(text)
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,11 @@ from typing import Callable, Dict, List
 import numpy as np
 import pytest
 
+from device.backends import tensorrt_missing
 from device.bundle import Bundle, add_files
 from device.cli import main
 from device.errors import JetyoloError
-from device.verify import VerifyReport, gates_for, parse_tolerances, tensorrt_missing_reason, verify
+from device.verify import VerifyReport, gates_for, parse_tolerances, verify
 
 NUM = 6
 
@@ -232,9 +233,9 @@ def test_fp16_on_onnxruntime_is_refused(verify_bundle: Path) -> None:
         verify(verify_bundle, backend="onnxruntime", precision="fp16")
 
 
-@pytest.mark.skipif(tensorrt_missing_reason() is None, reason="TensorRT is installed here")
+@pytest.mark.skipif(tensorrt_missing() is None, reason="TensorRT is installed here")
 def test_tensorrt_backend_refuses_with_the_reason_when_absent(verify_bundle: Path) -> None:
-    with pytest.raises(JetyoloError, match="TensorRT is not importable here"):
+    with pytest.raises(JetyoloError, match="'tensorrt' is not installed.*python3-libnvinfer"):
         verify(verify_bundle, backend="tensorrt", precision="fp16")
     assert verify(verify_bundle).backend == "onnxruntime"  # auto falls back to the CPU
 
@@ -244,6 +245,29 @@ def test_tensorrt_engine_matches_reference(verify_bundle: Path, precision: str) 
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (runs on a Jetson / GPU)")
     report = verify(verify_bundle, backend="tensorrt", precision=precision)
     assert report.passed, report.format_text()
+
+
+@pytest.mark.parametrize("version", ["8.5.2", "10.3", "11"])
+def test_tensorrt_verify_loads_the_engine_run_uses_from_its_cache_dir(
+    verify_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    """On the TensorRT stand-in (tests/trt_standin): verify opens the plan `jetyolo run` and
+    `jetyolo build` name, in the engine cache it is given, building it when missing. The
+    stand-in computes with ONNX Runtime, so the fp32 gates must pass."""
+    from trt_standin.standin import install
+
+    from device.backends import open_chosen
+    from device.choice import BackendChoice
+
+    world = install(monkeypatch, version)
+    choice = BackendChoice("tensorrt", precision="fp32", cache_dir=tmp_path / "engines")
+    open_chosen(choice, Bundle.load(verify_bundle))  # what run does: builds the plan
+    assert len(world.builds) == 1
+    report = verify(verify_bundle, backend="tensorrt", precision="fp32",
+                    cache_dir=tmp_path / "engines")
+    assert report.passed and report.backend == "tensorrt", report.format_text()
+    assert len(world.builds) == 1  # the same plan, reused
+    assert "fp32.plan" in report.runner
 
 
 def test_verify_imports_nothing_from_the_host_side(verify_bundle: Path) -> None:

@@ -11,6 +11,7 @@ FP32, so a result says that jetyolo's plumbing works, never how TensorRT compute
 from __future__ import annotations
 
 import functools
+import importlib.machinery
 import json
 import sys
 import types
@@ -614,7 +615,10 @@ def install(monkeypatch: Any, version: str, **world_options: Any) -> World:
     """Put the stand-in for TensorRT ``version`` (a PROFILES key) into ``sys.modules``."""
     world = World(PROFILES[version], **world_options)
     pycuda, cuda = make_pycuda(world)
-    monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt(world))
+    trt = make_tensorrt(world)
+    for module in (trt, pycuda, cuda):  # importlib.util.find_spec reads it
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "pycuda", pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", cuda)
     monkeypatch.setattr("device.backends.tensorrt._LOGGER", None)
