@@ -184,7 +184,7 @@ def test_parse_workspace(text, expected):
 
 @pytest.mark.parametrize("text", ["0", "8", "-5", "1.5", "lots", "70000"])
 def test_parse_workspace_refuses(text):
-    with pytest.raises(JetyoloError, match="workspace '.*' must be 'auto' or MiB"):
+    with pytest.raises(JetyoloError, match=r"workspace '.*' must be 'auto' or MiB"):
         parse_workspace(text)
 
 

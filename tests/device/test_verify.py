@@ -235,7 +235,7 @@ def test_fp16_on_onnxruntime_is_refused(verify_bundle: Path) -> None:
 
 @pytest.mark.skipif(tensorrt_missing() is None, reason="TensorRT is installed here")
 def test_tensorrt_backend_refuses_with_the_reason_when_absent(verify_bundle: Path) -> None:
-    with pytest.raises(JetyoloError, match="'tensorrt' is not installed.*python3-libnvinfer"):
+    with pytest.raises(JetyoloError, match=r"'tensorrt' is not installed.*python3-libnvinfer"):
         verify(verify_bundle, backend="tensorrt", precision="fp16")
     assert verify(verify_bundle).backend == "onnxruntime"  # auto falls back to the CPU
 
