@@ -31,8 +31,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
-from device.backends import Backend, FrameSizeProbe, open_backend
+from device.backends import Backend, FrameSizeProbe, open_chosen
 from device.bundle import Bundle
+from device.choice import BackendChoice
 from device.config import RunConfig, optional_path
 from device.pipeline import FrameSink, ModelInfo, Pipeline, ProgressNotifier, stop_on_signals
 from device.postprocess import PostprocessConfig
@@ -59,16 +60,6 @@ class RunParts:
 
 
 # ---- config -> settings ------------------------------------------------------------------------
-
-
-def reported_precision(backend_kind: str, config: RunConfig) -> str:
-    """The arithmetic the backend runs: the engine's precision on TensorRT (fp16 unless asked),
-    fp32 on ONNX Runtime (the uint8 graph only takes uint8 input), int8 for the Q/DQ graph."""
-    if config.variant == "int8-qdq":
-        return "int8"
-    if backend_kind == "tensorrt":
-        return config.precision or "fp16"
-    return "fp32"
 
 
 def postprocess_config(config: RunConfig, bundle: Bundle) -> PostprocessConfig:
@@ -131,13 +122,9 @@ def model_info(config: RunConfig, bundle: Bundle) -> ModelInfo:
 def open_configured_backend(
     config: RunConfig, bundle: Bundle, frame_size: Optional[FrameSizeProbe] = None
 ) -> Backend:
-    """The (not yet activated) backend, precision, variant and engine cache ``config`` names
-    (``frame_size``: the source's, asked for by the frame-input variant only)."""
-    return open_backend(
-        config.backend, bundle, precision=config.precision, variant=config.variant,
-        threads=config.threads, engine_cache_dir=optional_path(config.engine_cache_dir),
-        int8_from=config.int8_from, infer_workers=config.infer_workers, frame_size=frame_size,
-    )
+    """The (not yet activated) backend ``config`` names (``device.choice.BackendChoice``;
+    ``frame_size``: the source's, asked for by the frame-input variant only)."""
+    return open_chosen(BackendChoice.from_config(config), bundle, frame_size)
 
 
 def start_wait_reporter(notifier: Any) -> Callable[[str, float], None]:
@@ -202,7 +189,7 @@ def build_pipeline(
         max_frames=max_frames if max_frames is not None else config.max_frames,
         stats_interval_s=config.stats_interval_s,
         notifier=notifier,
-        precision=reported_precision(parts.backend.kind, config),
+        precision=parts.backend.precision,
         source_name=config.source_name or default_source_name(config.source),
         model=model_info(config, parts.bundle),
     )

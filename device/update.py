@@ -19,6 +19,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -156,13 +157,15 @@ def build_engine(bundle: Bundle, config: RunConfig, log: Any) -> Optional[Path]:
 
 def verify_model(bundle: Bundle, config: RunConfig, plan: Optional[Path]) -> Dict[str, Any]:
     """``jetyolo verify`` at the service's backend and precision; its summary for state.json."""
-    from device.setup import reported_precision
-    from device.verify import verify
+    from device.choice import QDQ_VARIANT, BackendChoice
+    from device.verify import verify_choice
 
     kind = "tensorrt" if plan is not None else "onnxruntime"
-    variant = "int8-qdq" if config.variant == "int8-qdq" else "fp32"
-    precision = reported_precision(kind, config)
-    report = verify(bundle.root, backend=kind, variant=variant, precision=precision, engine=plan)
+    choice = BackendChoice.from_config(config).with_kind(kind)
+    variant = QDQ_VARIANT if choice.is_qdq else "fp32"  # the reference feeds the float input
+    # the service's engine: same choice, same key, the plan build_engine just wrote or reused
+    report = verify_choice(bundle.root, dataclasses.replace(choice, variant=variant))
+    precision = report.gates.precision
     failed = [gate for gate, ok, gated in report.gate_results() if gated and not ok]
     return {
         "passed": report.passed, "backend": kind, "precision": precision, "variant": variant,

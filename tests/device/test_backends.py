@@ -7,12 +7,12 @@ import importlib.util
 import logging
 import threading
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import pytest
 
-from device.backends import open_backend
+from device.backends import open_backend, open_chosen
 from device.backends.base import Backend, TensorSpec
 from device.backends.onnxruntime import OnnxRuntimeBackend
 from device.bundle import Bundle
@@ -260,3 +260,29 @@ def test_the_cpu_runs_the_uint8_graph_when_the_bundle_has_one(
     assert with_uint8.model_path.name == "model_u8.onnx"
     chosen = open_backend("onnxruntime", Bundle(copy, manifest), variant="fp32")
     assert isinstance(chosen, OnnxRuntimeBackend) and chosen.model_path.name == "model.onnx"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, "fp32"),
+        ({"precision": "fp16"}, "fp32"),  # ONNX Runtime runs the float graph as stored
+        ({"variant": "int8-qdq"}, "int8"),  # the Q/DQ model
+    ],
+)
+def test_a_backend_says_the_precision_it_runs(bundle_dir: Path, tmp_path: Path,
+                                              values: Dict[str, Any], expected: str) -> None:
+    import shutil
+
+    from device.bundle import add_files
+    from device.choice import BackendChoice
+
+    bundle = Bundle.load(bundle_dir)
+    if "variant" in values:  # any graph will do: nothing runs
+        shutil.copytree(bundle_dir, tmp_path / "b")
+        bundle = Bundle.load(tmp_path / "b")
+        variant = dict(bundle.variant("fp32"), file="model_qdq.onnx")
+        bundle = add_files(bundle, {"model_qdq.onnx": bundle.model_path("fp32")},
+                           {"variants": {"int8-qdq": variant}})
+    backend = open_chosen(BackendChoice("onnxruntime", **values), bundle)
+    assert backend.precision == expected

@@ -11,10 +11,8 @@ from typing import Any, Dict
 import jsonschema
 import pytest
 
-from device.config import RunConfig
 from device.jetson_stats import jetson_readings
 from device.message import build_stats_message, encode
-from device.setup import reported_precision
 from device.sinks import SinkOptions
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs/message.schema.json").read_text())
@@ -93,21 +91,6 @@ def test_only_what_is_exposed_and_nothing_off_a_jetson(tmp_path: Path) -> None:
     (root / "etc/nv_tegra_release").unlink()
     assert jetson_readings(root) == {}  # thermal zones of a PC are not a Jetson block
     assert jetson_readings(tmp_path / "empty") == {}
-
-
-@pytest.mark.parametrize(
-    "backend, values, expected",
-    [
-        ("tensorrt", {}, "fp16"),
-        ("tensorrt", {"precision": "int8"}, "int8"),
-        ("tensorrt", {"variant": "int8-qdq"}, "int8"),
-        ("onnxruntime", {"precision": "fp16"}, "fp32"),  # ORT runs the float graph
-        ("onnxruntime", {"variant": "uint8"}, "fp32"),
-        ("onnxruntime", {"variant": "int8-qdq"}, "int8"),
-    ],
-)
-def test_reported_precision(backend: str, values: Dict[str, Any], expected: str) -> None:
-    assert reported_precision(backend, RunConfig(bundle="b", source="s", **values)) == expected
 
 
 def stats_message(tmp_path: Path, **extra: Any) -> Dict[str, Any]:

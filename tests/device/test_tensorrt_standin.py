@@ -17,8 +17,10 @@ import pytest
 from trt_standin.profiles import PROFILES
 from trt_standin.standin import World, install
 
+from device.backends import open_chosen
 from device.bundle import Bundle, add_files
 from device.calibcache import write_cache
+from device.choice import BackendChoice
 from device.engine import BuildRequest, EngineResult, ensure_engine, timing_cache_path
 from device.errors import JetyoloError
 
@@ -74,6 +76,9 @@ def test_the_default_engine_builds_loads_and_runs(standin: World, bundle_dir: Pa
     # no FP16 flag and this bundle no fp16 graph, so fp32 (device.engine.default_precision)
     assert result.key.precision == ("fp32" if standin.profile.major >= 11 else "fp16")
     assert ("FP16" in standin.builds[-1]["flags"]) is (standin.profile.major < 11)
+    opened = open_chosen(BackendChoice("tensorrt", cache_dir=tmp_path / "engines"), bundle)
+    assert opened.precision == result.key.precision  # what run reports: the engine's own
+    assert len(standin.builds) == 1  # run opens the plan build wrote
     frame = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
     with TensorRTBackend(result.plan) as engine, \
             OnnxRuntimeBackend(bundle.model_path("fp32")) as reference:
@@ -196,3 +201,23 @@ def test_the_parser_names_helpers_as_each_version_does(
                    and not layer.name.startswith("/")]
         expected = "ONNXTRT_Broadcast" if PROFILES[version].major >= 10 else "(Unnamed Layer* "
         assert helpers and all(name.startswith(expected) for name in helpers), version
+
+
+def test_run_loads_the_plan_built_with_a_workspace_and_a_dla_core(
+    monkeypatch: pytest.MonkeyPatch, bundle_dir: Path, tmp_path: Path
+) -> None:
+    from device.config import RunConfig
+    from device.setup import open_configured_backend
+
+    world = install(monkeypatch, "10.3")
+    bundle = Bundle.load(bundle_dir)
+    built = build(bundle, tmp_path, [], precision="fp16", workspace_bytes=512 << 20, dla_core=1)
+    assert built.plan.name == "fp16-dla1.plan" and world.builds[-1]["dla_core"] == 1
+    config = RunConfig(bundle=str(bundle_dir), source="s", backend="tensorrt", precision="fp16",
+                       engine_cache_dir=str(tmp_path / "engines"), workspace_mib=512, dla=1)
+    backend = open_configured_backend(config, bundle)
+    assert len(world.builds) == 1 and backend.name == "tensorrt:fp16-dla1.plan"
+    open_configured_backend(RunConfig(bundle=str(bundle_dir), source="s", backend="tensorrt",
+                                      precision="fp16", engine_cache_dir=str(tmp_path / "engines"),
+                                      dla=1), bundle)
+    assert len(world.builds) == 2  # workspace auto is another key: a build, then its own plan
