@@ -21,7 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
-from device.engine import default_cache_dir, jetpack_for_l4t, parse_nv_tegra_release
+from device.engine import (
+    default_cache_dir,
+    jetpack_for_l4t,
+    parse_nv_tegra_release,
+    read_l4t_release,
+)
 
 OK, WARN, MISSING, INFO = "ok", "warn", "missing", "info"
 APT_TENSORRT = "sudo apt install python3-libnvinfer (from nvidia-jetpack)"
@@ -206,8 +211,23 @@ def package_checks(importer: Callable[[str], object] = _import) -> List[Check]:
                           importer=importer)
     checks.append(opencv)
     if opencv.status == OK:
-        checks.append(opencv_gstreamer_check(importer("cv2")))
+        cv2 = importer("cv2")
+        checks += [opencv_origin_check(cv2), opencv_gstreamer_check(cv2)]
     return checks
+
+
+def opencv_origin_check(cv2: object, on_jetson: Optional[bool] = None) -> Check:
+    """Which OpenCV is loaded: a pip wheel on a Jetson shadows JetPack's (the one with
+    GStreamer) when it sits in the venv."""
+    where = str(getattr(cv2, "__file__", "?"))
+    version = str(getattr(cv2, "__version__", "?"))
+    on_jetson = read_l4t_release() is not None if on_jetson is None else on_jetson
+    wheel = "site-packages" in where and not where.startswith("/usr/lib/python3/")
+    if on_jetson and wheel:
+        return Check("OpenCV loaded", WARN, f"{version} from {where}: a pip wheel, which hides "
+                     "JetPack's OpenCV", "pip uninstall opencv-python-headless opencv-python "
+                     "in this venv (JetPack's python3-opencv, with GStreamer, is then used)")
+    return Check("OpenCV loaded", INFO, f"{version} from {where}")
 
 
 def opencv_gstreamer_check(cv2: object) -> Check:

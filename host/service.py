@@ -76,8 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--python-version", default="3.10", choices=sorted(TARGET_GLIBC),
                         help="Python on the Jetson: 3.8 JetPack 5, 3.10 JetPack 6, 3.12 JetPack 7")
     parser.add_argument("--exclude", action="append", default=[], metavar="PACKAGE",
-                        help="leave a dependency out, e.g. opencv-python-headless to use "
-                             "JetPack's OpenCV (with GStreamer); repeatable")
+                        help="leave a dependency out, e.g. onnxruntime on a TensorRT-only "
+                             "device (OpenCV is JetPack's already: the device extra installs "
+                             "no OpenCV wheel on aarch64); repeatable")
     parser.add_argument("--extra-wheel", action="append", default=[], type=Path, metavar="WHL",
                         help="also stage and install this wheel, e.g. a pycuda wheel built on "
                              "a Jetson of the same JetPack; repeatable")

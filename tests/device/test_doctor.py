@@ -127,6 +127,20 @@ def test_opencv_gstreamer_check(build_info, status):
     assert doctor.opencv_gstreamer_check(cv2).status == status
 
 
+@pytest.mark.parametrize(
+    ("path", "on_jetson", "status"),
+    [
+        ("/opt/jetyolo/venv/lib/python3.10/site-packages/cv2/__init__.py", True, "warn"),
+        ("/usr/lib/python3/dist-packages/cv2/__init__.py", True, "info"),  # JetPack's
+        ("/work/.venv/lib/python3.11/site-packages/cv2/__init__.py", False, "info"),
+    ],
+)
+def test_doctor_says_which_opencv_is_loaded(path, on_jetson, status):
+    cv2 = SimpleNamespace(__file__=path, __version__="4.8.0")
+    check = doctor.opencv_origin_check(cv2, on_jetson)
+    assert check.status == status and "4.8.0 from " + path in check.detail
+
+
 def test_gpu_nodes(tmp_path):
     assert doctor.gpu_node_checks(tmp_path)[0].status == "info"
     (tmp_path / "nvmap").write_text("")

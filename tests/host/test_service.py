@@ -332,10 +332,12 @@ def test_unit_settings_keep_repeated_keys() -> None:
 def test_device_requirements_of_the_project_wheel(project_wheel: Path) -> None:
     requirements = service.device_requirements(project_wheel, "3.10", [])
     names = {re.split(r"[<>=!~ ]", line)[0] for line in requirements}
-    assert {"numpy", "pyyaml", "opencv-python-headless", "paho-mqtt", "onnxruntime"} <= names
-    assert not names & {"torch", "ultralytics", "onnx-graphsurgeon", "pytest"}
-    without_cv = service.device_requirements(project_wheel, "3.10", ["OpenCV_Python_Headless"])
-    assert "opencv-python-headless" not in " ".join(without_cv)
+    assert {"numpy", "pyyaml", "paho-mqtt", "onnxruntime"} <= names
+    # JetPack's OpenCV (GStreamer) must win on the Jetson: no pip wheel to shadow it
+    assert not names & {"torch", "ultralytics", "onnx-graphsurgeon", "pytest",
+                        "opencv-python-headless", "opencv-python"}
+    without_ort = service.device_requirements(project_wheel, "3.10", ["ONNXRuntime"])
+    assert "onnxruntime" not in " ".join(without_ort)
     with pytest.raises(service.JetyoloError, match="not a device requirement"):
         service.device_requirements(project_wheel, "3.10", ["torch"])
 
