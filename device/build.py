@@ -29,14 +29,8 @@ from device.backends import BACKEND_KINDS, tensorrt_missing
 from device.bundle import Bundle
 from device.choice import INT8_SOURCES, PRECISIONS, BackendChoice, parse_workspace
 from device.config import RunConfig, load_config
-from device.engine import (
-    BuildRequest,
-    check_int8_cache,
-    default_cache_dir,
-    engine_key,
-    key_plan_path,
-    needs_rebuild,
-)
+from device.engine import BuildRequest, check_int8_cache, engine_key
+from device.engine_cache import default_cache_dir, key_plan_path, needs_rebuild
 from device.errors import JetyoloError
 
 
@@ -114,7 +108,8 @@ def request_from_args(args: argparse.Namespace, config: RunConfig) -> BuildReque
 
 
 def load_tensorrt_ops() -> Any:
-    from device.backends.tensorrt import TensorRTBuildOps, import_pycuda, import_tensorrt
+    from device.backends.tensorrt_build import TensorRTBuildOps
+    from device.backends.tensorrt_util import import_pycuda, import_tensorrt
 
     import_tensorrt()
     import_pycuda()

@@ -3,7 +3,7 @@
 ``BackendChoice`` holds what the config (or a verb's flags) asks for; ``jetyolo run``, ``build``,
 ``verify``, ``update`` and the bench all turn it into a backend or an engine build through its
 methods, so a name means the same thing everywhere. The precision left unset (None) is decided by
-``device.engine.default_precision`` once TensorRT's version is known.
+``device.build_plan.default_precision`` once TensorRT's version is known.
 
 The one remapping: the ``int8-qdq`` variant is the bundle's Q/DQ model. ONNX Runtime runs that
 graph as stored; TensorRT builds an INT8 engine from it (precision int8, INT8 from qdq).

@@ -21,12 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
-from device.engine import (
-    default_cache_dir,
-    jetpack_for_l4t,
-    parse_nv_tegra_release,
-    read_l4t_release,
-)
+from device.engine_cache import default_cache_dir
+from device.l4t import jetpack_for_l4t, parse_nv_tegra_release, read_l4t_release
 
 OK, WARN, MISSING, INFO = "ok", "warn", "missing", "info"
 APT_TENSORRT = "sudo apt install python3-libnvinfer (from nvidia-jetpack)"

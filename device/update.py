@@ -239,7 +239,7 @@ def prune(store: Store, keep: int, engine_dirs: List[Path], log: Any) -> None:
 
 
 def engine_dirs(config: RunConfig) -> List[Path]:
-    from device.engine import default_cache_dir
+    from device.engine_cache import default_cache_dir
 
     return [optional_path(config.engine_cache_dir) or default_cache_dir()]
 

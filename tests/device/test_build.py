@@ -12,8 +12,8 @@ import yaml
 
 from device import build
 from device.backends import tensorrt_missing
+from device.choice import MIB
 from device.cli import main
-from device.engine import MIB
 from device.errors import JetyoloError
 
 
@@ -69,7 +69,7 @@ def test_without_config_the_defaults_are_unchanged() -> None:
     config = build.config_from_args(args)
     assert config.backend == "tensorrt"  # an explicit build never turns into "nothing to do"
     request = build.request_from_args(args, config)
-    # precision None: device.engine.default_precision decides once TensorRT's version is known
+    # precision None: device.build_plan.default_precision decides once TensorRT's version is known
     assert (request.precision, request.int8_from, request.variant) == (None, None, "fp32")
 
 

@@ -1,7 +1,7 @@
 """Engine cache decisions without TensorRT: keys, sidecars, rebuild reasons, atomic writes,
 workspace sizing, build recipes per TensorRT version, and the orchestration order.
 
-The orchestration tests use ``RecordingOps``, a stand-in for ``device.backends.tensorrt`` that
+The orchestration tests use ``RecordingOps``, a stand-in for ``device.backends.tensorrt_build`` that
 records what it is asked and returns placeholder bytes. It checks *our* decisions (reuse or
 rebuild, which checks run before a build); it says nothing about TensorRT, whose tests are in
 test_tensorrt.py and skip where TensorRT is absent.
@@ -16,21 +16,13 @@ from typing import Any, Dict, List
 
 import pytest
 
-from device import engine
+from device import build_plan, engine, engine_cache, l4t
+from device.build_plan import LayerRecord, plan_build
 from device.bundle import Bundle, write_new_bundle
 from device.calibcache import write_cache
 from device.choice import parse_workspace
-from device.engine import (
-    BuildRequest,
-    DeviceFacts,
-    EngineKey,
-    LayerRecord,
-    auto_workspace_bytes,
-    ensure_engine,
-    needs_rebuild,
-    plan_build,
-    write_plan,
-)
+from device.engine import BuildRequest, DeviceFacts, auto_workspace_bytes, ensure_engine
+from device.engine_cache import EngineKey, needs_rebuild, write_plan
 from device.errors import JetyoloError
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -84,7 +76,7 @@ def test_missing_plan_rebuilds(tmp_path):
 
 
 def test_plan_without_sidecar_rebuilds(cached):
-    engine.sidecar_path(cached).unlink()
+    engine_cache.sidecar_path(cached).unlink()
     rebuild, reason = needs_rebuild(cached, KEY)
     assert rebuild and "no sidecar" in reason
 
@@ -100,7 +92,7 @@ def test_plan_without_sidecar_rebuilds(cached):
     ],
 )
 def test_unreadable_sidecar_rebuilds(cached, sidecar_text):
-    engine.sidecar_path(cached).write_text(sidecar_text)
+    engine_cache.sidecar_path(cached).write_text(sidecar_text)
     rebuild, reason = needs_rebuild(cached, KEY)
     assert rebuild and "unreadable" in reason
 
@@ -122,7 +114,7 @@ def test_corrupt_plan_of_same_size_rebuilds(cached):
 
 def test_plan_is_plain_bytes_and_sidecar_records_key(cached):
     assert cached.read_bytes() == b"\x01plan bytes" * 100  # nothing prepended: trtexec loads it
-    meta = json.loads(engine.sidecar_path(cached).read_text())
+    meta = json.loads(engine_cache.sidecar_path(cached).read_text())
     assert EngineKey.from_json(meta["key"]) == KEY
     assert meta["plan"]["size"] == 1100
 
@@ -179,7 +171,8 @@ def test_auto_workspace_rejects_impossible_numbers():
 def test_parse_workspace(text, expected):
     mib = parse_workspace(text)
     assert (None if mib is None else mib * MIB) == expected
-    assert engine.workspace_setting(expected) == ("auto" if expected is None else f"{text}MiB")
+    setting = engine_cache.workspace_setting(expected)
+    assert setting == ("auto" if expected is None else f"{text}MiB")
 
 
 @pytest.mark.parametrize("text", ["0", "8", "-5", "1.5", "lots", "70000"])
@@ -203,38 +196,38 @@ def test_parse_workspace_refuses(text):
     ],
 )
 def test_l4t_release(text, release, jetpack):
-    assert engine.parse_nv_tegra_release(text) == release
-    assert engine.jetpack_for_l4t(release) == jetpack
+    assert l4t.parse_nv_tegra_release(text) == release
+    assert l4t.jetpack_for_l4t(release) == jetpack
 
 
 def test_read_l4t_release_without_the_file(tmp_path):
-    assert engine.read_l4t_release(tmp_path / "nv_tegra_release") is None
+    assert l4t.read_l4t_release(tmp_path / "nv_tegra_release") is None
 
 
 def test_parse_meminfo():
     text = "MemTotal:        7999500 kB\nMemFree:  100 kB\nMemAvailable:    5000000 kB\n"
-    assert engine.parse_meminfo(text) == (5000000 * 1024, 7999500 * 1024)
+    assert l4t.parse_meminfo(text) == (5000000 * 1024, 7999500 * 1024)
     with pytest.raises(JetyoloError, match="MemAvailable"):
-        engine.parse_meminfo("MemTotal: 1 kB\n")
+        l4t.parse_meminfo("MemTotal: 1 kB\n")
 
 
 def test_cache_layout(tmp_path):
-    assert engine.plan_path(tmp_path, "synth320@0123456789ab", "fp16") == (
+    assert engine_cache.plan_path(tmp_path, "synth320@0123456789ab", "fp16") == (
         tmp_path / "synth320@0123456789ab" / "fp16.plan"
     )
-    assert engine.plan_path(tmp_path, "m/../x", "int8", "cache", 1, "nms").name == (
+    assert engine_cache.plan_path(tmp_path, "m/../x", "int8", "cache", 1, "nms").name == (
         "int8-cache-nms-dla1.plan"
     )
-    assert engine.plan_path(tmp_path, "m/../x", "fp16").parent.parent == tmp_path
-    assert engine.sidecar_path(tmp_path / "a.plan").name == "a.plan.json"
-    timing = engine.timing_cache_path(tmp_path, "10.3.0", "8.7")
+    assert engine_cache.plan_path(tmp_path, "m/../x", "fp16").parent.parent == tmp_path
+    assert engine_cache.sidecar_path(tmp_path / "a.plan").name == "a.plan.json"
+    timing = engine_cache.timing_cache_path(tmp_path, "10.3.0", "8.7")
     assert timing.name == "timing-trt10.3.0-sm8.7.cache"
 
 
 def test_default_cache_dir():
     env = {"JETYOLO_ENGINE_CACHE": "/var/cache/jy"}
-    assert engine.default_cache_dir(env) == Path("/var/cache/jy")
-    assert engine.default_cache_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/jetyolo/engines")
+    assert engine_cache.default_cache_dir(env) == Path("/var/cache/jy")
+    assert engine_cache.default_cache_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/jetyolo/engines")
 
 
 @pytest.mark.parametrize(
@@ -290,7 +283,7 @@ def test_plan_build_refuses(args, kwargs, message):
     ],
 )
 def test_choose_int8_source(requested, version, has_cache, has_qdq, expected):
-    assert engine.choose_int8_source(requested, version, has_cache, has_qdq)[0] == expected
+    assert build_plan.choose_int8_source(requested, version, has_cache, has_qdq)[0] == expected
 
 
 @pytest.mark.parametrize(
@@ -304,7 +297,7 @@ def test_choose_int8_source(requested, version, has_cache, has_qdq, expected):
 )
 def test_choose_int8_source_refuses(requested, version, has_cache, has_qdq, message):
     with pytest.raises(JetyoloError, match=message):
-        engine.choose_int8_source(requested, version, has_cache, has_qdq)
+        build_plan.choose_int8_source(requested, version, has_cache, has_qdq)
 
 
 LAYERS = [
@@ -322,7 +315,7 @@ LAYERS = [
 def test_calibration_tensor_names_without_the_onnx_list_tell_helpers_by_name():
     inputs = [("images", "FLOAT"), ("ids", "INT32")]
     helper = LayerRecord("ONNXTRT_Broadcast", "SHUFFLE", (("ONNXTRT_Broadcast_output", "FLOAT"),))
-    required, helpers = engine.calibration_tensor_names(inputs, [*LAYERS, helper])
+    required, helpers = build_plan.calibration_tensor_names(inputs, [*LAYERS, helper])
     assert required == [
         "images",
         "/model.0/conv/Conv_output_0",
@@ -336,24 +329,25 @@ def test_calibration_tensor_names_without_the_onnx_list_tell_helpers_by_name():
 def test_calibration_tensor_names_follow_the_onnx_graph():
     onnx_graph = ["images", "/model.0/conv/Conv_output_0", "scores", "boxes",
                   "/model.23/dfl/Softmax_output_0", "not_in_network"]
-    required, helpers = engine.calibration_tensor_names([("images", "FLOAT")], LAYERS, onnx_graph)
+    inputs = [("images", "FLOAT")]
+    required, helpers = build_plan.calibration_tensor_names(inputs, LAYERS, onnx_graph)
     assert required == [*onnx_graph[:2], "/model.23/dfl/Softmax_output_0", "scores", "boxes"]
     assert helpers == ["(Unnamed Layer* 9) [Gather]_output"]
 
 
 def test_all_tensor_names():
-    names = engine.all_tensor_names([("images", "FLOAT")], LAYERS)
+    names = build_plan.all_tensor_names([("images", "FLOAT")], LAYERS)
     assert names[0] == "images" and "/model.23/Shape_output_0" in names and len(names) == 9
 
 
 def test_layers_to_keep_fp16():
-    keep = engine.layers_to_keep_fp16(
+    keep = build_plan.layers_to_keep_fp16(
         LAYERS, ["/model.23/dfl/Softmax", "/model.23/Mul", "/model.23/Shape"], ["scores"]
     )
     # named nodes (also with the parser's _1 suffix), producers of named tensors; never
     # shape or integer layers
     assert keep == ["/model.23/dfl/Softmax", "/model.23/Sigmoid", "/model.23/Mul_1"]
-    assert engine.layers_to_keep_fp16(LAYERS, [], []) == []
+    assert build_plan.layers_to_keep_fp16(LAYERS, [], []) == []
 
 
 # ---- orchestration -----------------------------------------------------------------------------
@@ -501,11 +495,11 @@ def test_manifest_written_by_jetyolo_calibrate_is_understood(tmp_path):
         "uncached_tensors": ["scores", "boxes"],
     }
     bundle = make_bundle(tmp_path, calibration, {"calibration/trt-10.3.0.cache": data})
-    inputs = engine.find_int8_inputs(bundle, "10.3.0.30")
+    inputs = build_plan.find_int8_inputs(bundle, "10.3.0.30")
     assert inputs.cache == bundle.root / "calibration" / "trt-10.3.0.cache"
     assert inputs.cache_versions == ("10.3.0",)
     assert inputs.fp16_tensors == ("scores", "boxes")
-    assert engine.find_int8_inputs(bundle, "8.6.2").cache is None
+    assert build_plan.find_int8_inputs(bundle, "8.6.2").cache is None
     ops = RecordingOps()
     result = ensure_engine(bundle, BuildRequest("int8", "cache", cache_dir=tmp_path / "e"), ops,
                            lambda line: None)

@@ -82,7 +82,7 @@ def test_module_imports_without_tensorrt():
 
 @no_tensorrt
 def test_missing_tensorrt_is_one_clear_error():
-    from device.backends.tensorrt import import_tensorrt
+    from device.backends.tensorrt_util import import_tensorrt
 
     with pytest.raises(JetyoloError, match="sudo apt install python3-libnvinfer"):
         import_tensorrt()
@@ -106,7 +106,7 @@ def test_build_verb_without_tensorrt_exits_with_one_line(tmp_path, capsys):
 
 
 def test_build_heartbeat_reports_elapsed_time():
-    from device.backends.tensorrt import Heartbeat
+    from device.backends.tensorrt_build import Heartbeat
 
     lines: List[str] = []
     with Heartbeat(lines.append, every=0.05):
@@ -118,7 +118,7 @@ def test_build_heartbeat_reports_elapsed_time():
 
 
 def test_an_unwritable_timing_cache_does_not_cost_the_engine(tmp_path):
-    from device.backends.tensorrt import _save_timing_cache
+    from device.backends.tensorrt_build import _save_timing_cache
 
     class Config:  # what _save_timing_cache reads of an IBuilderConfig
         def get_timing_cache(self) -> Any:
@@ -174,7 +174,7 @@ def _fake_cuda_stack(monkeypatch, engine: Any) -> List[str]:
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "pycuda", pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", cuda)
-    monkeypatch.setattr("device.backends.tensorrt._LOGGER", None)
+    monkeypatch.setattr("device.backends.tensorrt_util._LOGGER", None)
     return log
 
 
@@ -224,7 +224,7 @@ def trt() -> Any:
 
 @pytest.fixture(scope="module")
 def fp16_engine(trt, bundle_dir, tmp_path_factory):
-    from device.backends.tensorrt import TensorRTBuildOps
+    from device.backends.tensorrt_build import TensorRTBuildOps
     from device.bundle import Bundle
     from device.engine import BuildRequest, ensure_engine
 
@@ -251,8 +251,9 @@ def frames(video: Path, count: int) -> List[np.ndarray]:
 
 
 def test_fp16_engine_is_cached_and_reused(fp16_engine):
-    from device.backends.tensorrt import TensorRTBuildOps
-    from device.engine import ensure_engine, needs_rebuild
+    from device.backends.tensorrt_build import TensorRTBuildOps
+    from device.engine import ensure_engine
+    from device.engine_cache import needs_rebuild
 
     bundle, request, first = fp16_engine
     assert first.plan.is_file() and needs_rebuild(first.plan, first.key)[0] is False
@@ -261,8 +262,9 @@ def test_fp16_engine_is_cached_and_reused(fp16_engine):
 
 
 def test_truncated_engine_is_rebuilt(fp16_engine, tmp_path):
-    from device.backends.tensorrt import TensorRTBuildOps
-    from device.engine import BuildRequest, ensure_engine, sidecar_path
+    from device.backends.tensorrt_build import TensorRTBuildOps
+    from device.engine import BuildRequest, ensure_engine
+    from device.engine_cache import sidecar_path
 
     bundle, request, first = fp16_engine
     cache_dir = tmp_path / "engines"
@@ -308,7 +310,7 @@ def test_tensorrt_matches_onnxruntime(fp16_engine, synth_video):
 
 
 def test_foreign_calibration_cache_is_refused_on_device(trt, bundle_dir, tmp_path):
-    from device.backends.tensorrt import TensorRTBuildOps
+    from device.backends.tensorrt_build import TensorRTBuildOps
     from device.bundle import Bundle, add_files
     from device.calibcache import write_cache
     from device.engine import BuildRequest, ensure_engine

@@ -21,7 +21,8 @@ from device.backends import open_chosen
 from device.bundle import Bundle, add_files
 from device.calibcache import write_cache
 from device.choice import BackendChoice
-from device.engine import BuildRequest, EngineResult, ensure_engine, timing_cache_path
+from device.engine import BuildRequest, EngineResult, ensure_engine
+from device.engine_cache import timing_cache_path
 from device.errors import JetyoloError
 
 VERSIONS = list(PROFILES)
@@ -54,7 +55,7 @@ def graph_tensors(bundle_dir: Path) -> List[str]:
 
 
 def build(bundle: Bundle, tmp_path: Path, log: List[str], **request: Any) -> EngineResult:
-    from device.backends.tensorrt import TensorRTBuildOps
+    from device.backends.tensorrt_build import TensorRTBuildOps
 
     options: Dict[str, Any] = {"cache_dir": tmp_path / "engines", **request}
     return ensure_engine(bundle, BuildRequest(**options), TensorRTBuildOps(), log.append)
@@ -185,7 +186,7 @@ def test_timing_cache_trouble_costs_time_not_the_plan(
 
 
 def layer_names(version: str, monkeypatch: pytest.MonkeyPatch, path: Path) -> Tuple[Any, ...]:
-    from device.backends.tensorrt import TensorRTBuildOps
+    from device.backends.tensorrt_build import TensorRTBuildOps
 
     install(monkeypatch, version)
     return TensorRTBuildOps().network_layers(path, strongly_typed=False)

@@ -621,5 +621,5 @@ def install(monkeypatch: Any, version: str, **world_options: Any) -> World:
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "pycuda", pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", cuda)
-    monkeypatch.setattr("device.backends.tensorrt._LOGGER", None)
+    monkeypatch.setattr("device.backends.tensorrt_util._LOGGER", None)
     return world
