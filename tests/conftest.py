@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_WEIGHTS = REPO / "tests" / "fixtures" / "synth_yolo11n.pt"
+TINY_DETECTOR = REPO / "tests" / "fixtures" / "tiny_detector.onnx"  # make_tiny_detector.py
 IMGSZ = 320
 CLASSES = 4
 
@@ -55,3 +56,23 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory, fixture_weights: Path) 
     out = tmp_path_factory.mktemp("bundle") / "synth320"
     export_bundle(fixture_weights, out, imgsz=IMGSZ)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64 px bundle around the committed tiny_detector.onnx, made with device code only: what
+    the real-TensorRT tests use, so a Jetson venv with just the device extra runs them."""
+    from device.bundle import write_new_bundle
+
+    variant = {"file": "model.onnx",
+               "input": {"name": "images", "shape": [1, 3, 64, 64], "dtype": "float32",
+                         "layout": "NCHW"},
+               "outputs": {"boxes": "[B,4,N] float32: cx, cy, w, h in input pixels",
+                           "scores": "[B,4,N] float32: per-class scores after sigmoid"}}
+    manifest = {"schema_version": 1, "name": "tiny64", "class_names": ["a", "b", "c", "d"],
+                "preprocess": {"size": [64, 64], "stride": 32, "pad_value": 114, "color": "RGB",
+                               "scale": 1 / 255, "letterbox": "center"},
+                "postprocess": {"conf": 0.25, "iou": 0.45, "max_det": 300},
+                "variants": {"fp32": variant}}
+    out = tmp_path_factory.mktemp("tiny") / "tiny64"
+    return write_new_bundle(out, {"model.onnx": TINY_DETECTOR}, manifest).root

@@ -223,30 +223,29 @@ def trt() -> Any:
 
 
 @pytest.fixture(scope="module")
-def fp16_engine(trt, bundle_dir, tmp_path_factory):
+def fp16_engine(trt, tiny_bundle_dir, tmp_path_factory):
     from device.backends.tensorrt_build import TensorRTBuildOps
     from device.bundle import Bundle
     from device.engine import BuildRequest, ensure_engine
 
     cache_dir = tmp_path_factory.mktemp("engines")
-    bundle = Bundle.load(bundle_dir)
+    bundle = Bundle.load(tiny_bundle_dir)  # device code only: no host/torch on the Jetson
     request = BuildRequest(precision="fp16", workspace_bytes=512 << 20, cache_dir=cache_dir)
     result = ensure_engine(bundle, request, TensorRTBuildOps(), print)
     assert result.built
     return bundle, request, result
 
 
-def frames(video: Path, count: int) -> List[np.ndarray]:
-    import cv2
-
-    capture = cv2.VideoCapture(str(video))
-    images: List[np.ndarray] = []
-    while len(images) < count:
-        ok, frame = capture.read()
-        if not ok:
-            break
+def frames(count: int) -> List[np.ndarray]:
+    """Camera-sized BGR frames with a few bright rectangles (no video file, no host code)."""
+    rng = np.random.default_rng(1)
+    images = []
+    for _ in range(count):
+        frame = np.full((480, 640, 3), 40, np.uint8)
+        for _ in range(3):
+            x, y = int(rng.integers(0, 560)), int(rng.integers(0, 400))
+            frame[y:y + 80, x:x + 80] = rng.integers(100, 255, 3, dtype=np.uint8)
         images.append(frame)
-    capture.release()
     return images
 
 
@@ -280,7 +279,7 @@ def test_truncated_engine_is_rebuilt(fp16_engine, tmp_path):
     assert rebuilt.built and "truncated" in rebuilt.reason
 
 
-def test_tensorrt_matches_onnxruntime(fp16_engine, synth_video):
+def test_tensorrt_matches_onnxruntime(fp16_engine):
     from device.backends.onnxruntime import OnnxRuntimeBackend
     from device.backends.tensorrt import TensorRTBackend
     from device.postprocess import PostprocessConfig, postprocess
@@ -295,7 +294,7 @@ def test_tensorrt_matches_onnxruntime(fp16_engine, synth_video):
         preprocess = Preprocessor(bundle.input_size, "float32", buffer=buffer)
         name = trt_backend.input_spec.name
         compared = 0
-        for frame in frames(synth_video, 5):
+        for frame in frames(5):
             geometry = preprocess(frame)
             trt_out = trt_backend.infer({name: buffer})
             ort_out = ort_backend.infer({name: np.array(buffer)})
@@ -309,14 +308,14 @@ def test_tensorrt_matches_onnxruntime(fp16_engine, synth_video):
         assert compared == 5
 
 
-def test_foreign_calibration_cache_is_refused_on_device(trt, bundle_dir, tmp_path):
+def test_foreign_calibration_cache_is_refused_on_device(trt, tiny_bundle_dir, tmp_path):
     from device.backends.tensorrt_build import TensorRTBuildOps
     from device.bundle import Bundle, add_files
     from device.calibcache import write_cache
     from device.engine import BuildRequest, ensure_engine
 
     copy = tmp_path / "bundle"
-    shutil.copytree(bundle_dir, copy)
+    shutil.copytree(tiny_bundle_dir, copy)
     version = trt.__version__
     foreign = write_cache(tmp_path / "c.cache", {"images": 1.0, "not_in_network": 2.0}, version)
     bundle = add_files(Bundle.load(copy), {"calib/foreign.cache": foreign})

@@ -222,3 +222,16 @@ def test_run_loads_the_plan_built_with_a_workspace_and_a_dla_core(
                                       precision="fp16", engine_cache_dir=str(tmp_path / "engines"),
                                       dla=1), bundle)
     assert len(world.builds) == 2  # workspace auto is another key: a build, then its own plan
+
+
+def test_the_real_tensorrt_fixture_builds_and_runs_without_host_code(
+    standin: World, tiny_bundle_dir: Path, tmp_path: Path
+) -> None:
+    """test_tensorrt.py's fixture (a bundle around the committed tiny_detector.onnx) on every
+    stand-in profile: what a Jetson with only the device extra will run."""
+    from device.backends.tensorrt import TensorRTBackend
+
+    result = build(Bundle.load(tiny_bundle_dir), tmp_path, [], precision="fp32")
+    with TensorRTBackend(result.plan) as engine:
+        outputs = engine.infer({"images": np.zeros((1, 3, 64, 64), np.float32)})
+    assert outputs["boxes"].shape == (1, 4, 64) and outputs["scores"].shape == (1, 4, 64)
