@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from device.backends import BACKEND_KINDS, tensorrt_missing
 from device.bundle import Bundle
-from device.choice import INT8_SOURCES, PRECISIONS, BackendChoice, parse_workspace
+from device.choice import INT8_SOURCES, PRECISIONS, QDQ_VARIANT, BackendChoice, parse_workspace
 from device.config import RunConfig, load_config
 from device.engine import BuildRequest, check_int8_cache, engine_key
 from device.engine_cache import default_cache_dir, key_plan_path, needs_rebuild
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="INT8 source: the calibration cache or the Q/DQ model "
                              "(default: qdq on TensorRT >= 10 when the bundle has it, else cache)")
     parser.add_argument("--variant", default=None,
-                        help="bundle graph to build from: fp32 (default), uint8, nms, int8-qdq")
+                        help=f"bundle graph to build from: fp32 (default), uint8, nms, {QDQ_VARIANT}")
     parser.add_argument("--workspace", default=None,
                         help="builder workspace: 'auto' (half the free memory, at most 4 GiB; "
                              "default) or MiB; part of the engine's key, so set it in the run "

@@ -1,5 +1,5 @@
 """The backend interface: lifecycle, refusals that name the problem, ONNX Runtime results, and
-how ``open_backend`` chooses."""
+how ``open_chosen`` chooses."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import pytest
 
-from device.backends import open_backend, open_chosen
+from device.backends import open_chosen
 from device.backends.base import Backend, TensorSpec
 from device.backends.onnxruntime import OnnxRuntimeBackend
 from device.bundle import Bundle
+from device.choice import BackendChoice
 from device.errors import JetyoloError
 
 TENSORRT_PRESENT = importlib.util.find_spec("tensorrt") is not None
@@ -168,16 +169,16 @@ def test_onnxruntime_missing_model_is_one_clear_error(tmp_path: Path) -> None:
         OnnxRuntimeBackend(tmp_path / "nope.onnx").activate()
 
 
-def test_open_backend_onnxruntime_and_bad_kind(bundle_dir: Path) -> None:
+def test_open_chosen_onnxruntime_and_bad_kind(bundle_dir: Path) -> None:
     bundle = Bundle.load(bundle_dir)
-    backend = open_backend("onnxruntime", bundle, threads=1)
+    backend = open_chosen(BackendChoice("onnxruntime", threads=1), bundle)
     assert isinstance(backend, OnnxRuntimeBackend) and not backend.is_active
     with pytest.raises(JetyoloError, match="not one of auto, tensorrt, onnxruntime"):
-        open_backend("cuda", bundle)
+        BackendChoice("cuda")
     with pytest.raises(JetyoloError, match="precision 'int4'"):
-        open_backend("onnxruntime", bundle, precision="int4")
+        BackendChoice("onnxruntime", precision="int4")
     with pytest.raises(JetyoloError, match="no variant 'uint8'"):
-        open_backend("onnxruntime", bundle, variant="uint8")
+        open_chosen(BackendChoice("onnxruntime", variant="uint8"), bundle)
 
 
 @pytest.mark.skipif(TENSORRT_PRESENT, reason="TensorRT is installed: the fallback is not taken")
@@ -185,7 +186,7 @@ def test_auto_falls_back_to_onnxruntime_and_says_why(
     bundle_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="device.backends"):
-        backend = open_backend("auto", Bundle.load(bundle_dir))
+        backend = open_chosen(BackendChoice("auto"), Bundle.load(bundle_dir))
     assert backend.kind == "onnxruntime"
     assert "auto: TensorRT unavailable: Python module 'tensorrt' is not installed" in caplog.text
 
@@ -193,7 +194,7 @@ def test_auto_falls_back_to_onnxruntime_and_says_why(
 @pytest.mark.skipif(TENSORRT_PRESENT, reason="TensorRT is installed here")
 def test_explicit_tensorrt_without_tensorrt_names_the_jetpack_package(bundle_dir: Path) -> None:
     with pytest.raises(JetyoloError, match="python3-libnvinfer"):
-        open_backend("tensorrt", Bundle.load(bundle_dir))
+        open_chosen(BackendChoice("tensorrt"), Bundle.load(bundle_dir))
 
 
 def test_auto_falls_back_when_the_engine_cannot_be_built(
@@ -207,14 +208,14 @@ def test_auto_falls_back_when_the_engine_cannot_be_built(
     monkeypatch.setattr(backends, "tensorrt_missing", lambda: None)  # pretend TensorRT is here
     monkeypatch.setattr(backends, "_open_tensorrt", failing_build)
     with caplog.at_level(logging.INFO, logger="device.backends"):
-        backend = open_backend("auto", Bundle.load(bundle_dir))
+        backend = open_chosen(BackendChoice("auto"), Bundle.load(bundle_dir))
     assert backend.kind == "onnxruntime"
     assert (
         "auto: TensorRT engine could not be built or loaded: engine built for Orin" in caplog.text
     )
     # asked for explicitly, the same failure is an error, not a silent CPU fallback
     with pytest.raises(JetyoloError, match="engine built for Orin"):
-        open_backend("tensorrt", Bundle.load(bundle_dir))
+        open_chosen(BackendChoice("tensorrt"), Bundle.load(bundle_dir))
 
 
 def test_onnxruntime_workers_run_calls_at_once_each_into_its_own_outputs(ort_model: Path) -> None:
@@ -275,7 +276,6 @@ def test_a_backend_says_the_precision_it_runs(bundle_dir: Path, tmp_path: Path,
     import shutil
 
     from device.bundle import add_files
-    from device.choice import BackendChoice
 
     bundle = Bundle.load(bundle_dir)
     if "variant" in values:  # any graph will do: nothing runs
