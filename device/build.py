@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="INT8 source: the calibration cache or the Q/DQ model "
                              "(default: qdq on TensorRT >= 10 when the bundle has it, else cache)")
     parser.add_argument("--variant", default=None,
-                        help=f"bundle graph to build from: fp32 (default), uint8, nms, {QDQ_VARIANT}")
+                        help="bundle graph to build from: fp32 (default), uint8, nms, "
+                             f"{QDQ_VARIANT}")
     parser.add_argument("--workspace", default=None,
                         help="builder workspace: 'auto' (half the free memory, at most 4 GiB; "
                              "default) or MiB; part of the engine's key, so set it in the run "
