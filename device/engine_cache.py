@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from device.bundle import atomic_write_bytes, atomic_write_json, make_writable_dir, sha256_file
+from device.calibcache import parse_trt_version
 from device.choice import FP16_VARIANT, MIB, QDQ_VARIANT
 from device.errors import JetyoloError
 
@@ -188,7 +189,10 @@ def check_cache_dir(folder: Path) -> None:
 
 def key_plan_path(cache_dir: Union[str, Path], model_id: str, key: EngineKey) -> Path:
     """The one plan-naming rule (build, run and verify all call it): precision, INT8 source, the
-    parsed graph unless the precision already says it (fp32, fp16, Q/DQ), DLA core."""
-    implied = key.variant in ("fp32", FP16_VARIANT, QDQ_VARIANT)
+    parsed graph unless the precision already says it (the fp32 graph; the Q/DQ model for
+    int8-qdq; the fp16 graph for fp16 on TensorRT >= 11, the only way there), DLA core."""
+    implied = key.variant == "fp32" or (key.variant == QDQ_VARIANT and key.int8_source == "qdq")
+    if key.variant == FP16_VARIANT and key.precision == "fp16":
+        implied = parse_trt_version(key.trt_version)[0] >= 11
     return plan_path(cache_dir, model_id, key.precision, key.int8_source, key.dla_core,
                      "fp32" if implied else key.variant)

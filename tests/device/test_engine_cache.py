@@ -552,3 +552,19 @@ def test_a_garbled_cache_in_the_bundle_is_named_not_invisible(tmp_path):
     with pytest.raises(JetyoloError, match=r"b.cache:1: .* is not a TensorRT cache header"):
         ensure_engine(bundle, BuildRequest("int8", "cache", cache_dir=tmp_path / "e"),
                       RecordingOps())
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        ({}, "fp16.plan"),
+        ({"variant": "uint8"}, "fp16-uint8.plan"),
+        ({"variant": "fp16"}, "fp16-fp16.plan"),  # 10.x: the fp16 graph under the FP16 flag
+        ({"variant": "fp16", "trt_version": "11.1.0"}, "fp16.plan"),  # 11: the only fp16 form
+        ({"variant": "int8-qdq", "precision": "int8", "int8_source": "qdq"}, "int8-qdq.plan"),
+        ({"precision": "int8", "int8_source": "cache", "dla_core": 0}, "int8-cache-dla0.plan"),
+    ],
+)
+def test_one_plan_name_per_key(tmp_path, change, name):
+    key = dataclasses.replace(KEY, **change)
+    assert engine_cache.key_plan_path(tmp_path, "m", key) == tmp_path / "m" / name
