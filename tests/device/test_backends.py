@@ -12,7 +12,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import pytest
 
-from device.backends import open_chosen
+from device.backends import open_backend, open_chosen
 from device.backends.base import Backend, TensorSpec
 from device.backends.onnxruntime import OnnxRuntimeBackend
 from device.bundle import Bundle
