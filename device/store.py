@@ -60,8 +60,8 @@ def store_dir_name(model_id: str) -> str:
 
 
 def engine_folder(cache_dir: Path, model_id: str) -> Path:
-    """Where ``jetyolo build`` keeps this model's plans (engine.plan_path's naming)."""
-    from device.engine import plan_path
+    """Where ``jetyolo build`` keeps this model's plans (engine_cache.plan_path's naming)."""
+    from device.engine_cache import plan_path
 
     return plan_path(cache_dir, model_id, "fp32").parent
 

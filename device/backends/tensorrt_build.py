@@ -248,7 +248,7 @@ def build_engine(
     dla_core: Optional[int] = None,
     log_progress: Callable[[str], None] = print,
 ) -> bytes:
-    """Serialized engine for ``onnx_path`` following ``build`` (see ``device.engine.plan_build``).
+    """Serialized engine for ``onnx_path`` following ``build`` (``device.build_plan.plan_build``).
     Writes the updated timing cache back atomically."""
     trt = import_tensorrt()
     log_progress(f"engine: parsing {onnx_path.name}")

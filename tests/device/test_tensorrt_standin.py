@@ -74,7 +74,7 @@ def test_the_default_engine_builds_loads_and_runs(standin: World, bundle_dir: Pa
     bundle, log = Bundle.load(bundle_dir), []
     result = build(bundle, tmp_path, log)
     # the default precision per version: fp16 through the FP16 flag on 8.5-10.x; TensorRT 11 has
-    # no FP16 flag and this bundle no fp16 graph, so fp32 (device.engine.default_precision)
+    # no FP16 flag and this bundle no fp16 graph, so fp32 (device.build_plan.default_precision)
     assert result.key.precision == ("fp32" if standin.profile.major >= 11 else "fp16")
     assert ("FP16" in standin.builds[-1]["flags"]) is (standin.profile.major < 11)
     opened = open_chosen(BackendChoice("tensorrt", cache_dir=tmp_path / "engines"), bundle)
