@@ -395,7 +395,10 @@ class Pipeline:
         frames = self.source.frames(self._stop)
         captured = 0
         while True:
-            if self.max_frames is not None and captured >= self.max_frames:
+            # max_frames counts published frames: a file drops none, so its first max_frames
+            # captured are enough; a live source reads on until that many made it through.
+            done = self._counters.frames if self.source.live else captured
+            if self.max_frames is not None and done >= self.max_frames:
                 self.stopped_by = "max frames"
                 break
             started = time.perf_counter()
@@ -487,8 +490,9 @@ class Pipeline:
         if slot is None or self._input_spec is None:
             raise RuntimeError("frame reached inference without an input buffer")
         work.model = self.model  # the model of the backend this frame is submitted to
+        submitted_at = time.perf_counter()  # before: a synchronous backend runs in submit()
         future = self.backend.submit({self._input_spec.name: slot.buffer}, outputs)
-        return _InFlight(work, outputs, future, time.perf_counter())
+        return _InFlight(work, outputs, future, submitted_at)
 
     def _finish(self, flight: _InFlight) -> None:
         timing = flight.future.result()  # re-raises what the call raised
@@ -588,6 +592,10 @@ class Pipeline:
 
     def _publish(self, work: _Work) -> None:
         outputs = work.outputs if work.outputs is not None else {}
+        if self.max_frames is not None and self._counters.frames >= self.max_frames:
+            self._free_outputs.put(outputs)  # a live frame still in flight past max_frames
+            self._counters.dropped += 1
+            return
         geometry = work.geometry
         if geometry is None:
             raise RuntimeError("frame reached postprocess without letterbox geometry")

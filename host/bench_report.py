@@ -168,7 +168,7 @@ def contender_rows(record: Dict[str, Any]) -> List[str]:
         latency = figures.get("latency_ms", {})
         runs = ", ".join(f"{fps:.1f}" for fps in figures.get("fps_per_run", []))
         rows.append(
-            f"| {name} | {figures['frames']} | {_num(figures['seconds'], 2)} | "
+            f"| {name} | {_frames(figures)} | {_num(figures['seconds'], 2)} | "
             f"**{_num(figures['fps'])}** ({runs}) | {_triple(latency, 'preprocess')} | "
             f"{_triple(latency, 'infer')} | {_triple(latency, 'postprocess')} | "
             f"{_triple(latency, 'total')}{INTERVAL_MARK if name == 'ultralytics' else ''} | "
@@ -177,6 +177,12 @@ def contender_rows(record: Dict[str, Any]) -> List[str]:
             f"{_num(figures.get('peak_rss_mib'), 0)} | {_num(figures.get('cold_start_s'), 2)} |"
         )
     return [*rows, "", LATENCY_NOTE]
+
+
+def _frames(figures: Dict[str, Any]) -> str:
+    """Frames published; on a live camera, of how many it served meanwhile (the rest dropped)."""
+    served = figures.get("frames_served")
+    return f"{figures['frames']} of {served:.0f} served" if served else str(figures["frames"])
 
 
 INTERVAL_MARK = " †"

@@ -125,7 +125,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m host.bench_worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="single-output YOLO ONNX")
-    parser.add_argument("--source", type=Path, required=True)
+    parser.add_argument("--source", required=True, help="video file or stream URL")
     parser.add_argument("--frames", type=int, required=True)
     parser.add_argument("--imgsz", type=lambda text: [int(side) for side in text.split(",")],
                         required=True, help="the bundle's input: SIDE or HEIGHT,WIDTH")
