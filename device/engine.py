@@ -26,11 +26,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from device.bundle import atomic_write_bytes, atomic_write_json, make_writable_dir, sha256_file
 from device.calibcache import parse_trt_version
+from device.choice import INT8_SOURCES, PRECISIONS
 from device.errors import JetyoloError
 
 KEY_SCHEMA = 2  # bump when the build recipe changes in a way that makes old plans stale
-PRECISIONS = ("fp32", "fp16", "int8")
-INT8_SOURCES = ("cache", "qdq")
 FP16_VARIANT = "fp16"  # the half-precision ONNX graph TensorRT >= 11 needs for fp16 engines
 MIB = 1 << 20
 GIB = 1 << 30

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple
 
 from device.backends.base import Backend, TensorSpec
 from device.bundle import Bundle
-from device.engine import PRECISIONS
+from device.choice import PRECISIONS
 from device.errors import JetyoloError
 from device.preprocess import FRAME_INPUT
 

@@ -130,6 +130,12 @@ class Sink:
     idle_wait_s = 0.05  # how long the thread waits for a message before it looks at its state
     handles_availability = False  # True: the sink publishes online/offline itself (MQTT will)
 
+    @classmethod
+    def from_url(cls, url: Any, options: SinkOptions, spool_path: Path) -> Sink:
+        """The sink for a parsed ``SinkUrl`` (``device.sinks.urls.SINK_KINDS`` names the class
+        for each scheme). Most sinks need only the URL and the options."""
+        return cls(url, options)  # type: ignore[arg-type]
+
     def __init__(self, name: str, queue_size: int) -> None:
         self.name = name
         self.dropped = 0  # queue full (counted by the publishing thread)

@@ -7,12 +7,13 @@ it on every sink's own queue. Each sink sends from its own thread.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from device.detections import FrameResult
 from device.errors import JetyoloError
@@ -25,10 +26,8 @@ from device.message import (
     stats_topic,
 )
 from device.sinks.base import Outgoing, Sink, SinkOptions
-from device.sinks.files import JsonlSink, StdoutSink
-from device.sinks.sockets import TcpServerSink, UdpSink
 from device.sinks.spool import SeqCounter, SpoolLock, prepare_spool_dir
-from device.sinks.urls import SinkUrl, parse_sink_url
+from device.sinks.urls import KIND_BY_NAME, SinkUrl, parse_sink_url
 
 logger = logging.getLogger(__name__)
 
@@ -197,17 +196,10 @@ class SinkSet:
 
 
 def _open_sink(url: SinkUrl, options: SinkOptions, spool_path: Path) -> Sink:
-    if url.kind == "mqtt":
-        from device.sinks.mqtt import MqttSink  # paho is imported only when MQTT is used
-
-        return MqttSink(url, options, spool_path)
-    if url.kind == "tcp":
-        return TcpServerSink(url, options)
-    if url.kind == "udp":
-        return UdpSink(url, options)
-    if url.kind == "jsonl":
-        return JsonlSink(url, options)
-    return StdoutSink(url.name, options.queue_size)
+    """The class ``SINK_KINDS`` names for ``url.kind``, imported now (paho only with MQTT)."""
+    module, name = KIND_BY_NAME[url.kind].opener.split(":")
+    sink_class: Type[Sink] = getattr(importlib.import_module(module), name)
+    return sink_class.from_url(url, options, spool_path)
 
 
 def _check_urls(parsed: Sequence[SinkUrl], options: SinkOptions) -> None:
