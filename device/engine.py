@@ -24,10 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from device.bundle import atomic_write_bytes, atomic_write_json, make_writable_dir, sha256_file
 from device.calibcache import parse_trt_version
 from device.choice import INT8_SOURCES, PRECISIONS
 from device.errors import JetyoloError
+from device.files import atomic_write_bytes, atomic_write_json, make_writable_dir, sha256_file
 
 KEY_SCHEMA = 2  # bump when the build recipe changes in a way that makes old plans stale
 FP16_VARIANT = "fp16"  # the half-precision ONNX graph TensorRT >= 11 needs for fp16 engines

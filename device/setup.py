@@ -1,6 +1,6 @@
 """The one place that turns a ``RunConfig`` into running objects.
 
-``jetyolo run`` (``device.run``) and the bench's pipeline child (``device.bench_worker``) call
+``jetyolo run`` (``device.run``) and the bench's pipeline child (``device.bench.worker``) call
 ``run_configured``; nothing else reads a ``RunConfig`` for running. In order::
 
     check the sink URLs and TLS files      (a --sink typo fails before any wait or build)

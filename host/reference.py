@@ -23,12 +23,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from device.bundle import Bundle, add_files, atomic_write_json, sha256_file
+from device.bundle import Bundle, add_files
 from device.errors import JetyoloError
+from device.files import atomic_write_json, sha256_file
 from device.postprocess import PostprocessConfig
 from device.preprocess import Letterbox, Preprocessor
-from device.sources import IMAGE_SUFFIXES  # what `jetyolo run` reads as images
-from device.verify import (
+from device.reference import (
     FLOOR_CONF,
     REFERENCE_DETECTIONS,
     REFERENCE_INPUTS,
@@ -37,6 +37,7 @@ from device.verify import (
     detection_records,
     geometry_record,
 )
+from device.sources import IMAGE_SUFFIXES  # what `jetyolo run` reads as images
 from host._env import require
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from device.errors import JetyoloError
-from host import bench, bench_report, bench_trt
+from host import bench
+from host.bench import report as bench_report
+from host.bench import trt as bench_trt
 
 
 def summary(**overrides: Dict[str, float]) -> Dict[str, Dict[str, Any]]:

@@ -21,7 +21,7 @@ from device import matching
 from device.bundle import Bundle
 from device.cli import main
 from device.errors import JetyoloError
-from device.verify import REFERENCE_FILES
+from device.reference import REFERENCE_FILES
 from host.reference import make_reference, select_images
 
 POLYGRAPHY = Path(sys.executable).with_name("polygraphy")

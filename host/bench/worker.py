@@ -2,7 +2,7 @@
 
 ::
 
-    python -m host.bench_worker --model M.onnx --source V --frames N --imgsz 640 --result R.json
+    python -m host.bench.worker --model M.onnx --source V --frames N --imgsz 640 --result R.json
 
 Runs ``YOLO(M).predict(source=V, stream=True)`` on the CPU with the same thresholds, image size
 and thread count as the jetyolo contenders, in a fresh process so peak RSS and cold start
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from device.bench_common import (
+from device.bench.common import (
     CpuTimer,
     common_result,
     process_cpu_s,
@@ -122,7 +122,7 @@ def measure_ultralytics(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m host.bench_worker", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m host.bench.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="single-output YOLO ONNX")
     parser.add_argument("--source", required=True, help="video file or stream URL")

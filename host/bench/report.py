@@ -20,8 +20,9 @@ from typing import Any, Dict, List, Optional
 import cv2
 import numpy as np
 
-from device.bundle import Bundle, atomic_write_bytes
+from device.bundle import Bundle
 from device.errors import JetyoloError
+from device.files import atomic_write_bytes
 from host._env import installed_versions, require
 
 log = logging.getLogger(__name__)

@@ -35,19 +35,21 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from device.bench_common import T0_ENV
-from device.bundle import Bundle, atomic_write_bytes, atomic_write_json
+from device.bench.common import T0_ENV
+from device.bundle import Bundle
 from device.errors import JetyoloError
-from host import bench_report, bench_trt
+from device.files import atomic_write_bytes, atomic_write_json
+from host.bench import report as bench_report
+from host.bench import trt as bench_trt
 from host.bench_live import PacedMjpegServer
 
 log = logging.getLogger(__name__)
 
 CONTENDERS = ("ceiling", "pipeline", "ultralytics")
 WORKERS = {
-    "ceiling": "device.bench_worker",
-    "pipeline": "device.bench_worker",
-    "ultralytics": "host.bench_worker",
+    "ceiling": "device.bench.worker",
+    "pipeline": "device.bench.worker",
+    "ultralytics": "host.bench.worker",
 }
 STAGES = ("capture", "preprocess", "infer", "postprocess", "total")
 PERCENTILES = (50, 90, 99)
