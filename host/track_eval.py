@@ -20,9 +20,9 @@ from typing import Any, DefaultDict, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from device.bundle import atomic_write_json
 from device.config import read_config_file
 from device.errors import JetyoloError
+from device.files import atomic_write_json
 from device.matching import box_iou
 from device.zones import RegionSpec, parse_lines
 
