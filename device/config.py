@@ -165,11 +165,16 @@ def docs_table() -> str:
     rows = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for name, rule in FIELD_RULES.items():
         kind = "list of str" if rule.kind is list else rule.kind.__name__
-        default = "(required)" if name in REQUIRED_KEYS else repr(rule.default) \
-            if isinstance(rule.default, list) else str(rule.default)
+        default = "(required)" if name in REQUIRED_KEYS else _shown(rule.default)
         meaning = rule.help + (f". Flag: `{rule.flags[0]}`" if rule.flags else "")
         rows.append(f"| `{name}` | {kind} | `{default}` | {_allowed(rule)} | {meaning} |")
     return "\n".join(rows) + "\n"
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return str(default).lower()  # as YAML writes it
+    return repr(default) if isinstance(default, list) else str(default)
 
 
 def _allowed(rule: Rule) -> str:

@@ -18,6 +18,8 @@ RUNCONFIG_USERS = {
     "device.run": "argument parsing: flags + file -> RunConfig, handed to device.setup",
     "device.bench.worker": "argument parsing of the bench child, handed to device.setup",
     "device.update": "jetyolo update builds and verifies the engine the service config names",
+    "device.ops.extension": "a setup extension: reads its own keys (http_*) when plugged in",
+    "device.ops.homeassistant": "discovery configs from the run's names and settings",
 }
 
 
