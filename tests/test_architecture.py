@@ -20,6 +20,7 @@ RUNCONFIG_USERS = {
     "device.update": "jetyolo update builds and verifies the engine the service config names",
     "device.ops.extension": "a setup extension: reads its own keys (http_*) when plugged in",
     "device.ops.homeassistant": "discovery configs from the run's names and settings",
+    "device.reload": "a setup extension: SIGHUP reopens the backend the config names",
 }
 
 
