@@ -181,6 +181,7 @@ def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
         samples_ms={"infer": samples.round(3).tolist()},
         prepost_cpu_ms_per_frame=None,
         backend=backend.kind,
+        graph=backend.name,
         backend_name=backend.name,
         plan_path=str(getattr(backend, "plan_path", "") or ""),
         ort_spinning=getattr(backend, "spin", None),
@@ -220,6 +221,7 @@ def measure_pipeline(config: RunConfig, frames: int, profile: bool) -> Dict[str,
         detections=recorder.detections,
         run_summary=summary.as_dict(),
         backend=summary.backend,
+        graph=pipelines[0].backend.name,
     )
     if profiles is not None:
         result["profile"] = profiles.summary(done)

@@ -184,7 +184,7 @@ def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         summary["stage_cpu_ms_per_frame"] = {
             key: statistics.median(row[key] for row in stage_cpu) for key in stage_cpu[0]
         }
-    for key in ("detections", "backend", "plan_path"):
+    for key in ("detections", "backend", "plan_path", "graph"):
         if key in runs[0]:
             summary[key] = runs[0][key]
     return summary

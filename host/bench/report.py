@@ -195,6 +195,17 @@ LATENCY_NOTE = (
 )
 
 
+def graphs_line(record: Dict[str, Any]) -> str:
+    """Which graph each contender ran: ultralytics reads only the single-output fp32 graph; the
+    bundle's split (and uint8) graphs compute the same numbers (export checks), so the FPS
+    compare the same model, not the same file."""
+    graphs = ", ".join(f"{name} `{figures['graph']}`" for name, figures in
+                       record["contenders"].items() if figures.get("graph"))
+    return (f"Graphs: {graphs}. ultralytics reads only a single-output graph; the bundle's "
+            "graphs compute the same outputs (export's parity check), so this compares the same "
+            "model and thresholds, not the same file.")
+
+
 def target_rows(record: Dict[str, Any]) -> List[str]:
     rows = ["| ratio | value | target | result |", "|---|---|---|---|"]
     for check in record["targets"]:
@@ -264,7 +275,7 @@ def markdown(report: Dict[str, Any]) -> str:
     for record in report["bundles"]:
         height, width = record["input_size"]
         lines += ["", f"### {record['bundle']} ({width}x{height}, batch 1)", ""]
-        lines += [*contender_rows(record), "", *target_rows(record)]
+        lines += [*contender_rows(record), "", graphs_line(record), "", *target_rows(record)]
         if record.get("profile"):
             lines += ["", *profile_rows(record["profile"])]
         if "trtexec" in record:

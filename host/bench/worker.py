@@ -117,6 +117,7 @@ def measure_ultralytics(args: argparse.Namespace) -> Dict[str, Any]:
         detections=detections,
         backend="ultralytics-onnxruntime",
         model=str(args.model),
+        graph=f"ultralytics:{Path(args.model).name}",
     )
     return result
 

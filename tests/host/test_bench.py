@@ -201,6 +201,7 @@ def test_bench_writes_json_markdown_and_plot(
     text = md.read_text()
     assert text.startswith("# Benchmarks\n") and "## jetyolo bench" in text
     assert "| pipeline | 10 |" in text and "| pipeline FPS / ceiling FPS |" in text
+    assert "Graphs: ceiling `onnxruntime:model.onnx`, pipeline `onnxruntime:model.onnx`" in text
     assert (out / "bench.md").read_text() in text
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "FPS / ceiling FPS" in capsys.readouterr().out
