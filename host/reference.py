@@ -92,7 +92,8 @@ def preprocess_images(
     """One feed dict per image (a copy of the preprocess buffer) and its letterbox geometry."""
     spec = bundle.variant(variant)["input"]
     preprocessor = Preprocessor(bundle.input_size, spec["dtype"])
-    if list(preprocessor.buffer.shape) != list(spec["shape"]):
+    batch = int(spec["shape"][0]) if spec["shape"] else 0
+    if batch < 1 or list(preprocessor.buffer.shape[1:]) != list(spec["shape"][1:]):
         raise JetyoloError(
             f"variant {variant!r} input {spec['shape']} is not what the preprocessing makes "
             f"({list(preprocessor.buffer.shape)}); record the reference on the fp32 variant"
@@ -100,7 +101,8 @@ def preprocess_images(
     feeds, geometries = [], []
     for path in paths:
         geometries.append(preprocessor(_read(path)))
-        feeds.append({spec["name"]: preprocessor.buffer.copy()})
+        # a batch-N graph (export --batch N) gets the image N times; entry 0 is the reference
+        feeds.append({spec["name"]: np.repeat(preprocessor.buffer, batch, axis=0)})
     return feeds, geometries
 
 
