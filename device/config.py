@@ -13,13 +13,15 @@ import difflib
 import typing
 from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from device.backends import BACKEND_KINDS
 from device.choice import INT8_SOURCES, PRECISIONS
 from device.errors import JetyoloError
 from device.sinks.base import REPORT_MODES
 from device.sinks.urls import FORMS as SINK_FORMS
+from device.tracking import TRACKER_KINDS
+from device.tracking_config import parse_tracking
 
 REQUIRED_KEYS = ("bundle", "source")  # what `jetyolo run` needs; `jetyolo build` only the bundle
 PATH_KEYS = ("bundle", "spool_dir", "engine_cache_dir", "mqtt_ca", "mqtt_cert", "mqtt_key",
@@ -30,7 +32,7 @@ PATH_KEYS = ("bundle", "spool_dir", "engine_cache_dir", "mqtt_ca", "mqtt_cert", 
 class Rule:
     """A key's rule, derived from its ``RunConfig`` field (type from the annotation)."""
 
-    kind: type  # str, int, float, bool or list (of str)
+    kind: type  # str, int, float, bool, list (of str) or dict (a file-only section)
     help: str
     choices: Tuple[str, ...] = ()
     low: Optional[float] = None  # inclusive bounds for numbers
@@ -38,6 +40,7 @@ class Rule:
     optional: bool = True  # None allowed (means "default")
     default: Any = None
     flags: Tuple[str, ...] = ()  # extra flag spellings beside --the-key
+    check: Optional[Callable[[Any, str], Any]] = None  # a dict section's own checker
 
 
 def key(
@@ -48,9 +51,11 @@ def key(
     low: Optional[float] = None,
     high: Optional[float] = None,
     flags: Tuple[str, ...] = (),
+    check: Optional[Callable[[Any, str], Any]] = None,
 ) -> Any:
     """A ``RunConfig`` field with its rule: the one place a key is declared."""
-    rule = {"help": help, "choices": choices, "low": low, "high": high, "flags": flags}
+    rule = {"help": help, "choices": choices, "low": low, "high": high, "flags": flags,
+            "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=rule)
     return field(default=default, metadata=rule)
@@ -92,7 +97,8 @@ class RunConfig:
                                              "frames, frame order kept; threads are shared among "
                                              "them (default 1)", low=1, high=16)
     report: str = key("every", "which frames are published: every frame, frames with "
-                               "detections, or at most report_max_rate_hz per source",
+                               "detections, at most report_max_rate_hz per source, or none "
+                               "(events: only tracking events and zone counts)",
                       choices=REPORT_MODES)
     report_max_rate_hz: float = key(0.0, "frames per second per source for report: max-rate",
                                     low=0.0)
@@ -133,6 +139,12 @@ class RunConfig:
                                        "while someone watches)", low=0.1, high=30.0)
     homeassistant: bool = key(False, "publish Home Assistant MQTT discovery configs (retained)")
     homeassistant_prefix: str = key("homeassistant", "Home Assistant's MQTT discovery prefix")
+    tracker: str = key("bytetrack", "multi-object tracker per source (track_id on each "
+                                    "detection; zones and lines need it): bytetrack, botsort or "
+                                    "none", choices=TRACKER_KINDS)
+    tracking: Optional[Dict[str, Any]] = key(None, "file only: tracker settings, zones, lines "
+                                                   "and per-source overrides (docs/runtime.md, "
+                                                   "Tracking)", check=parse_tracking)
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -222,6 +234,8 @@ def check_value(key: str, value: Any, origin: str = "config") -> Any:
     if not isinstance(value, rule.kind) or (rule.kind is not bool and isinstance(value, bool)):
         raise _reject(origin, key, f"must be {rule.kind.__name__}, got {value!r} ({rule.help})")
     _check_allowed(origin, key, rule, value)
+    if rule.check is not None:
+        rule.check(value, origin)
     return value
 
 

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink", dest="sinks", action="append",
                         help=f"{FIELD_RULES['sinks'].help}; repeat for several (default stdout)")
     for key, rule in FIELD_RULES.items():
-        if key in EXPLICIT_FLAGS:
+        if key in EXPLICIT_FLAGS or rule.kind is dict:  # dict sections live in the file only
             continue
         parser.add_argument(
             "--" + key.replace("_", "-"), *rule.flags, dest=key,

@@ -10,6 +10,7 @@ as ``null``).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Protocol, Tuple
 
@@ -121,15 +122,28 @@ class ByteTracker:
         return detections[order[keep]].with_track_ids(ids[keep])
 
 
+def _missing_library(reason: str) -> JetyoloError:
+    return JetyoloError(
+        f"tracker: bytetrack needs the `trackers` package ({reason}); install jetyolo's "
+        "[device] extra (Python >= 3.10: JetPack 6 or 7), or set `tracker: none`"
+    )
+
+
+def check_tracker_available(kind: str) -> None:
+    """Fail now, not after a minutes-long engine build, when the library is missing (a look-up
+    only: importing it takes seconds)."""
+    if kind == "bytetrack":
+        for package in ("trackers", "supervision", "scipy"):
+            if importlib.util.find_spec(package) is None:
+                raise _missing_library(f"{package} is not installed")
+
+
 def _import_library() -> Tuple[Any, Any]:
     try:
         import supervision
         from trackers import ByteTrackTracker
     except ImportError as exc:
-        raise JetyoloError(
-            f"tracker: bytetrack needs the `trackers` package ({exc}); install jetyolo's "
-            "[device] extra (Python >= 3.10: JetPack 6 or 7), or set `tracker: none`"
-        ) from exc
+        raise _missing_library(str(exc)) from exc
     return ByteTrackTracker, supervision
 
 
