@@ -204,6 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="objects less visible than this are don't-care (default 0.3)")
     parser.add_argument("--min-idf1", type=float, default=0.9, help="gate (default 0.9)")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="report the figures and exit 0 below the targets too (the demo)")
 
 
 def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
@@ -246,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, report)
     failures = _gate_failures(report, args.min_idf1)
-    if failures:
+    if failures and args.no_gate:
+        print("below target (not gated): " + "; ".join(failures))
+    elif failures:
         raise JetyoloError("tracking below target: " + "; ".join(failures))
     return 0

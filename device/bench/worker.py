@@ -263,7 +263,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         "sinks": [f"jsonl:{args.work / 'detections.jsonl'}"],
         "spool_dir": str(args.work / "spool"), "stats_interval_s": 3600.0,
         # ultralytics' predict does not track: compare like with like (tracking's own cost is
-        # the bench's "tracking" section, device/bench_tracking.py)
+        # the bench's "tracking" section, device/bench/tracking.py)
         "tracker": "none",
     }
     return config_from_mapping({k: v for k, v in values.items() if v is not None}, "bench")

@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from device.bench.common import T0_ENV
+from device.bench.tracking import markdown_lines, tracking_costs
 from device.bundle import Bundle
 from device.errors import JetyoloError
 from device.files import atomic_write_bytes, atomic_write_json
@@ -414,6 +415,8 @@ def run(args: argparse.Namespace) -> int:
     }
     for bundle in bundles:
         report["bundles"].append(bench_bundle(bundle, settings, _progress))
+    _progress("bench: tracking cost at 1 and 4 sources")
+    report["tracking"] = tracking_costs((1, 4))
     report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     write_outputs(report, settings.out, args.plot or settings.out / "bench.png", args.append_md)
     return 0  # a MISS is a finding to record, not a failure of the command
@@ -428,6 +431,8 @@ def write_outputs(
         del record["samples_ms"]  # kept per run under OUT/<bundle>/raw/
     atomic_write_json(out / "bench.json", report)
     markdown = bench_report.markdown(report)
+    markdown += ("\n### tracking (device/bench/tracking.py: ByteTrack + one zone + one line per "
+                 "source, no detector)\n\n" + "\n".join(markdown_lines(report["tracking"])) + "\n")
     atomic_write_bytes(out / "bench.md", markdown.encode())
     if append_md is not None:
         with open(append_md, "a") as handle:
