@@ -76,9 +76,9 @@ class SourceTracking:
         changed = [z.snapshot() for z in regions.zones
                    if not self._announced or z.count != before[z.name]]
         self._announced = True
-        latency = dict(result.latency_ms)
-        latency[TRACK_STAGE] = (time.perf_counter() - started) * 1000.0
-        tracked = replace(result, detections=detections, latency_ms=latency)
+        # the same dict: the pipeline adds postprocess and total to it after the hooks
+        result.latency_ms[TRACK_STAGE] = (time.perf_counter() - started) * 1000.0
+        tracked = replace(result, detections=detections)
         return TrackedFrame(tracked, events, changed)
 
     def stats(self) -> Dict[str, Any]:
