@@ -42,7 +42,7 @@ from device.errors import JetyoloError
 from device.files import atomic_write_bytes, atomic_write_json
 from host.bench import report as bench_report
 from host.bench import trt as bench_trt
-from host.bench_live import PacedMjpegServer
+from host.bench.live import PacedMjpegServer
 
 log = logging.getLogger(__name__)
 

@@ -261,7 +261,7 @@ def test_the_live_camera_serves_the_video_paced(synth_video: Path) -> None:
 
     import cv2
 
-    from host.bench_live import PacedMjpegServer
+    from host.bench.live import PacedMjpegServer
 
     first = cv2.VideoCapture(str(synth_video)).read()[1]
     with PacedMjpegServer(synth_video, fps=40.0, frames=5) as camera:
