@@ -1,5 +1,4 @@
-"""Model families end to end on the CPU: YOLOv8, YOLO11 and YOLO26 (both heads); YOLO12 structure
-only (no trained fixture yet: see test_untrained_family_exports_and_calibrates).
+"""Every supported family end to end on the CPU: YOLOv8, YOLO11, YOLO12 and YOLO26 (both heads).
 
 Each case is a small model trained from its family's yaml (tests/fixtures/README.md has the
 recipes and their mAP: a model at mAP 0 would pass every check trivially), exported once per
@@ -44,6 +43,7 @@ class Case:
 CASES = [
     Case("yolov8", "synth_yolov8n.pt", "one2many", 0.3),
     Case("yolo11", "synth_yolo11n.pt", "one2many", 0.8),
+    Case("yolo12", "synth_yolo12n.pt", "one2many", 0.2),
     Case("yolo26", "synth_yolo26n.pt", "one2many", 0.3),
     Case("yolo26", "synth_yolo26n.pt", "end2end", 0.2),
 ]
@@ -197,10 +197,10 @@ def test_calibrate_and_gate(case: Case, exported: Bundle, synth_dataset: Path,
 def test_untrained_family_exports_and_calibrates(
     yaml: str, family: str, synth_dataset: Path, tmp_path: Path
 ) -> None:
-    """Structure only, until trained YOLOv8/YOLO12 fixtures exist (an untrained model detects
-    nothing, so no detection check here): the export is at tensor parity, the manifest names the
-    family, and percentile calibration of an untrained YOLO12, whose attention Softmax outputs
-    span a few float32 steps, ends with ranges instead of ``Too many bins for data range``."""
+    """Untrained models (no detection check: they detect nothing): the export is at tensor parity,
+    the manifest names the family, and percentile calibration of an untrained YOLO12, whose
+    attention Softmax outputs span a few float32 steps, ends with ranges instead of ``Too many
+    bins for data range`` (it raised that before the fix)."""
     from host._env import ultralytics_offline
     from host.calibrate import DEFAULT_RECIPE, calibrate
     from host.export import export_bundle
