@@ -76,6 +76,7 @@ demo: $(STAMP)
 	timeout 10 bash -c "until (exec 3<>/dev/tcp/127.0.0.1/$$port) 2>/dev/null; do sleep 0.1; done"; \
 	mosquitto_sub -h 127.0.0.1 -p $$port -q 1 -t 'jetyolo/#' -v > $(DEMO)/subscriber.log & sub=$$!; sleep 0.5; \
 	$(JY) run $(DEMO_BUNDLE) --source $(DEMO_VIDEO) --backend onnxruntime --device-id demo \
+	  --config docs/tracking-demo.yaml \
 	  --sink mqtt://127.0.0.1:$$port --sink jsonl:$(DEMO)/detections.jsonl --spool-dir $(DEMO)/spool \
 	  --stats-interval 1; \
 	sleep 1; \
@@ -89,6 +90,12 @@ demo: $(STAMP)
 	  'import json, sys; m = json.load(sys.stdin); d = m.pop("detections"); print(json.dumps(m)); [print(" ", x) for x in d]'
 	@$(STEP) "7b/10 operations endpoint: jetyolo run --http; /healthz, /metrics, a preview frame, the page in headless chromium"
 	$(BIN)/python -m host.http_demo $(DEMO_BUNDLE) $(DEMO_VIDEO) $(DEMO)/http
+	@$(STEP) "7c/10 tracking: events and zone counts at the broker, accuracy vs the video's object ids"
+	@echo "subscriber got $$(grep -c '/events ' $(DEMO)/subscriber.log) events" \
+	  "($$(grep -o '"event":"[a-z]*"' $(DEMO)/subscriber.log | sort | uniq -c | xargs))," \
+	  "$$(grep -c '/zones/' $(DEMO)/subscriber.log) zone counts"
+	$(JY) eval track --truth $(DEMO)/video.json --results $(DEMO)/detections.jsonl \
+	  --config docs/tracking-demo.yaml --no-gate
 	@$(STEP) "8/10 verify host vs device with polygraphy: FP32 (tensors + detections), INT8 (detections)"
 	$(JY) verify $(DEMO_BUNDLE) --backend onnxruntime --variant fp32
 	$(JY) verify $(DEMO_BUNDLE) --backend onnxruntime --variant int8-qdq

@@ -9,9 +9,7 @@ place), so a reader never sees a half-written bundle.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +17,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from device.errors import JetyoloError
+from device.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    prepare_output_dir,
+    replace_dir,
+    sha256_file,
+)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -35,37 +40,8 @@ REQUIRED_VARIANT_KEYS = ("file", "input", "outputs")
 MAPPING_KEYS = ("preprocess", "postprocess", "variants", "files")
 
 
-def sha256_file(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_entry(path: Path) -> Dict[str, Any]:
     return {"sha256": sha256_file(path), "size": path.stat().st_size}
-
-
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 @dataclass
@@ -233,46 +209,6 @@ def verify_files(root: Path, manifest: Mapping[str, Any]) -> List[str]:
     return problems
 
 
-def make_writable_dir(path: Path) -> None:
-    """Create ``path`` (and its parents) and prove this user can create files in it with a probe
-    file (``os.access`` says yes to root even on read-only mounts). Raises ``OSError``."""
-    path.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
-    os.close(fd)
-    os.unlink(probe)
-
-
-def check_output_dir(out_dir: Path, force: bool) -> None:
-    """Refuse a bad output directory before any work: a file, a non-empty folder without
-    ``force``, or a place this user cannot create files in. Writability is probed by creating and
-    removing a temp folder in the nearest existing ancestor (``os.access`` says yes to root even
-    on read-only mounts). Creates nothing."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise JetyoloError(f"output {out_dir} exists and is not a directory; choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise JetyoloError(
-            f"output {out_dir} exists and is not empty; choose another --out or pass --force"
-        )
-    existing = out_dir.resolve().parent
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is not a directory")
-        Path(tempfile.mkdtemp(prefix=".jetyolo-probe-", dir=existing)).rmdir()
-    except OSError as exc:
-        raise JetyoloError(
-            f"cannot write {out_dir}: {existing} is not writable "
-            f"({exc.strerror or exc}); choose a writable --out"
-        ) from exc
-
-
-def prepare_output_dir(out_dir: Path, force: bool) -> None:
-    """``check_output_dir``, then create the parent folders the output will be renamed into."""
-    check_output_dir(out_dir, force)
-    out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
-
-
 def write_new_bundle(
     out_dir: Union[str, Path],
     files: Mapping[str, Path],
@@ -301,19 +237,6 @@ def write_new_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Bundle(out_dir, manifest)
-
-
-def replace_dir(source: Path, target: Path) -> None:
-    """Move the finished directory ``source`` to ``target``, replacing what is there by renames
-    (the old one is moved aside first, so ``target`` is never half old and half new)."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(source, target)
 
 
 def add_files(

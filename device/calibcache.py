@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
-from device.bundle import atomic_write_bytes
 from device.errors import JetyoloError
+from device.files import atomic_write_bytes
 
 ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration")
 INT8_QMAX = 127.0

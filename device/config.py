@@ -10,13 +10,17 @@ file's folder, so a unit file can point at one config next to its bundle.
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from device.choice import BACKEND_KINDS, INT8_SOURCES, PRECISIONS
 from device.errors import JetyoloError
 from device.sinks.base import REPORT_MODES
+from device.sinks.urls import FORMS as SINK_FORMS
+from device.tracking import TRACKER_KINDS
+from device.tracking_config import parse_tracking
 
 REQUIRED_KEYS = ("bundle", "source")  # what `jetyolo run` needs; `jetyolo build` only the bundle
 PATH_KEYS = ("bundle", "spool_dir", "engine_cache_dir", "mqtt_ca", "mqtt_cert", "mqtt_key",
@@ -25,144 +29,181 @@ PATH_KEYS = ("bundle", "spool_dir", "engine_cache_dir", "mqtt_ca", "mqtt_cert", 
 
 @dataclass(frozen=True)
 class Rule:
-    kind: type  # str, int, float, bool or list (of str)
+    """A key's rule, derived from its ``RunConfig`` field (type from the annotation)."""
+
+    kind: type  # str, int, float, bool, list (of str) or dict (a file-only section)
     help: str
     choices: Tuple[str, ...] = ()
     low: Optional[float] = None  # inclusive bounds for numbers
     high: Optional[float] = None
     optional: bool = True  # None allowed (means "default")
+    default: Any = None
+    flags: Tuple[str, ...] = ()  # extra flag spellings beside --the-key
+    check: Optional[Callable[[Any, str], Any]] = None  # a dict section's own checker
 
 
-FIELD_RULES: Dict[str, Rule] = {
-    "bundle": Rule(str, "bundle folder made by `jetyolo export`", optional=False),
-    "source": Rule(str, "video file, image folder/glob, /dev/videoN, csi://N, rtsp://URL or a "
-                        "GStreamer pipeline", optional=False),
-    "backend": Rule(str, "inference backend; auto prefers TensorRT", BACKEND_KINDS,
-                    optional=False),
-    "precision": Rule(str, "TensorRT engine precision (default fp16; on TensorRT 11 fp16 from the "
-                           "bundle's fp16 graph, else fp32); ONNX Runtime runs fp32",
-                      PRECISIONS),
-    "variant": Rule(str, "bundle graph to run (fp32, uint8, nms, int8-qdq); default per backend"),
-    "int8_from": Rule(str, "INT8 engine from the calibration cache or the Q/DQ model",
-                      INT8_SOURCES),
-    "conf": Rule(float, "confidence threshold (default: the bundle's)", low=0.0, high=1.0),
-    "iou": Rule(float, "NMS IoU threshold (default: the bundle's)", low=0.0, high=1.0),
-    "max_det": Rule(int, "most detections per frame (default: the bundle's)", low=1),
-    "sinks": Rule(list, "where results go: stdout, jsonl:PATH, mqtt://, tcp://, udp://",
-                  optional=False),
-    "device_id": Rule(str, "name of this device in messages (default: the hostname)"),
-    "source_name": Rule(str, "name of the source in topics and messages (default: from the "
-                             "source: file stem, videoN, csiN, the stream's host)"),
-    "spool_dir": Rule(str, "on-disk spool for MQTT messages not yet acknowledged"),
-    "engine_cache_dir": Rule(str, "where TensorRT engines are cached (default: "
-                                  "$JETYOLO_ENGINE_CACHE, else ~/.cache/jetyolo/engines)"),
-    "workspace_mib": Rule(int, "TensorRT builder workspace in MiB (default: auto, half the free "
-                               "memory, at most 4 GiB); part of the engine's key, as `jetyolo "
-                               "build --workspace MiB`", low=16, high=65536),
-    "dla": Rule(int, "build and run the TensorRT engine on DLA core N with GPU fallback "
-                     "(Xavier, Orin AGX/NX), as `jetyolo build --dla N`", low=0, high=1),
-    "threads": Rule(int, "ONNX Runtime intra-op threads, shared by the infer_workers (default: "
-                         "one per core)", low=1, high=256),
-    "infer_workers": Rule(int, "ONNX Runtime inferences run at once on consecutive frames, "
-                               "frame order kept; threads are shared among them (default 1)",
-                          low=1, high=16),
-    "report": Rule(str, "which frames are published: every frame, frames with detections, or "
-                        "at most report_max_rate_hz per source", REPORT_MODES, optional=False),
-    "report_max_rate_hz": Rule(float, "frames per second per source for report: max-rate",
-                               low=0.0, optional=False),
-    "topic_prefix": Rule(str, "MQTT topic prefix: PREFIX/DEVICE_ID/SOURCE/detections",
-                         optional=False),
-    "mqtt_qos": Rule(int, "MQTT QoS of detection messages", low=0, high=2, optional=False),
-    "mqtt_ca": Rule(str, "CA certificate file for mqtts://"),
-    "mqtt_cert": Rule(str, "client certificate file for mqtts://"),
-    "mqtt_key": Rule(str, "client key file for mqtts://"),
-    "stats_interval_s": Rule(float, "seconds between stats messages and STATUS updates",
-                             low=0.1, optional=False),
-    "max_frames": Rule(int, "stop after this many frames (default: until the source ends)", low=1),
-    "capture_width": Rule(int, "camera capture width (V4L2/CSI)", low=1),
-    "capture_height": Rule(int, "camera capture height (V4L2/CSI)", low=1),
-    "capture_fps": Rule(int, "camera frame rate (V4L2/CSI)", low=1),
-    "rtsp_latency_ms": Rule(int, "RTSP jitter buffer on the Jetson GStreamer path", low=0,
-                            optional=False),
-    "reconnect_max_s": Rule(float, "longest wait between reconnect attempts of a live source",
-                            low=0.1, optional=False),
-    "source_timeout_s": Rule(float, "seconds a live source (camera, stream) may take to open at "
-                                    "start, retrying with the reconnect back-off; 0 fails at "
-                                    "once, inf waits forever (default: inf under systemd, "
-                                    "i.e. with NOTIFY_SOCKET set, else 0)", low=0.0),
-    "spool_max_messages": Rule(int, "most MQTT messages kept in the on-disk spool while the "
-                                    "broker is away; the oldest are dropped beyond it "
-                                    "(default 100000)", low=1),
-    "buffers": Rule(int, "input buffers in the preprocess -> infer ring", low=2, high=8,
-                    optional=False),
-    "http": Rule(str, "HTTP endpoint address (/metrics, /healthz, /api/stats, preview page), "
-                      "e.g. 127.0.0.1:8080; off when unset (docs/http.md)"),
-    "http_allow_remote": Rule(bool, "let http listen on a non-loopback address (needs "
-                                    "http_token_file or http_basic_auth_file)", optional=False),
-    "http_token_file": Rule(str, "file holding the bearer token HTTP requests must send"),
-    "http_basic_auth_file": Rule(str, "file holding one user:password line for HTTP basic auth"),
-    "http_preview_fps": Rule(float, "most preview frames per second per camera (encoded only "
-                                    "while someone watches)", low=0.1, high=30.0,
-                             optional=False),
-    "homeassistant": Rule(bool, "publish Home Assistant MQTT discovery configs (retained)",
-                          optional=False),
-    "homeassistant_prefix": Rule(str, "Home Assistant's MQTT discovery prefix", optional=False),
-}
+def key(
+    default: Any,
+    help: str,
+    *,
+    choices: Tuple[str, ...] = (),
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    flags: Tuple[str, ...] = (),
+    check: Optional[Callable[[Any, str], Any]] = None,
+) -> Any:
+    """A ``RunConfig`` field with its rule: the one place a key is declared."""
+    rule = {"help": help, "choices": choices, "low": low, "high": high, "flags": flags,
+            "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=rule)
+    return field(default=default, metadata=rule)
 
 
 @dataclass
 class RunConfig:
-    bundle: str = ""
-    source: str = ""
-    backend: str = "auto"
-    precision: Optional[str] = None
-    variant: Optional[str] = None
-    int8_from: Optional[str] = None
-    conf: Optional[float] = None
-    iou: Optional[float] = None
-    max_det: Optional[int] = None
-    sinks: List[str] = field(default_factory=lambda: ["stdout"])
-    device_id: Optional[str] = None
-    source_name: Optional[str] = None
-    spool_dir: Optional[str] = None
-    engine_cache_dir: Optional[str] = None
-    workspace_mib: Optional[int] = None
-    dla: Optional[int] = None
-    threads: Optional[int] = None
-    infer_workers: Optional[int] = None
-    report: str = "every"
-    report_max_rate_hz: float = 0.0
-    topic_prefix: str = "jetyolo"
-    mqtt_qos: int = 1
-    mqtt_ca: Optional[str] = None
-    mqtt_cert: Optional[str] = None
-    mqtt_key: Optional[str] = None
-    stats_interval_s: float = 10.0
-    max_frames: Optional[int] = None
-    capture_width: Optional[int] = None
-    capture_height: Optional[int] = None
-    capture_fps: Optional[int] = None
-    rtsp_latency_ms: int = 200
-    reconnect_max_s: float = 30.0
-    source_timeout_s: Optional[float] = None
-    spool_max_messages: Optional[int] = None
-    buffers: int = 3
-    http: Optional[str] = None
-    http_allow_remote: bool = False
-    http_token_file: Optional[str] = None
-    http_basic_auth_file: Optional[str] = None
-    http_preview_fps: float = 5.0
-    homeassistant: bool = False
-    homeassistant_prefix: str = "homeassistant"
+    bundle: str = key("", "bundle folder made by `jetyolo export`")
+    source: str = key("", "video file, image folder/glob, /dev/videoN, csi://N, rtsp://URL or a "
+                          "GStreamer pipeline")
+    backend: str = key("auto", "inference backend; auto prefers TensorRT", choices=BACKEND_KINDS)
+    precision: Optional[str] = key(None, "TensorRT engine precision (default fp16; on TensorRT 11 "
+                                         "fp16 from the bundle's fp16 graph, else fp32); ONNX "
+                                         "Runtime runs fp32", choices=PRECISIONS)
+    variant: Optional[str] = key(None, "bundle graph to run (fp32, uint8, nms, int8-qdq); "
+                                       "default per backend")
+    int8_from: Optional[str] = key(None, "INT8 engine from the calibration cache or the Q/DQ "
+                                         "model", choices=INT8_SOURCES)
+    conf: Optional[float] = key(None, "confidence threshold (default: the bundle's)",
+                                low=0.0, high=1.0)
+    iou: Optional[float] = key(None, "NMS IoU threshold (default: the bundle's)",
+                               low=0.0, high=1.0)
+    max_det: Optional[int] = key(None, "most detections per frame (default: the bundle's)", low=1)
+    sinks: List[str] = key(["stdout"], f"where results go: {SINK_FORMS}")
+    device_id: Optional[str] = key(None, "name of this device in messages (default: the "
+                                         "hostname)")
+    source_name: Optional[str] = key(None, "name of the source in topics and messages (default: "
+                                           "from the source: file stem, videoN, csiN, the "
+                                           "stream's host)")
+    spool_dir: Optional[str] = key(None, "on-disk spool for MQTT messages not yet acknowledged "
+                                         "(default: `$JETYOLO_HOME/spool`, else "
+                                         "`~/.jetyolo/spool`)")
+    engine_cache_dir: Optional[str] = key(None, "where TensorRT engines are cached (default: "
+                                                "`$JETYOLO_ENGINE_CACHE`, else "
+                                                "`$XDG_CACHE_HOME/jetyolo/engines`, else "
+                                                "`~/.cache/jetyolo/engines`)")
+    workspace_mib: Optional[int] = key(None, "TensorRT builder workspace in MiB (default: auto, "
+                                             "half the free memory, at most 4 GiB); part of the "
+                                             "engine's key, as `jetyolo build --workspace MiB`",
+                                       low=16, high=65536)
+    dla: Optional[int] = key(None, "build and run the TensorRT engine on DLA core N with GPU "
+                                   "fallback (Xavier, Orin AGX/NX), as `jetyolo build --dla N`",
+                             low=0, high=1)
+    threads: Optional[int] = key(None, "ONNX Runtime intra-op threads, shared by the "
+                                       "infer_workers (default: one per core)", low=1, high=256)
+    infer_workers: Optional[int] = key(None, "ONNX Runtime inferences run at once on consecutive "
+                                             "frames, frame order kept; threads are shared among "
+                                             "them (default 1)", low=1, high=16)
+    report: str = key("every", "which frames are published: every frame, frames with "
+                               "detections, at most report_max_rate_hz per source, or none "
+                               "(events: only tracking events and zone counts)",
+                      choices=REPORT_MODES)
+    report_max_rate_hz: float = key(0.0, "frames per second per source for report: max-rate",
+                                    low=0.0)
+    topic_prefix: str = key("jetyolo", "MQTT topic prefix: PREFIX/DEVICE_ID/SOURCE/detections")
+    mqtt_qos: int = key(1, "MQTT QoS of detection messages", low=0, high=2)
+    mqtt_ca: Optional[str] = key(None, "CA certificate file for mqtts://")
+    mqtt_cert: Optional[str] = key(None, "client certificate file for mqtts://")
+    mqtt_key: Optional[str] = key(None, "client key file for mqtts://")
+    stats_interval_s: float = key(10.0, "seconds between stats messages and STATUS updates",
+                                  low=0.1)
+    max_frames: Optional[int] = key(None, "stop after this many frames (default: until the "
+                                          "source ends)", low=1)
+    capture_width: Optional[int] = key(None, "camera capture width (V4L2/CSI)", low=1)
+    capture_height: Optional[int] = key(None, "camera capture height (V4L2/CSI)", low=1)
+    capture_fps: Optional[int] = key(None, "camera frame rate (V4L2/CSI)", low=1)
+    rtsp_latency_ms: int = key(200, "RTSP jitter buffer on the Jetson GStreamer path", low=0)
+    reconnect_max_s: float = key(30.0, "longest wait between reconnect attempts of a live "
+                                       "source", low=0.1)
+    source_timeout_s: Optional[float] = key(
+        None, "seconds a live source (camera, stream) may take to open at start, retrying with "
+              "the reconnect back-off; 0 fails at once, inf waits forever (default: inf under "
+              "systemd, i.e. with NOTIFY_SOCKET set, else 0)", low=0.0,
+        flags=("--source-timeout",))
+    spool_max_messages: Optional[int] = key(None, "most MQTT messages kept in the on-disk spool "
+                                                  "while the broker is away; the oldest are "
+                                                  "dropped beyond it (default 100000)", low=1)
+    buffers: int = key(3, "input buffers in the preprocess -> infer ring", low=2, high=8)
+    http: Optional[str] = key(None, "HTTP endpoint address (/metrics, /healthz, /api/stats, "
+                                    "preview page), e.g. 127.0.0.1:8080; off when unset "
+                                    "(docs/http.md)")
+    http_allow_remote: bool = key(False, "let http listen on a non-loopback address (needs "
+                                         "http_token_file or http_basic_auth_file)")
+    http_token_file: Optional[str] = key(None, "file holding the bearer token HTTP requests must "
+                                               "send")
+    http_basic_auth_file: Optional[str] = key(None, "file holding one user:password line for "
+                                                    "HTTP basic auth")
+    http_preview_fps: float = key(5.0, "most preview frames per second per camera (encoded only "
+                                       "while someone watches)", low=0.1, high=30.0)
+    homeassistant: bool = key(False, "publish Home Assistant MQTT discovery configs (retained)")
+    homeassistant_prefix: str = key("homeassistant", "Home Assistant's MQTT discovery prefix")
+    tracker: str = key("bytetrack", "multi-object tracker per source (track_id on each "
+                                    "detection; zones and lines need it): bytetrack, botsort or "
+                                    "none", choices=TRACKER_KINDS)
+    tracking: Optional[Dict[str, Any]] = key(None, "file only: tracker settings, zones, lines "
+                                                   "and per-source overrides (docs/runtime.md, "
+                                                   "Tracking)", check=parse_tracking)
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
-def optional_path(value: Optional[str]) -> Optional[Path]:
-    """A path-valued key (``spool_dir``, ``mqtt_ca``, ...) as a Path with ``~`` expanded; None
-    when unset."""
-    return Path(value).expanduser() if value else None
+def _kind_and_optional(hint: Any) -> Tuple[type, bool]:
+    """``Optional[int]`` -> (int, True); ``List[str]`` -> (list, False)."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) is Union and type(None) in args
+    if optional:
+        hint = next(arg for arg in args if arg is not type(None))
+    origin = typing.get_origin(hint)
+    return (origin if origin is not None else hint), optional
+
+
+def _rule(spec: Field, hint: Any) -> Rule:
+    kind, optional = _kind_and_optional(hint)
+    default = spec.default_factory() if callable(spec.default_factory) else spec.default
+    return Rule(kind=kind, optional=optional, default=default, **spec.metadata)
+
+
+FIELD_RULES: Dict[str, Rule] = {
+    spec.name: _rule(spec, hint)
+    for spec, hint in zip(fields(RunConfig), typing.get_type_hints(RunConfig).values())
+}
+
+
+def docs_table() -> str:
+    """The key table of docs/runtime.md, from the rules (a test keeps the docs equal to it)."""
+    rows = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for name, rule in FIELD_RULES.items():
+        kind = "list of str" if rule.kind is list else rule.kind.__name__
+        default = "(required)" if name in REQUIRED_KEYS else _shown(rule.default)
+        meaning = rule.help + (f". Flag: `{rule.flags[0]}`" if rule.flags else "")
+        rows.append(f"| `{name}` | {kind} | `{default}` | {_allowed(rule)} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return str(default).lower()  # as YAML writes it
+    return repr(default) if isinstance(default, list) else str(default)
+
+
+def _allowed(rule: Rule) -> str:
+    if rule.choices:
+        return ", ".join(rule.choices)
+    if rule.low is not None and rule.high is not None:
+        return f"{rule.low:g} … {rule.high:g}"
+    if rule.low is not None:
+        return f">= {rule.low:g}"
+    return ""
 
 
 def parse_flag_bool(text: str) -> bool:
@@ -174,6 +215,12 @@ def parse_flag_bool(text: str) -> bool:
     if lowered in ("false", "no", "off", "0"):
         return False
     raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def optional_path(value: Optional[str]) -> Optional[Path]:
+    """A path-valued key (``spool_dir``, ``mqtt_ca``, ...) as a Path with ``~`` expanded; None
+    when unset."""
+    return Path(value).expanduser() if value else None
 
 
 def _reject(origin: str, key: str, message: str) -> JetyoloError:
@@ -194,6 +241,8 @@ def check_value(key: str, value: Any, origin: str = "config") -> Any:
     if not isinstance(value, rule.kind) or (rule.kind is not bool and isinstance(value, bool)):
         raise _reject(origin, key, f"must be {rule.kind.__name__}, got {value!r} ({rule.help})")
     _check_allowed(origin, key, rule, value)
+    if rule.check is not None:
+        rule.check(value, origin)
     return value
 
 

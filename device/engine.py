@@ -30,7 +30,6 @@ from device.build_plan import (
     parsed_variant,
     plan_build,
 )
-from device.bundle import sha256_file
 from device.choice import MIB
 from device.engine_cache import (
     EngineKey,
@@ -43,6 +42,7 @@ from device.engine_cache import (
     write_plan,
 )
 from device.errors import JetyoloError
+from device.files import sha256_file
 
 GIB = 1 << 30
 # Workspace "auto": half of the free memory, at most 4 GiB, at least 256 MiB. TensorRT >= 8.4

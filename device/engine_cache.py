@@ -23,10 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from device.bundle import atomic_write_bytes, atomic_write_json, make_writable_dir, sha256_file
 from device.calibcache import parse_trt_version
 from device.choice import FP16_VARIANT, MIB, QDQ_VARIANT
 from device.errors import JetyoloError
+from device.files import atomic_write_bytes, atomic_write_json, make_writable_dir, sha256_file
 
 KEY_SCHEMA = 2  # bump when the build recipe changes in a way that makes old plans stale
 

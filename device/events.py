@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 
 from device.detections import FrameResult, class_label
 from device.message import SCHEMA_VERSION, MessageContext, iso_utc, topic_segment
-from device.zones import TrackEvent, Zone
+from device.zones import TrackEvent, ZoneCount
 
 EVENT_TYPE = "event"
 ZONE_TYPE = "zone"
@@ -71,7 +71,7 @@ def build_event_message(
 
 
 def build_zone_message(
-    zone: Zone, result: FrameResult, seq: int, context: MessageContext
+    zone: ZoneCount, result: FrameResult, seq: int, context: MessageContext
 ) -> Dict[str, Any]:
     """A zone's occupancy after the frame ``result``: ``count`` and ``counts`` per class label."""
     names = _names(result, context)
@@ -79,7 +79,7 @@ def build_zone_message(
     message.update({
         "zone": zone.name,
         "count": zone.count,
-        "counts": {class_label(c, names): n for c, n in sorted(zone.counts_by_class().items())},
+        "counts": {class_label(c, names): n for c, n in sorted(zone.counts_by_class.items())},
     })
     return message
 

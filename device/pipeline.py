@@ -34,6 +34,8 @@ Extension points (what later capabilities plug into; each is safe to use while `
 - ``add_frame_observer(observer)``: ``observer(image, result)`` runs on the publishing thread
   after the frame was published (latencies complete), with the captured frame; it cannot change
   the result (the HTTP endpoint's metrics and preview). Keep it cheap too.
+- ``add_stats(provider)``: ``provider() -> dict`` is merged into every stats message (tracking's
+  cumulative line counts and zone occupancy).
 - ``counters()``: a snapshot dict of live figures (frames, dropped, fps since start, per-stage
   time, queue depths, backend swaps), safe to call from any thread (an HTTP ``/metrics``).
   ``stats_message`` is the periodic message built from the same figures.
@@ -247,6 +249,7 @@ class Pipeline:
         self.stopped_by = "end of source"
         self._hooks: List[FrameHook] = []
         self._observers: List[FrameObserver] = []
+        self._stats_providers: List[Callable[[], Dict[str, Any]]] = []
         self._times = {stage: StageTime() for stage in TIMED_STAGES}
         self._stop = threading.Event()
         self._abort = threading.Event()
@@ -279,6 +282,10 @@ class Pipeline:
         """Run ``observer(image, result)`` on every frame after it was published (latencies
         complete); ``image`` is the captured frame (sources hand out a new array per frame)."""
         self._observers.append(observer)
+
+    def add_stats(self, provider: Callable[[], Dict[str, Any]]) -> None:
+        """Merge ``provider()`` (called on the publishing thread) into every stats message."""
+        self._stats_providers.append(provider)
 
     def swap_backend(self, backend: Backend, model: Optional[ModelInfo] = None) -> None:
         """Switch to ``backend`` (constructed, not activated) between two frames; see the module
@@ -395,7 +402,10 @@ class Pipeline:
         frames = self.source.frames(self._stop)
         captured = 0
         while True:
-            if self.max_frames is not None and captured >= self.max_frames:
+            # max_frames counts published frames: a file drops none, so its first max_frames
+            # captured are enough; a live source reads on until that many made it through.
+            done = self._counters.frames if self.source.live else captured
+            if self.max_frames is not None and done >= self.max_frames:
                 self.stopped_by = "max frames"
                 break
             started = time.perf_counter()
@@ -487,8 +497,9 @@ class Pipeline:
         if slot is None or self._input_spec is None:
             raise RuntimeError("frame reached inference without an input buffer")
         work.model = self.model  # the model of the backend this frame is submitted to
+        submitted_at = time.perf_counter()  # before: a synchronous backend runs in submit()
         future = self.backend.submit({self._input_spec.name: slot.buffer}, outputs)
-        return _InFlight(work, outputs, future, time.perf_counter())
+        return _InFlight(work, outputs, future, submitted_at)
 
     def _finish(self, flight: _InFlight) -> None:
         timing = flight.future.result()  # re-raises what the call raised
@@ -588,6 +599,10 @@ class Pipeline:
 
     def _publish(self, work: _Work) -> None:
         outputs = work.outputs if work.outputs is not None else {}
+        if self.max_frames is not None and self._counters.frames >= self.max_frames:
+            self._free_outputs.put(outputs)  # a live frame still in flight past max_frames
+            self._counters.dropped += 1
+            return
         geometry = work.geometry
         if geometry is None:
             raise RuntimeError("frame reached postprocess without letterbox geometry")
@@ -721,6 +736,8 @@ class Pipeline:
         readings = self.readings()
         if readings:
             message["jetson"] = readings
+        for provider in self._stats_providers:
+            message.update(provider())
         return message
 
     def summary(self) -> RunSummary:

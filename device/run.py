@@ -24,7 +24,6 @@ from device.setup import run_configured
 
 # Every config key is also a flag: ``stats_interval_s`` <-> ``--stats-interval-s``.
 EXPLICIT_FLAGS = ("bundle", "source", "sinks")
-FLAG_ALIASES = {"source_timeout_s": ("--source-timeout",)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,13 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help=FIELD_RULES["source"].help)
     parser.add_argument("--config", help="YAML file with the same keys (docs/runtime.md)")
     parser.add_argument("--sink", dest="sinks", action="append",
-                        help="stdout (default), jsonl:PATH, mqtt://HOST[:PORT], mqtts://..., "
-                             "tcp://[HOST]:PORT, udp://HOST:PORT; repeat for several")
+                        help=f"{FIELD_RULES['sinks'].help}; repeat for several (default stdout)")
     for key, rule in FIELD_RULES.items():
-        if key in EXPLICIT_FLAGS:
+        if key in EXPLICIT_FLAGS or rule.kind is dict:  # dict sections live in the file only
             continue
         parser.add_argument(
-            "--" + key.replace("_", "-"), *FLAG_ALIASES.get(key, ()), dest=key,
+            "--" + key.replace("_", "-"), *rule.flags, dest=key,
             type=parse_flag_bool if rule.kind is bool else rule.kind,
             choices=rule.choices or None, help=rule.help.replace("%", "%%"),
         )

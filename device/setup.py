@@ -1,6 +1,6 @@
 """The one place that turns a ``RunConfig`` into running objects.
 
-``jetyolo run`` (``device.run``) and the bench's pipeline child (``device.bench_worker``) call
+``jetyolo run`` (``device.run``) and the bench's pipeline child (``device.bench.worker``) call
 ``run_configured``; nothing else reads a ``RunConfig`` for running. In order::
 
     check the sink URLs and TLS files      (a --sink typo fails before any wait or build)
@@ -10,7 +10,8 @@
         backend = open the backend         (TensorRT engine loaded or built; not yet active)
         sinks   = open the sinks           (they announce the device online only now)
         pipeline = Pipeline(backend, source, ..., sinks)
-        for extension in extensions:       (tracking, an HTTP endpoint, a reload handler...)
+        attach_tracking(pipeline, ...)     (config.tracker: track ids, zones, lines, events)
+        for extension in extensions:       (an HTTP endpoint, a reload handler...)
             extension(pipeline, config, stack)
         pipeline.run()                     (SIGTERM/SIGINT drain it)
     # the stack closes sinks, backend, source: the reverse order
@@ -41,6 +42,8 @@ from device.sdnotify import Notifier
 from device.sinks import SinkOptions, check_sinks, open_checked_sinks
 from device.sources import CaptureOptions, Source, default_source_name, open_source
 from device.stats import RunSummary
+from device.tracking import check_tracker_available
+from device.tracking_stage import attach_tracking, source_tracking_config
 
 LOG = logging.getLogger(__name__)
 START_OPEN_MARGIN_S = 60.0  # FFmpeg's own connect timeouts are in the tens of seconds
@@ -168,6 +171,9 @@ def open_parts(
     bundle = Bundle.load(config.bundle)
     options = sink_options(config, bundle)
     checked = check_sinks(config.sinks, options) if sinks is None else []
+    tracking = source_tracking_config(config.tracker, config.tracking, run_source_name(config),
+                                      bundle.class_names, "config")
+    check_tracker_available(tracking.tracker)
     source = open_source(config.source, capture_options(config), start_wait_reporter(notifier))
     closer = _SourceCloser(source)
     stack.callback(closer.close)
@@ -190,9 +196,13 @@ def build_pipeline(
         stats_interval_s=config.stats_interval_s,
         notifier=notifier,
         precision=parts.backend.precision,
-        source_name=config.source_name or default_source_name(config.source),
+        source_name=run_source_name(config),
         model=model_info(config, parts.bundle),
     )
+
+
+def run_source_name(config: RunConfig) -> str:
+    return config.source_name or default_source_name(config.source)
 
 
 def run_configured(
@@ -218,6 +228,8 @@ def run_configured(
             parts.sinks = wrap_sinks(parts.sinks)
         pipeline = build_pipeline(config, parts, notifier, max_frames)
         parts.closer.pipeline = pipeline
+        attach_tracking(pipeline, config.tracker, config.tracking, parts.bundle.class_names,
+                        parts.source.live)
         for extension in extensions:
             extension(pipeline, config, stack)
         with stop_on_signals(pipeline, handle_signals):

@@ -33,8 +33,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
-from device.bundle import MANIFEST, Bundle, atomic_write_json, read_manifest
+from device.bundle import MANIFEST, Bundle, read_manifest
 from device.errors import JetyoloError
+from device.files import atomic_write_json
 
 BUNDLES = "bundles"
 ACTIVE = "active"

@@ -10,6 +10,7 @@ as ``null``).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Protocol, Tuple
 
@@ -18,7 +19,7 @@ import numpy as np
 from device.detections import Detections
 from device.errors import JetyoloError
 
-TRACKER_KINDS = ("bytetrack", "none")
+TRACKER_KINDS = ("bytetrack", "botsort", "none")
 UNCONFIRMED = -1
 
 
@@ -86,23 +87,30 @@ class Tracker(Protocol):
 
 
 class ByteTracker:
-    """``trackers.ByteTrackTracker`` behind our ``Detections``.
+    """``trackers.ByteTrackTracker`` (or, ``kind="botsort"``, ``BoTSORTTracker`` without camera
+    motion compensation or re-identification) behind our ``Detections``.
 
     ``timestamp`` (capture seconds) makes the Kalman step follow real time on live sources that
     drop frames; None steps one frame per call (files, where every frame is decoded).
     """
 
-    def __init__(self, settings: TrackerSettings) -> None:
-        byte_track, self._sv = _import_library()
+    def __init__(self, settings: TrackerSettings, kind: str = "bytetrack") -> None:
+        library, self._sv = _import_library()
         self.settings = settings
-        self._tracker = byte_track(
-            lost_track_buffer=settings.lost_track_buffer,
-            frame_rate=settings.frame_rate,
-            track_activation_threshold=settings.track_activation_threshold,
-            minimum_consecutive_frames=settings.minimum_consecutive_frames,
-            minimum_iou_threshold=settings.minimum_iou_threshold,
-            high_conf_det_threshold=settings.high_conf_det_threshold,
-        )
+        common = {
+            "lost_track_buffer": settings.lost_track_buffer,
+            "frame_rate": settings.frame_rate,
+            "track_activation_threshold": settings.track_activation_threshold,
+            "minimum_consecutive_frames": settings.minimum_consecutive_frames,
+            "high_conf_det_threshold": settings.high_conf_det_threshold,
+        }
+        if kind == "botsort":
+            self._tracker = library.BoTSORTTracker(
+                **common, minimum_iou_threshold_first_assoc=settings.minimum_iou_threshold,
+                enable_cmc=False)  # CMC needs the frame, which the publishing thread has not
+        else:
+            self._tracker = library.ByteTrackTracker(
+                **common, minimum_iou_threshold=settings.minimum_iou_threshold)
 
     def update(self, detections: Detections, timestamp: Optional[float] = None) -> Detections:
         given = self._sv.Detections(
@@ -121,22 +129,35 @@ class ByteTracker:
         return detections[order[keep]].with_track_ids(ids[keep])
 
 
+def _missing_library(reason: str) -> JetyoloError:
+    return JetyoloError(
+        f"tracking needs the `trackers` package ({reason}); install jetyolo's "
+        "[device] extra (Python >= 3.10: JetPack 6 or 7), or set `tracker: none`"
+    )
+
+
+def check_tracker_available(kind: str) -> None:
+    """Fail now, not after a minutes-long engine build, when the library is missing (a look-up
+    only: importing it takes seconds)."""
+    if kind != "none":
+        for package in ("trackers", "supervision", "scipy"):
+            if importlib.util.find_spec(package) is None:
+                raise _missing_library(f"{package} is not installed")
+
+
 def _import_library() -> Tuple[Any, Any]:
     try:
         import supervision
-        from trackers import ByteTrackTracker
+        import trackers
     except ImportError as exc:
-        raise JetyoloError(
-            f"tracker: bytetrack needs the `trackers` package ({exc}); install jetyolo's "
-            "[device] extra (Python >= 3.10: JetPack 6 or 7), or set `tracker: none`"
-        ) from exc
-    return ByteTrackTracker, supervision
+        raise _missing_library(str(exc)) from exc
+    return trackers, supervision
 
 
 def make_tracker(kind: str, settings: TrackerSettings) -> Optional[Tracker]:
     """The tracker for one source, or None for ``tracker: none``."""
     if kind == "none":
         return None
-    if kind == "bytetrack":
-        return ByteTracker(settings)
+    if kind in ("bytetrack", "botsort"):
+        return ByteTracker(settings, kind)
     raise JetyoloError(f"tracker: {kind!r} is not known; use one of {', '.join(TRACKER_KINDS)}")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from device.detections import FrameResult
-from device.tracking import Tracker
-from device.zones import RegionSpec, SourceRegions, TrackEvent, Zone, bind
+from device.tracking import Tracker, make_tracker
+from device.tracking_config import SourceTrackingConfig, parse_tracking
+from device.zones import RegionSpec, SourceRegions, TrackEvent, ZoneCount, bind, check_classes
 
 TRACK_STAGE = "track"  # its latency_ms key
 
@@ -24,7 +25,7 @@ TRACK_STAGE = "track"  # its latency_ms key
 class TrackedFrame:
     result: FrameResult  # detections with track_id
     events: List[TrackEvent] = field(default_factory=list)
-    changed_zones: List[Zone] = field(default_factory=list)
+    changed_zones: List[ZoneCount] = field(default_factory=list)
 
 
 class SourceTracking:
@@ -72,12 +73,12 @@ class SourceTracking:
         regions = self.regions(result.frame_size)
         before = regions.zone_counts()
         events = regions.update(detections, result.timestamp)
-        changed = [z for z in regions.zones
+        changed = [z.snapshot() for z in regions.zones
                    if not self._announced or z.count != before[z.name]]
         self._announced = True
-        latency = dict(result.latency_ms)
-        latency[TRACK_STAGE] = (time.perf_counter() - started) * 1000.0
-        tracked = replace(result, detections=detections, latency_ms=latency)
+        # the same dict: the pipeline adds postprocess and total to it after the hooks
+        result.latency_ms[TRACK_STAGE] = (time.perf_counter() - started) * 1000.0
+        tracked = replace(result, detections=detections)
         return TrackedFrame(tracked, events, changed)
 
     def stats(self) -> Dict[str, Any]:
@@ -87,3 +88,59 @@ class SourceTracking:
                     "zones": {s.name: 0 for s in self._specs[0]}}
         regions = self._bound[1]
         return {"lines": regions.line_counts(), "zones": regions.zone_counts()}
+
+
+def source_tracking_config(
+    tracker: str, tracking: Any, source: str, class_names: Sequence[str], origin: str
+) -> SourceTrackingConfig:
+    """What ``source`` runs, checked against the run's sources and the model's classes (what
+    can be checked before the source opens and the engine builds)."""
+    parsed = parse_tracking(tracking, origin)
+    parsed.check_sources((source,), f"{origin}: tracking")
+    mine = parsed.for_source(tracker, source, f"{origin}: tracking")
+    check_classes(mine.zones + mine.lines, class_names, f"{origin}: tracking")
+    return mine
+
+
+class TrackingPipeline(Protocol):
+    """What ``attach_tracking`` needs of ``device.pipeline.Pipeline``."""
+
+    source_name: str
+    sinks: Any
+
+    def add_frame_hook(self, hook: Callable[[FrameResult], FrameResult]) -> None: ...
+
+    def add_stats(self, provider: Callable[[], Dict[str, Any]]) -> None: ...
+
+
+def attach_tracking(
+    pipeline: TrackingPipeline,
+    tracker: str,
+    tracking: Any,
+    class_names: Sequence[str],
+    live: bool,
+    origin: str = "config",
+) -> Optional[SourceTracking]:
+    """Add the tracking step of the pipeline's source (its frame hook, its stats), or None when
+    that source does not track. Everything wrong is a JetyoloError before the first frame."""
+    source = pipeline.source_name
+    mine = source_tracking_config(tracker, tracking, source, class_names, origin)
+    made = make_tracker(mine.tracker, mine.settings)
+    if made is None:
+        return None
+    settings = mine.settings
+    stage = SourceTracking(made, source, mine.zones, mine.lines, class_names, live,
+                           absent_frames=round(settings.lost_track_buffer * settings.frame_rate
+                                               / 30.0), origin=f"{origin}: tracking")
+    # Sinks without publish_events (a test's collector) still get the tracked detections.
+    publish_events = getattr(pipeline.sinks, "publish_events", None)
+
+    def hook(result: FrameResult) -> FrameResult:
+        tracked = stage.process(result)
+        if publish_events is not None:
+            publish_events(tracked)
+        return tracked.result
+
+    pipeline.add_frame_hook(hook)
+    pipeline.add_stats(lambda: {"tracking": {source: stage.stats()}})
+    return stage

@@ -21,7 +21,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -31,23 +30,19 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from device.backends import Backend, open_chosen
-from device.bundle import Bundle, atomic_write_json
+from device.bundle import Bundle
 from device.choice import BACKEND_KINDS, INT8_SOURCES, PRECISIONS, QDQ_VARIANT, BackendChoice
-from device.detections import Detections
 from device.errors import JetyoloError
+from device.files import atomic_write_json
 from device.matching import ImageAgreement, compare_image, map_vs_reference
-from device.postprocess import END2END_OUTPUTS, PostprocessConfig, postprocess
-from device.preprocess import Letterbox
+from device.postprocess import END2END_OUTPUTS
+from device.reference import (
+    Reference,
+    decode,
+    load_reference,
+)
 
 log = logging.getLogger(__name__)
-
-REFERENCE_INPUTS = "reference/inputs.json"
-REFERENCE_OUTPUTS = "reference/outputs.json"
-REFERENCE_DETECTIONS = "reference/detections.json"
-REFERENCE_FILES = (REFERENCE_INPUTS, REFERENCE_OUTPUTS, REFERENCE_DETECTIONS)
-# Both sides are decoded down to this score so a box near ``conf`` that moves a little is a score
-# delta, not a missing box (see device.matching). Deltas up to conf - FLOOR_CONF are handled.
-FLOOR_CONF = 0.05
 
 
 # ---- gates ---------------------------------------------------------------------------------------
@@ -114,119 +109,6 @@ def gates_for(precision: str, overrides: Optional[Mapping[str, Any]] = None) -> 
 
 def tolerance(table: Mapping[str, float], output: str) -> float:
     return float(table.get(output, table.get("", 0.0)))
-
-
-# ---- reference -----------------------------------------------------------------------------------
-@dataclass
-class ReferenceImage:
-    name: str
-    geometry: Letterbox
-    detections: Detections  # frame pixels, down to the reference's floor score
-
-
-@dataclass
-class Reference:
-    section: Dict[str, Any]
-    inputs: List[Dict[str, np.ndarray]]
-    outputs: Any  # polygraphy RunResults with one runner
-    images: List[ReferenceImage]
-    conf: float
-    postprocess: PostprocessConfig
-
-
-def detection_records(frame: Detections, geometry: Letterbox, names: List[str]) -> List[Dict]:
-    """JSON records of one image: frame-pixel and input-pixel boxes at full float precision."""
-    input_boxes = geometry.to_input(frame.xyxy) if len(frame) else frame.xyxy
-    return [
-        {
-            "class_id": int(cls),
-            "label": names[int(cls)] if int(cls) < len(names) else str(int(cls)),
-            "score": float(score),
-            "box": [float(v) for v in box],
-            "box_input": [float(v) for v in box_in],
-        }
-        for box, box_in, score, cls in zip(
-            frame.xyxy, input_boxes, frame.confidence, frame.class_id
-        )
-    ]
-
-
-def geometry_record(geometry: Letterbox) -> Dict[str, Any]:
-    return {
-        "frame_size": list(geometry.frame_size), "input_size": list(geometry.input_size),
-        "scale": geometry.scale, "resized": list(geometry.resized),
-        "pad_left": geometry.pad_left, "pad_top": geometry.pad_top,
-    }
-
-
-def detections_from_records(records: List[Dict]) -> Detections:
-    if not records:
-        return Detections.empty()
-    return Detections(
-        np.array([r["box"] for r in records], np.float32),
-        np.array([r["score"] for r in records], np.float32),
-        np.array([r["class_id"] for r in records], np.int32),
-    )
-
-
-def decode(outputs: Mapping[str, np.ndarray], geometry: Letterbox, config: PostprocessConfig,
-           floor: float = FLOOR_CONF) -> Detections:
-    """Post-process one image's outputs like the runtime, keeping scores down to ``floor``."""
-    low = PostprocessConfig(conf=min(floor, config.conf), iou=config.iou, max_det=config.max_det)
-    return postprocess(outputs, geometry, low)
-
-
-def _size(values: Sequence[int]) -> Tuple[int, int]:
-    width, height = values
-    return int(width), int(height)
-
-
-def load_reference(bundle: Bundle) -> Reference:
-    """The reference the host recorded (hashes already checked by ``Bundle.load``)."""
-    from polygraphy.comparator import RunResults
-    from polygraphy.json import load_json
-    from polygraphy.logger import G_LOGGER
-
-    section = bundle.manifest.get("reference")
-    if not section:
-        raise JetyoloError(
-            f"bundle {bundle.root} has no reference data; record it on the host with "
-            f"`jetyolo reference {bundle.root} --images DIR`"
-        )
-    missing = [name for name in REFERENCE_FILES if name not in bundle.manifest["files"]]
-    if missing:
-        raise JetyoloError(
-            f"bundle {bundle.root}: the manifest lists no hash for {missing[0]}; re-run "
-            f"`jetyolo reference` on the host so every reference file is hashed"
-        )
-    recorded, current = section.get("model_sha256"), bundle.model_sha256(section["variant"])
-    if recorded != current:
-        raise JetyoloError(
-            f"bundle {bundle.root}: the reference was recorded for model sha256 "
-            f"{str(recorded)[:12]}, the bundle's {section['variant']} model is {current[:12]}; "
-            "re-run `jetyolo reference` after changing the model"
-        )
-    data = json.loads(bundle.path(REFERENCE_DETECTIONS).read_text())
-    images = [
-        ReferenceImage(
-            image["name"],
-            Letterbox.fit(_size(image["geometry"]["frame_size"]), bundle.input_size),
-            detections_from_records(image["detections"]),
-        )
-        for image in data["images"]
-    ]
-    post = PostprocessConfig(**data["postprocess"])
-    with G_LOGGER.verbosity(G_LOGGER.WARNING):
-        inputs = load_json(str(bundle.path(REFERENCE_INPUTS)), description="reference inputs")
-        outputs = RunResults.load(str(bundle.path(REFERENCE_OUTPUTS)))
-    return Reference(
-        section=dict(section),
-        inputs=list(inputs),
-        outputs=outputs,
-        images=images,
-        conf=float(data["conf"]),
-        postprocess=post,
-    )
 
 
 # ---- runners -------------------------------------------------------------------------------------

@@ -45,6 +45,15 @@ class TrackEvent:
     entered_at: Optional[float] = None  # for leave: capture time of the enter
 
 
+@dataclass(frozen=True)
+class ZoneCount:
+    """A zone's occupancy at one frame (a copy: the zone itself moves on)."""
+
+    name: str
+    count: int
+    counts_by_class: Dict[int, int]
+
+
 # ---- config values: checked without the frame or the model ---------------------------------
 @dataclass(frozen=True)
 class RegionSpec:
@@ -294,6 +303,9 @@ class Zone:
         for class_id, _ in self.inside.values():
             counts[class_id] = counts.get(class_id, 0) + 1
         return counts
+
+    def snapshot(self) -> ZoneCount:
+        return ZoneCount(self.name, self.count, self.counts_by_class())
 
     def update(self, detections: Detections, timestamp: float) -> List[TrackEvent]:
         hits = self.trigger(detections)

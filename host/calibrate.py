@@ -25,8 +25,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from device import calibcache
-from device.bundle import Bundle, add_files, atomic_write_json
+from device.bundle import Bundle, add_files
 from device.errors import JetyoloError
+from device.files import atomic_write_json
 from device.postprocess import END2END_OUTPUTS, SPLIT_HEAD_OUTPUTS
 from host import quantize
 from host._env import installed_versions

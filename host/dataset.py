@@ -25,8 +25,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from device.bundle import atomic_write_bytes
 from device.errors import JetyoloError
+from device.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from device.bundle import (
-    SCHEMA_VERSION,
-    Bundle,
-    check_output_dir,
-    replace_dir,
-    sha256_file,
-    write_new_bundle,
-)
+from device.bundle import SCHEMA_VERSION, Bundle, write_new_bundle
 from device.errors import JetyoloError
+from device.files import check_output_dir, replace_dir, sha256_file
 from device.postprocess import PostprocessConfig
 from device.preprocess import FRAME_INPUT
 from host import parity, surgeon

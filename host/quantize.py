@@ -22,8 +22,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import cv2
 import numpy as np
 
-from device.bundle import sha256_file
 from device.errors import JetyoloError
+from device.files import sha256_file
 from device.preprocess import Preprocessor
 from host._env import require
 from host.surgeon import load_onnx

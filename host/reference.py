@@ -23,12 +23,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from device.bundle import Bundle, add_files, atomic_write_json, sha256_file
+from device.bundle import Bundle, add_files
 from device.errors import JetyoloError
+from device.files import atomic_write_json, sha256_file
 from device.postprocess import PostprocessConfig
 from device.preprocess import Letterbox, Preprocessor
-from device.sources import IMAGE_SUFFIXES  # what `jetyolo run` reads as images
-from device.verify import (
+from device.reference import (
     FLOOR_CONF,
     REFERENCE_DETECTIONS,
     REFERENCE_INPUTS,
@@ -37,6 +37,7 @@ from device.verify import (
     detection_records,
     geometry_record,
 )
+from device.sources import IMAGE_SUFFIXES  # what `jetyolo run` reads as images
 from host._env import require
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def preprocess_images(
     """One feed dict per image (a copy of the preprocess buffer) and its letterbox geometry."""
     spec = bundle.variant(variant)["input"]
     preprocessor = Preprocessor(bundle.input_size, spec["dtype"])
-    if list(preprocessor.buffer.shape) != list(spec["shape"]):
+    batch = int(spec["shape"][0]) if spec["shape"] else 0
+    if batch < 1 or list(preprocessor.buffer.shape[1:]) != list(spec["shape"][1:]):
         raise JetyoloError(
             f"variant {variant!r} input {spec['shape']} is not what the preprocessing makes "
             f"({list(preprocessor.buffer.shape)}); record the reference on the fp32 variant"
@@ -99,7 +101,8 @@ def preprocess_images(
     feeds, geometries = [], []
     for path in paths:
         geometries.append(preprocessor(_read(path)))
-        feeds.append({spec["name"]: preprocessor.buffer.copy()})
+        # a batch-N graph (export --batch N) gets the image N times; entry 0 is the reference
+        feeds.append({spec["name"]: np.repeat(preprocessor.buffer, batch, axis=0)})
     return feeds, geometries
 
 

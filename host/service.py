@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from device.bundle import Bundle, sha256_file
+from device.bundle import Bundle
 from device.errors import JetyoloError
+from device.files import sha256_file
 
 LOG = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import cv2
 import numpy as np
 import yaml
 
-from device.bundle import atomic_write_json, prepare_output_dir
 from device.errors import JetyoloError
+from device.files import atomic_write_json, prepare_output_dir
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,12 @@ from typing import Any, DefaultDict, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from device.bundle import atomic_write_json
 from device.config import read_config_file
 from device.errors import JetyoloError
+from device.files import atomic_write_json
 from device.matching import box_iou
-from device.zones import RegionSpec, parse_lines
+from device.tracking_config import parse_tracking
+from device.zones import RegionSpec
 
 Counts = Dict[str, Dict[str, int]]  # line -> {"in": n, "out": n}
 
@@ -82,6 +83,8 @@ def load_results(path: Path, source: Optional[str] = None) -> Tracked:
             message = json.loads(line)
         except ValueError as exc:
             raise JetyoloError(f"{path}:{number}: not JSON ({exc})") from exc
+        if isinstance(message, dict) and "topic" in message and "payload" in message:
+            message = message["payload"]  # the jsonl sink's {"topic", "payload"} lines
         if not isinstance(message, dict) or (source and message.get("source") != source):
             continue
         if message.get("type") == "detections":
@@ -194,12 +197,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, required=True,
                         help="jsonl file of `jetyolo run --sink jsonl:PATH` with tracking on")
     parser.add_argument("--config", type=Path,
-                        help="the run's config file: its `lines` are counted in the truth too")
+                        help="the run's config file: its `tracking: lines` are counted in the "
+                             "truth too")
     parser.add_argument("--source", help="source name in the results (default: every message)")
     parser.add_argument("--min-visible", type=float, default=0.3,
                         help="objects less visible than this are don't-care (default 0.3)")
     parser.add_argument("--min-idf1", type=float, default=0.9, help="gate (default 0.9)")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="report the figures and exit 0 below the targets too (the demo)")
 
 
 def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
@@ -209,7 +215,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     tracked = load_results(args.results, args.source)
     lines: Sequence[RegionSpec] = ()
     if args.config:
-        lines = parse_lines(read_config_file(args.config).get("lines"), str(args.config))
+        tracking = read_config_file(args.config).get("tracking") or {}
+        lines = parse_tracking(tracking, str(args.config)).lines
     metrics = mot_metrics(truth, tracked, args.min_visible)
     expected = truth_crossings(truth, lines)
     counted = {name: tracked.crossings.get(name, {"in": 0, "out": 0}) for name in expected}
@@ -241,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, report)
     failures = _gate_failures(report, args.min_idf1)
-    if failures:
+    if failures and args.no_gate:
+        print("below target (not gated): " + "; ".join(failures))
+    elif failures:
         raise JetyoloError("tracking below target: " + "; ".join(failures))
     return 0

@@ -14,13 +14,15 @@ import importlib
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 from device.backends.base import Backend, TensorSpec
-from device.bundle import Bundle
 from device.choice import BACKEND_KINDS, PRECISIONS, BackendChoice
 from device.errors import JetyoloError
 from device.preprocess import FRAME_INPUT
+
+if TYPE_CHECKING:  # the pipeline imports Backend from here without loading bundle code
+    from device.bundle import Bundle
 
 LOG = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from device.backends.tensorrt_util import cuda_init, import_pycuda, import_tensorrt, trt_logger
 from device.build_plan import BuildPlan, LayerRecord
-from device.bundle import atomic_write_bytes
 from device.engine import DeviceFacts, TensorRTOps
 from device.errors import JetyoloError
+from device.files import atomic_write_bytes
 from device.l4t import parse_meminfo, read_l4t_release
 
 HEARTBEAT_SECONDS = 30.0

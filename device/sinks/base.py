@@ -23,7 +23,8 @@ from device.errors import JetyoloError
 
 logger = logging.getLogger(__name__)
 
-REPORT_MODES = ("every", "non-empty", "max-rate")
+# "events": no detections messages, only tracking events and zone counts (low-bandwidth links)
+REPORT_MODES = ("every", "non-empty", "max-rate", "events")
 _TOPIC_LEVEL = re.compile(r"^[^/+#\s]+$")
 _TOPIC_PREFIX = re.compile(r"^[^+#\s]+$")
 
@@ -52,7 +53,7 @@ class SinkOptions:
     model_id: str = ""
     spool_dir: Path = field(default_factory=default_spool_dir)
     spool_max_messages: int = 100_000
-    report: str = "every"  # "every" | "non-empty" | "max-rate"
+    report: str = "every"  # "every" | "non-empty" | "max-rate" | "events"
     max_rate_hz: float = 0.0  # frames per second per source, for report="max-rate"
     mqtt_ca: Optional[Path] = None
     mqtt_cert: Optional[Path] = None
@@ -129,6 +130,12 @@ class Sink:
 
     idle_wait_s = 0.05  # how long the thread waits for a message before it looks at its state
     handles_availability = False  # True: the sink publishes online/offline itself (MQTT will)
+
+    @classmethod
+    def from_url(cls, url: Any, options: SinkOptions, spool_path: Path) -> Sink:
+        """The sink for a parsed ``SinkUrl`` (``device.sinks.urls.SINK_KINDS`` names the class
+        for each scheme). Most sinks need only the URL and the options."""
+        return cls(url, options)  # type: ignore[arg-type]
 
     def __init__(self, name: str, queue_size: int) -> None:
         self.name = name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import IO, List, Optional
 
 from device.errors import JetyoloError
@@ -49,6 +50,10 @@ class JsonlSink(Sink):
 
 class StdoutSink(Sink):
     """Prints envelope lines; logs go to stderr, so stdout stays machine-readable."""
+
+    @classmethod
+    def from_url(cls, url: SinkUrl, options: SinkOptions, spool_path: Path) -> Sink:
+        return cls(url.name, options.queue_size)
 
     def write(self, messages: List[Outgoing]) -> None:
         text = b"".join(message.envelope_line() for message in messages).decode("utf-8")

@@ -98,6 +98,10 @@ def describe_connect_failure(host: str, port: int, context: Optional[ssl.SSLCont
 class MqttSink(Sink):
     handles_availability = True
 
+    @classmethod
+    def from_url(cls, url: SinkUrl, options: SinkOptions, spool_path: Path) -> Sink:
+        return cls(url, options, spool_path)
+
     def __init__(self, url: SinkUrl, options: SinkOptions, spool_path: Path) -> None:
         super().__init__(url.name, options.queue_size)
         self._url = url

@@ -7,15 +7,17 @@ it on every sink's own queue. Each sink sends from its own thread.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from device.detections import FrameResult
 from device.errors import JetyoloError
+from device.events import build_event_message, build_zone_message, events_topic, zone_topic
 from device.message import (
     available_topic,
     build_frame_message,
@@ -25,14 +27,14 @@ from device.message import (
     stats_topic,
 )
 from device.sinks.base import Outgoing, Sink, SinkOptions
-from device.sinks.files import JsonlSink, StdoutSink
-from device.sinks.sockets import TcpServerSink, UdpSink
 from device.sinks.spool import SeqCounter, SpoolLock, prepare_spool_dir
-from device.sinks.urls import SinkUrl, parse_sink_url
+from device.sinks.urls import KIND_BY_NAME, SinkUrl, parse_sink_url
+from device.tracking_stage import TrackedFrame
 
 logger = logging.getLogger(__name__)
 
-_Item = Tuple[str, Any, float]  # ("frame", FrameResult, 0) or ("stats", dict, wall time)
+# ("frame", FrameResult, 0), ("stats", dict, wall time) or ("events", TrackedFrame, 0)
+_Item = Tuple[str, Any, float]
 
 
 class ReportPolicy:
@@ -52,6 +54,8 @@ class ReportPolicy:
     def should_report(self, result: FrameResult) -> bool:
         if self.mode == "every":
             return True
+        if self.mode == "events":
+            return False
         with self._lock:
             if self.mode == "non-empty":
                 has_detections = len(result.detections) > 0
@@ -96,6 +100,12 @@ class SinkSet:
             self.frames_skipped += 1
             return
         self._put(("frame", result, 0.0))
+
+    def publish_events(self, tracked: TrackedFrame) -> None:
+        """Send a frame's tracking events and changed zone counts (in every report mode).
+        Never blocks, like ``publish_frame``."""
+        if not self._closed and (tracked.events or tracked.changed_zones):
+            self._put(("events", tracked, 0.0))
 
     def publish_stats(self, stats: Mapping[str, Any]) -> None:
         """Send a stats message; the sinks' ``depths()`` are added as ``sinks``."""
@@ -142,13 +152,15 @@ class SinkSet:
                     return
                 continue
             try:
-                message = self._build(item)
+                messages = self._build_events(item[1]) if item[0] == "events" else [
+                    self._build(item)]
             except Exception:
                 self.build_errors += 1
                 logger.exception("could not build a %s message", item[0])
                 continue
-            for sink in self.sinks:
-                sink.submit(message)
+            for message in messages:
+                for sink in self.sinks:
+                    sink.submit(message)
             if item[0] == "frame":
                 self.frames_reported += 1  # after the fan-out: then every sink has it queued
 
@@ -165,6 +177,20 @@ class SinkSet:
             self.last_stats = body  # one assignment: readers on other threads see old or new
             topic = stats_topic(options.prefix, options.device_id)
         return Outgoing(topic, encode(body), seq)
+
+    def _build_events(self, tracked: TrackedFrame) -> List[Outgoing]:
+        """One message per event, then one retained count per changed zone, each its own seq."""
+        options, result = self.options, tracked.result
+        messages = []
+        for event in tracked.events:
+            body = build_event_message(event, result, self._seq.next(), options)
+            topic = events_topic(options.prefix, options.device_id, result.source)
+            messages.append(Outgoing(topic, encode(body), body["seq"]))
+        for zone in tracked.changed_zones:
+            body = build_zone_message(zone, result, self._seq.next(), options)
+            topic = zone_topic(options.prefix, options.device_id, result.source, zone.name)
+            messages.append(Outgoing(topic, encode(body), body["seq"], retain=True))
+        return messages
 
     # ---- shutdown ----------------------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
@@ -197,17 +223,10 @@ class SinkSet:
 
 
 def _open_sink(url: SinkUrl, options: SinkOptions, spool_path: Path) -> Sink:
-    if url.kind == "mqtt":
-        from device.sinks.mqtt import MqttSink  # paho is imported only when MQTT is used
-
-        return MqttSink(url, options, spool_path)
-    if url.kind == "tcp":
-        return TcpServerSink(url, options)
-    if url.kind == "udp":
-        return UdpSink(url, options)
-    if url.kind == "jsonl":
-        return JsonlSink(url, options)
-    return StdoutSink(url.name, options.queue_size)
+    """The class ``SINK_KINDS`` names for ``url.kind``, imported now (paho only with MQTT)."""
+    module, name = KIND_BY_NAME[url.kind].opener.split(":")
+    sink_class: Type[Sink] = getattr(importlib.import_module(module), name)
+    return sink_class.from_url(url, options, spool_path)
 
 
 def _check_urls(parsed: Sequence[SinkUrl], options: SinkOptions) -> None:

@@ -44,7 +44,8 @@ class TcpServerSink(Sink):
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._server, selectors.EVENT_READ)
         self._backlogs: Dict[socket.socket, bytearray] = {}
-        self._state_line = b""  # the last retained message (availability), sent to new clients
+        # the last retained message per topic (availability, zone counts), sent to new clients
+        self._retained: Dict[str, bytes] = {}
         if not _is_loopback(self.address[0]):
             logger.warning("%s: streaming detections to anyone who can reach this address "
                            "(no authentication); bind 127.0.0.1 unless that is intended", self.name)
@@ -87,7 +88,7 @@ class TcpServerSink(Sink):
         data = b"".join(message.envelope_line() for message in messages)
         for message in messages:
             if message.retain:
-                self._state_line = message.envelope_line()
+                self._retained[message.topic] = message.envelope_line()
         for client, backlog in list(self._backlogs.items()):
             backlog += data
             if len(backlog) > MAX_CLIENT_BACKLOG:
@@ -115,7 +116,7 @@ class TcpServerSink(Sink):
             return
         client.setblocking(False)
         self._selector.register(client, selectors.EVENT_READ)
-        self._backlogs[client] = bytearray(self._state_line)
+        self._backlogs[client] = bytearray(b"".join(self._retained.values()))
         logger.info("%s: client %s:%s connected", self.name, peer[0], peer[1])
 
     def _read(self, client: socket.socket) -> None:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, List, Optional, Sequence
 
-from device.bundle import make_writable_dir
 from device.errors import JetyoloError
+from device.files import make_writable_dir
 from device.message import message_time
 from device.sinks.base import Outgoing
 

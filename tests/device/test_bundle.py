@@ -10,8 +10,9 @@ from typing import Any, Callable, Dict
 
 import pytest
 
-from device.bundle import Bundle, check_schema, sha256_file
+from device.bundle import Bundle, check_schema
 from device.errors import JetyoloError
+from device.files import sha256_file
 
 MODEL = b"not really onnx"
 

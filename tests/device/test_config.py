@@ -71,10 +71,24 @@ def test_missing_source_names_the_flag() -> None:
         config_from_mapping({"bundle": "/b"}, origin="flags")
 
 
-def test_every_key_has_a_rule_and_a_default() -> None:
+def test_every_key_has_a_rule_derived_from_its_one_declaration() -> None:
     assert list(FIELD_RULES) == list(RunConfig.__dataclass_fields__)
     assert all(rule.help for rule in FIELD_RULES.values())
     assert FIELD_RULES["report"].choices == REPORT_MODES
+    # type and optionality come from the annotation, the default from the field
+    assert (FIELD_RULES["conf"].kind, FIELD_RULES["conf"].optional) == (float, True)
+    assert (FIELD_RULES["buffers"].kind, FIELD_RULES["buffers"].optional) == (int, False)
+    assert (FIELD_RULES["sinks"].kind, FIELD_RULES["sinks"].default) == (list, ["stdout"])
+    assert RunConfig().sinks == ["stdout"] and RunConfig().sinks is not RunConfig().sinks
+
+
+def test_the_docs_table_is_the_one_the_rules_make() -> None:
+    from device.config import docs_table
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "runtime.md").read_text()
+    assert docs_table() in docs, "docs/runtime.md's key table is stale: paste docs_table()"
+    assert "| `buffers` | int | `3` | 2 … 8 |" in docs_table()
+    assert "| `buffers` | int | `4` |" not in docs_table()
 
 
 def write(path: Path, text: str) -> Path:
@@ -137,7 +151,9 @@ def test_every_key_is_also_a_flag() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     destinations = {action.dest for action in parser._actions}
-    assert set(FIELD_RULES) <= destinations
+    file_only = {key for key, rule in FIELD_RULES.items() if rule.kind is dict}
+    assert file_only == {"tracking"} and not file_only & destinations
+    assert set(FIELD_RULES) - file_only <= destinations
     args = parser.parse_args(["b", "--source", "s", "--stats-interval-s", "2", "--buffers", "4"])
     assert (args.stats_interval_s, args.buffers, args.sinks) == (2.0, 4, None)
 

@@ -125,7 +125,7 @@ def test_failed_write_leaves_old_files_and_no_partials(cached, monkeypatch):
     def broken_fsync(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("device.bundle.os.fsync", broken_fsync)
+    monkeypatch.setattr("device.files.os.fsync", broken_fsync)
     with pytest.raises(OSError):
         write_plan(cached, b"new plan", dataclasses.replace(KEY, trt_version="10.13.0"))
     after = {path.name: path.read_bytes() for path in cached.parent.iterdir()}

@@ -78,7 +78,7 @@ def test_zone_message_counts_by_label(options: SinkOptions) -> None:
     zone = Zone("door", np.array([[0, 0], [100, 0], [100, 100], [0, 100]], float), None, "center")
     zone.update(Detections([[10, 10, 20, 20], [30, 30, 40, 40], [50, 50, 60, 60]], [0.9] * 3,
                            [1, 1, 0], track_id=[1, 2, 3]), NOW)
-    message = build_zone_message(zone, frame(), 3, options)
+    message = build_zone_message(zone.snapshot(), frame(), 3, options)
     assert (message["count"], message["counts"]) == (3, {"car": 1, "person": 2})
     assert errors(message) == []
     message["count"] = -1

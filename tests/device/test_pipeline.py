@@ -510,3 +510,13 @@ def test_frames_carry_the_model_whose_backend_inferred_them() -> None:
     assert models == ["a@1"] * switch + ["b@2"] * (30 - switch)
     assert switch >= 10 and new.calls == 30 - switch
     assert sink.results[-1].class_names == ("truck",)
+
+
+def test_max_frames_counts_published_frames_on_a_live_source_too() -> None:
+    """A live source drops frames when behind: it reads on until max_frames were published,
+    and frames still in flight past that are not published."""
+    source = FakeSource(500, live=True, interval_s=0.002)
+    sink = CollectingSink()
+    summary = make_pipeline(source, EchoBackend(delay_s=0.02), sink, max_frames=6).run()
+    assert len(sink.results) == summary.frames == 6 and summary.stopped_by == "max frames"
+    assert summary.dropped > 0 and source.captured > 6

@@ -109,3 +109,27 @@ def test_report_max_rate_per_source(make_result: Callable[..., FrameResult]) -> 
     assert _reported(policy, frames) == [0, 3, 6, 9]
     other = [make_result(i, source="cam1", fps=30.0) for i in range(4)]
     assert _reported(policy, other) == [0, 3]  # a second source has its own budget
+
+
+def test_one_table_of_sink_kinds_parses_opens_and_documents() -> None:
+    import argparse
+    import importlib
+
+    from device.run import add_arguments
+    from device.sinks.base import Sink
+    from device.sinks.urls import FORMS, SINK_KINDS
+
+    examples = {"stdout": "stdout", "jsonl": "jsonl:x.jsonl", "mqtt": "mqtts://broker",
+                "tcp": "tcp://:7070", "udp": "udp://127.0.0.1:9999"}
+    assert sorted(examples) == sorted(kind.kind for kind in SINK_KINDS)
+    for kind in SINK_KINDS:
+        assert parse_sink_url(examples[kind.kind]).kind == kind.kind
+        module, name = kind.opener.split(":")
+        opener = getattr(importlib.import_module(module), name)
+        assert issubclass(opener, Sink)
+        assert all(form in FORMS for form in kind.forms)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert "udp://HOST:PORT" in parser.format_help().replace("\n", " ").replace("  ", " ")
+    with pytest.raises(JetyoloError, match="expected one of stdout, jsonl:PATH, mqtt://"):
+        parse_sink_url("ftp://x")

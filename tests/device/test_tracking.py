@@ -23,8 +23,9 @@ def _crossing_paths(frames: int = 60) -> List[List[tuple]]:
     return [[(20 + 5 * f, 100 + 1 * f), (320 - 5 * f, 190 - 1 * f)] for f in range(frames)]
 
 
-def test_ids_stay_with_their_objects_through_a_crossing() -> None:
-    tracker = ByteTracker(TrackerSettings(minimum_consecutive_frames=1))
+@pytest.mark.parametrize("kind", ["bytetrack", "botsort"])
+def test_ids_stay_with_their_objects_through_a_crossing(kind: str) -> None:
+    tracker = ByteTracker(TrackerSettings(minimum_consecutive_frames=1), kind)
     ids_of: Dict[int, set] = {0: set(), 1: set()}
     for index, centres in enumerate(_crossing_paths()):
         tracked = tracker.update(_frame(centres))
@@ -67,6 +68,7 @@ def test_confidence_order_and_every_detection_kept() -> None:
 def test_tracker_none_is_no_tracker() -> None:
     assert make_tracker("none", TrackerSettings()) is None
     assert isinstance(make_tracker("bytetrack", TrackerSettings()), ByteTracker)
+    assert isinstance(make_tracker("botsort", TrackerSettings()), ByteTracker)
     with pytest.raises(JetyoloError, match="not known"):
         make_tracker("sort", TrackerSettings())
 

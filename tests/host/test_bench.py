@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from device.errors import JetyoloError
-from host import bench, bench_report, bench_trt
+from host import bench
+from host.bench import report as bench_report
+from host.bench import trt as bench_trt
 
 
 def summary(**overrides: Dict[str, float]) -> Dict[str, Dict[str, Any]]:
@@ -191,6 +193,7 @@ def test_bench_writes_json_markdown_and_plot(
     assert pipeline["peak_rss_mib"] > 0 and pipeline["cold_start_s"] > 0
     assert pipeline["prepost_cpu_ms_per_frame"] > 0
     assert record["contenders"]["ceiling"]["latency_ms"]["infer"]["p50"] > 0
+    assert pipeline["latency_ms"]["infer"]["p50"] > 0  # measured around the call, not after it
     assert [t["status"] for t in record["targets"]][1:] == ["n/a"] * 4
     for contender in ("ceiling", "pipeline"):  # device children load no torch/ultralytics/host
         raw = json.loads((out / bundle_dir.name / "raw" / f"{contender}-1.json").read_text())
@@ -198,6 +201,7 @@ def test_bench_writes_json_markdown_and_plot(
     text = md.read_text()
     assert text.startswith("# Benchmarks\n") and "## jetyolo bench" in text
     assert "| pipeline | 10 |" in text and "| pipeline FPS / ceiling FPS |" in text
+    assert "Graphs: ceiling `onnxruntime:model.onnx`, pipeline `onnxruntime:model.onnx`" in text
     assert (out / "bench.md").read_text() in text
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "FPS / ceiling FPS" in capsys.readouterr().out
@@ -235,3 +239,42 @@ def test_ultralytics_model_is_the_bundle_graph_with_one_output(
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["task"] == "detect" and meta["imgsz"] == "[320, 320]"
     assert ast.literal_eval(meta["names"])[0] == "red_circle"  # how ultralytics reads it
+
+
+def live_summary(service_p50: float, total_p99: float) -> Dict[str, Any]:
+    latency = {stage: {"p50": service_p50 / 4} for stage in bench.SERVICE_STAGES}
+    return {"pipeline": {"latency_ms": {**latency, "total": {"p99": total_p99}}}}
+
+
+@pytest.mark.parametrize(("total_p99", "status"), [(20.0, "PASS"), (40.0, "PASS"),
+                                                   (41.0, "MISS"), (None, "n/a")])
+def test_live_check_is_p99_against_one_frames_service_time(
+    total_p99: Any, status: str
+) -> None:
+    summary = live_summary(20.0, total_p99) if total_p99 else {"pipeline": {"latency_ms": {}}}
+    check = bench.live_check(summary)
+    assert check.status == status and check.bound == 2.0
+
+
+def test_the_live_camera_serves_the_video_paced(synth_video: Path) -> None:
+    import time
+
+    import cv2
+
+    from host.bench.live import PacedMjpegServer
+
+    first = cv2.VideoCapture(str(synth_video)).read()[1]
+    with PacedMjpegServer(synth_video, fps=40.0, frames=5) as camera:
+        started = time.perf_counter()  # before connecting: the pace starts at the connection
+        capture = cv2.VideoCapture(camera.url, cv2.CAP_FFMPEG)
+        ok, image = capture.read()
+        for _ in range(8):
+            ok = ok and capture.read()[0]
+        elapsed = time.perf_counter() - started
+        capture.release()
+    assert ok and image.shape == first.shape
+    assert np.abs(image.astype(int) - first.astype(int)).mean() < 3  # JPEG of the first frame
+    assert elapsed >= 8 / 40  # the 9th frame is sent 8 periods after the first (it loops)
+    assert camera.sent >= 9
+    with pytest.raises(JetyoloError, match="--live must be a frame rate above 0"):
+        PacedMjpegServer(synth_video, fps=0, frames=5)

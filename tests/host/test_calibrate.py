@@ -16,10 +16,11 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from device.bundle import Bundle, add_files, sha256_file
+from device.bundle import Bundle, add_files
 from device.calibcache import read_cache
 from device.cli import main
 from device.errors import JetyoloError
+from device.files import sha256_file
 from host import quantize
 from host.calibrate import DEFAULT_RECIPE, QDQ_FILE, REPORT_FILE, calibrate, exclusion_steps
 

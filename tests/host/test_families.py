@@ -1,4 +1,4 @@
-"""Model families end to end on the CPU: YOLO11 and YOLO26 (both heads) so far.
+"""Every supported family end to end on the CPU: YOLOv8, YOLO11, YOLO12 and YOLO26 (both heads).
 
 Each case is a small model trained from its family's yaml (tests/fixtures/README.md has the
 recipes and their mAP: a model at mAP 0 would pass every check trivially), exported once per
@@ -41,7 +41,9 @@ class Case:
 
 
 CASES = [
+    Case("yolov8", "synth_yolov8n.pt", "one2many", 0.3),
     Case("yolo11", "synth_yolo11n.pt", "one2many", 0.8),
+    Case("yolo12", "synth_yolo12n.pt", "one2many", 0.2),
     Case("yolo26", "synth_yolo26n.pt", "one2many", 0.3),
     Case("yolo26", "synth_yolo26n.pt", "end2end", 0.2),
 ]
@@ -189,3 +191,28 @@ def test_calibrate_and_gate(case: Case, exported: Bundle, synth_dataset: Path,
     accuracy = calibration["accuracy"]
     assert accuracy["passed"] and np.isfinite(accuracy["drop"]), accuracy
     assert accuracy["fp32_map50_95"] > 0
+
+
+@pytest.mark.parametrize("yaml, family", [("yolov8n.yaml", "yolov8"), ("yolo12n.yaml", "yolo12")])
+def test_untrained_family_exports_and_calibrates(
+    yaml: str, family: str, synth_dataset: Path, tmp_path: Path
+) -> None:
+    """Untrained models (no detection check: they detect nothing): the export is at tensor parity,
+    the manifest names the family, and percentile calibration of an untrained YOLO12, whose
+    attention Softmax outputs span a few float32 steps, ends with ranges instead of ``Too many
+    bins for data range`` (it raised that before the fix)."""
+    from host._env import ultralytics_offline
+    from host.calibrate import DEFAULT_RECIPE, calibrate
+    from host.export import export_bundle
+
+    weights = tmp_path / f"{family}.pt"
+    ultralytics_offline("export").YOLO(yaml).save(str(weights))
+    bundle = export_bundle(weights, tmp_path / "bundle", imgsz=160, parity_images=2,
+                           reference_num=0)
+    assert bundle.manifest["family"] == family
+    assert bundle.manifest["parity"]["scores"]["max_abs"] <= bundle.manifest["parity"]["tolerance"][
+        "scores_atol"]
+    recipe = dict(DEFAULT_RECIPE, num=8, min_images=8, sensitivity_images=1,
+                  trt_versions=["10.3.0"])
+    calibrated = calibrate(bundle.root, synth_dataset.parent / "train" / "images", recipe)
+    assert calibrated.manifest["calibration"]["method"] == "percentile"

@@ -21,7 +21,7 @@ from device import matching
 from device.bundle import Bundle
 from device.cli import main
 from device.errors import JetyoloError
-from device.verify import REFERENCE_FILES
+from device.reference import REFERENCE_FILES
 from host.reference import make_reference, select_images
 
 POLYGRAPHY = Path(sys.executable).with_name("polygraphy")
@@ -182,3 +182,18 @@ def test_matching_and_ap_equal_ultralytics(seed: int, ultralytics_metrics: Simpl
     np.testing.assert_array_equal(ours_classes, theirs_classes)
     np.testing.assert_allclose(ours_ap, theirs_ap, atol=1e-9)
     assert 0.0 < ours_ap.mean() < 0.995  # a case with hits, misses and flips, not a trivial one
+
+
+def test_a_batch_n_export_records_and_verifies_its_reference(
+    fixture_weights: Path, val_images: Path, tmp_path: Path
+) -> None:
+    # `jetyolo export --batch 2` records the reference itself: each image fed twice (entry 0
+    # is the reference); before, the batch-2 input was refused and the export failed
+    from device.verify import verify
+    from host.export import export_bundle
+
+    bundle = export_bundle(fixture_weights, tmp_path / "b2", imgsz=160, batch=2, parity_images=2)
+    inputs = json.loads(bundle.path("reference/inputs.json").read_text())
+    assert bundle.variant("fp32")["input"]["shape"][0] == 2 and inputs
+    report = verify(bundle.root, backend="onnxruntime", variant="fp32", precision="fp32")
+    assert report.passed, report.format_text()

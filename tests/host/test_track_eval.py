@@ -33,7 +33,7 @@ def truth_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def config_path(truth_path: Path) -> Path:
     path = truth_path.with_name("run.yaml")
-    path.write_text(json.dumps({"lines": LINES}))  # JSON is YAML
+    path.write_text(json.dumps({"tracking": {"lines": LINES}}))  # JSON is YAML
     return path
 
 

@@ -101,7 +101,7 @@ def heavy_modules_loaded() -> List[str]:
 
 def write_result(path: Any, contender: str, result: Dict[str, Any], threads: int) -> int:
     """Finish a worker: record threads and heavy modules, write ``result`` as JSON, say so."""
-    from device.bundle import atomic_write_json
+    from device.files import atomic_write_json
 
     result["threads"] = threads
     result["heavy_modules_loaded"] = heavy_modules_loaded()

@@ -19,6 +19,7 @@ appends the Markdown to --append-md. A missed target triggers one extra profiled
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -30,27 +31,33 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from device.bench_common import T0_ENV
-from device.bundle import Bundle, atomic_write_bytes, atomic_write_json
+from device.bench.common import T0_ENV
+from device.bench.tracking import markdown_lines, tracking_costs
+from device.bundle import Bundle
 from device.errors import JetyoloError
-from host import bench_report, bench_trt
+from device.files import atomic_write_bytes, atomic_write_json
+from host.bench import report as bench_report
+from host.bench import trt as bench_trt
+from host.bench.live import PacedMjpegServer
 
 log = logging.getLogger(__name__)
 
 CONTENDERS = ("ceiling", "pipeline", "ultralytics")
 WORKERS = {
-    "ceiling": "device.bench_worker",
-    "pipeline": "device.bench_worker",
-    "ultralytics": "host.bench_worker",
+    "ceiling": "device.bench.worker",
+    "pipeline": "device.bench.worker",
+    "ultralytics": "host.bench.worker",
 }
 STAGES = ("capture", "preprocess", "infer", "postprocess", "total")
 PERCENTILES = (50, 90, 99)
 MEDIAN_KEYS = ("fps", "seconds", "cold_start_s", "import_s", "peak_rss_mib",
-               "prepost_cpu_ms_per_frame", "process_cpu_ms_per_frame")
+               "prepost_cpu_ms_per_frame", "process_cpu_ms_per_frame", "frames_served")
+SERVICE_STAGES = ("capture", "preprocess", "infer", "postprocess")  # one frame, start to end
+LIVE_P99_BOUND = 2.0  # live capture->publish p99 at most twice the single-frame service time
 WORKER_TIMEOUT_S = 1800
 LOG_TAIL_LINES = 8
 
@@ -119,6 +126,29 @@ def check_targets(
     return checks
 
 
+def live_check(summary: Dict[str, Dict[str, Any]]) -> TargetCheck:
+    """On a paced camera: the pipeline's capture->publish p99 against the time one frame takes
+    through the stages (sum of their p50s). A standing queue in front of inference shows here."""
+    latency = summary.get("pipeline", {}).get("latency_ms", {})
+    service = sum(latency.get(stage, {}).get("p50", 0.0) for stage in SERVICE_STAGES)
+    p99 = latency.get("total", {}).get("p99")
+    value = p99 / service if p99 is not None and service > 0 else None
+    status = "n/a" if value is None else "PASS" if value <= LIVE_P99_BOUND else "MISS"
+    return TargetCheck("live_p99_vs_service",
+                       "live capture->publish p99 / one frame's service time (capture + pre + "
+                       "infer + post p50)", value, "<=", LIVE_P99_BOUND, status)
+
+
+@contextlib.contextmanager
+def live_camera(settings: Settings) -> Iterator[Optional[PacedMjpegServer]]:
+    """The paced camera for ``--live`` (None without it)."""
+    if settings.live_fps is None:
+        yield None
+        return
+    with PacedMjpegServer(settings.source, settings.live_fps, settings.frames) as camera:
+        yield camera
+
+
 # ---- aggregation -------------------------------------------------------------------------------
 
 
@@ -155,7 +185,7 @@ def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         summary["stage_cpu_ms_per_frame"] = {
             key: statistics.median(row[key] for row in stage_cpu) for key in stage_cpu[0]
         }
-    for key in ("detections", "backend", "plan_path"):
+    for key in ("detections", "backend", "plan_path", "graph"):
         if key in runs[0]:
             summary[key] = runs[0][key]
     return summary
@@ -179,26 +209,32 @@ class Settings:
     ultralytics_model: Optional[Path]
     profile: bool
     out: Path
+    live_fps: Optional[float] = None  # serve the video as a camera paced at this rate
 
 
 def worker_command(
     contender: str, bundle: Bundle, settings: Settings, result: Path, work: Path,
     ultralytics_model: Optional[Path] = None, profile: bool = False,
+    source: Optional[str] = None,
 ) -> List[str]:
+    """The child's command line; ``source`` (the live camera's URL) replaces the video for the
+    pipeline and ultralytics (the ceiling always reads its one frame from the file)."""
     command = [sys.executable, "-m", WORKERS[contender]]
+    if source is None or contender == "ceiling":
+        source = str(settings.source)
     if contender == "ultralytics":
         if ultralytics_model is None:
             raise RuntimeError("ultralytics contender without a model")
         post = bundle.manifest.get("postprocess", {})
         return [
-            *command, "--model", str(ultralytics_model), "--source", str(settings.source),
+            *command, "--model", str(ultralytics_model), "--source", source,
             "--frames", str(settings.frames), "--imgsz", ",".join(map(str, bundle.input_size)),
             "--conf", str(post.get("conf", 0.25)), "--iou", str(post.get("iou", 0.45)),
             "--max-det", str(post.get("max_det", 300)), "--threads", str(settings.threads),
             "--result", str(result),
         ]
     command += [
-        contender, "--bundle", str(bundle.root), "--source", str(settings.source),
+        contender, "--bundle", str(bundle.root), "--source", source,
         "--frames", str(settings.frames), "--threads", str(settings.threads),
         "--backend", settings.backend, "--result", str(result), "--work", str(work),
     ]
@@ -252,19 +288,25 @@ def bench_bundle(
             bundle, folder / "ultralytics.onnx"
         )
     runs: Dict[str, List[Dict[str, Any]]] = {c: [] for c in contenders(settings)}
-    for index in range(1, settings.runs + 1):
-        for contender in runs:
-            stem = raw / f"{contender}-{index}"
-            command = worker_command(contender, bundle, settings, stem.with_suffix(".json"),
-                                     folder / f"work-{contender}-{index}", model)
-            started = time.monotonic()
-            result = run_worker(command, stem.with_suffix(".json"), stem.with_suffix(".log"))
-            runs[contender].append(result)
-            progress(f"bench {name}: run {index}/{settings.runs} {contender:<11} "
-                     f"{result['frames']} frames, {result['fps']:.1f} FPS "
-                     f"({time.monotonic() - started:.1f} s)")
+    with live_camera(settings) as camera:
+        for index in range(1, settings.runs + 1):
+            for contender in runs:
+                stem = raw / f"{contender}-{index}"
+                command = worker_command(contender, bundle, settings, stem.with_suffix(".json"),
+                                         folder / f"work-{contender}-{index}", model,
+                                         source=camera.url if camera else None)
+                started, sent = time.monotonic(), camera.sent if camera else 0
+                result = run_worker(command, stem.with_suffix(".json"), stem.with_suffix(".log"))
+                if camera is not None and contender != "ceiling":
+                    result["frames_served"] = camera.sent - sent
+                runs[contender].append(result)
+                progress(f"bench {name}: run {index}/{settings.runs} {contender:<11} "
+                         f"{result['frames']} frames, {result['fps']:.1f} FPS "
+                         f"({time.monotonic() - started:.1f} s)")
     summary = {contender: aggregate(results) for contender, results in runs.items()}
     checks = check_targets(summary)
+    if settings.live_fps:
+        checks.append(live_check(summary))
     record: Dict[str, Any] = {
         "bundle": name, "input_size": list(bundle.input_size), "frames": settings.frames,
         "contenders": summary, "targets": [asdict(check) for check in checks],
@@ -295,6 +337,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundle folder(s); one section per bundle (e.g. 640 and 320)")
     parser.add_argument("--source", type=Path, required=True, help="video file")
     parser.add_argument("--runs", type=int, default=3, help="runs per contender (median FPS)")
+    parser.add_argument("--live", type=float, metavar="FPS",
+                        help="serve --source as an MJPEG camera paced at FPS on loopback and "
+                             "measure what a camera user feels: capture->publish latency and "
+                             "drops (default: read the file as fast as possible, throughput)")
     parser.add_argument("--frames", type=int, help="frames per run (default: the whole video)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="inference threads for every contender (default: all cores)")
@@ -337,7 +383,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         backend=args.backend, precision=args.precision, variant=args.variant,
         int8_from=args.int8_from, engine_cache_dir=args.engine_cache_dir,
         ultralytics=not args.no_ultralytics, ultralytics_model=args.ultralytics_model,
-        profile=not args.no_profile, out=args.out,
+        profile=not args.no_profile, out=args.out, live_fps=args.live,
     )
 
 
@@ -369,6 +415,8 @@ def run(args: argparse.Namespace) -> int:
     }
     for bundle in bundles:
         report["bundles"].append(bench_bundle(bundle, settings, _progress))
+    _progress("bench: tracking cost at 1 and 4 sources")
+    report["tracking"] = tracking_costs((1, 4))
     report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     write_outputs(report, settings.out, args.plot or settings.out / "bench.png", args.append_md)
     return 0  # a MISS is a finding to record, not a failure of the command
@@ -383,6 +431,8 @@ def write_outputs(
         del record["samples_ms"]  # kept per run under OUT/<bundle>/raw/
     atomic_write_json(out / "bench.json", report)
     markdown = bench_report.markdown(report)
+    markdown += ("\n### tracking (device/bench/tracking.py: ByteTrack + one zone + one line per "
+                 "source, no detector)\n\n" + "\n".join(markdown_lines(report["tracking"])) + "\n")
     atomic_write_bytes(out / "bench.md", markdown.encode())
     if append_md is not None:
         with open(append_md, "a") as handle:

@@ -20,8 +20,9 @@ from typing import Any, Dict, List, Optional
 import cv2
 import numpy as np
 
-from device.bundle import Bundle, atomic_write_bytes
+from device.bundle import Bundle
 from device.errors import JetyoloError
+from device.files import atomic_write_bytes
 from host._env import installed_versions, require
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def contender_rows(record: Dict[str, Any]) -> List[str]:
         latency = figures.get("latency_ms", {})
         runs = ", ".join(f"{fps:.1f}" for fps in figures.get("fps_per_run", []))
         rows.append(
-            f"| {name} | {figures['frames']} | {_num(figures['seconds'], 2)} | "
+            f"| {name} | {_frames(figures)} | {_num(figures['seconds'], 2)} | "
             f"**{_num(figures['fps'])}** ({runs}) | {_triple(latency, 'preprocess')} | "
             f"{_triple(latency, 'infer')} | {_triple(latency, 'postprocess')} | "
             f"{_triple(latency, 'total')}{INTERVAL_MARK if name == 'ultralytics' else ''} | "
@@ -179,6 +180,12 @@ def contender_rows(record: Dict[str, Any]) -> List[str]:
     return [*rows, "", LATENCY_NOTE]
 
 
+def _frames(figures: Dict[str, Any]) -> str:
+    """Frames published; on a live camera, of how many it served meanwhile (the rest dropped)."""
+    served = figures.get("frames_served")
+    return f"{figures['frames']} of {served:.0f} served" if served else str(figures["frames"])
+
+
 INTERVAL_MARK = " †"
 LATENCY_NOTE = (
     "‡ pipeline: frame in hand → published (a file source reads ahead as fast as it can, so this "
@@ -186,6 +193,17 @@ LATENCY_NOTE = (
     "exposes no capture time: its figure is the interval between consecutive results (1/FPS), "
     "not a latency."
 )
+
+
+def graphs_line(record: Dict[str, Any]) -> str:
+    """Which graph each contender ran: ultralytics reads only the single-output fp32 graph; the
+    bundle's split (and uint8) graphs compute the same numbers (export checks), so the FPS
+    compare the same model, not the same file."""
+    graphs = ", ".join(f"{name} `{figures['graph']}`" for name, figures in
+                       record["contenders"].items() if figures.get("graph"))
+    return (f"Graphs: {graphs}. ultralytics reads only a single-output graph; the bundle's "
+            "graphs compute the same outputs (export's parity check), so this compares the same "
+            "model and thresholds, not the same file.")
 
 
 def target_rows(record: Dict[str, Any]) -> List[str]:
@@ -257,7 +275,7 @@ def markdown(report: Dict[str, Any]) -> str:
     for record in report["bundles"]:
         height, width = record["input_size"]
         lines += ["", f"### {record['bundle']} ({width}x{height}, batch 1)", ""]
-        lines += [*contender_rows(record), "", *target_rows(record)]
+        lines += [*contender_rows(record), "", graphs_line(record), "", *target_rows(record)]
         if record.get("profile"):
             lines += ["", *profile_rows(record["profile"])]
         if "trtexec" in record:

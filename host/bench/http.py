@@ -2,7 +2,7 @@
 nobody watching, and on with one preview viewer; plus the per-frame cost of its frame observer,
 timed in-process.
 
-  python -m host.bench_http BUNDLE --source VIDEO [--runs 5] [--frames N] [--backend tensorrt]
+  python -m host.bench.http BUNDLE --source VIDEO [--runs 5] [--frames N] [--backend tensorrt]
 
 Each run is a fresh `jetyolo run` process over the video (ONNX Runtime by default, JSONL sink
 to /dev/null); the three modes alternate within each round, the order rotating per round, so a
@@ -198,7 +198,7 @@ def report(args: argparse.Namespace, fps: Dict[str, List[float]], cpu: Dict[str,
         f"{observer_us[1]:.1f} µs with a viewer (hand-over only; the viewer's thread draws and "
         "encodes).",
         "",
-        f"Command: `python -m host.bench_http {args.bundle} --source {args.source} "
+        f"Command: `python -m host.bench.http {args.bundle} --source {args.source} "
         f"--runs {args.runs}{f' --frames {args.frames}' if args.frames else ''}`",
     ]
 

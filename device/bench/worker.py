@@ -1,11 +1,11 @@
 """Measurement children of ``jetyolo bench`` that need only the device runtime.
 
-``jetyolo bench`` (host/bench.py) starts one fresh process per measurement, so peak RSS and cold
+``jetyolo bench`` (host/bench/) starts one fresh process per measurement, so peak RSS and cold
 start belong to one contender each. This module imports only device code (never torch,
 ultralytics or host), so its RSS and start-up time are what a Jetson process pays::
 
-    python -m device.bench_worker ceiling  --bundle B --source V --frames N --result R.json
-    python -m device.bench_worker pipeline --bundle B --source V --frames N --result R.json
+    python -m device.bench.worker ceiling  --bundle B --source V --frames N --result R.json
+    python -m device.bench.worker pipeline --bundle B --source V --frames N --result R.json
 
 - ``ceiling``: the raw backend call on one prepared input (the first video frame, letterboxed
   once), nothing else: ``backend.infer`` with preallocated outputs, i.e. ORT
@@ -33,13 +33,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from device.bench_common import start_time
+from device.bench.common import start_time
 
 T0 = start_time()
 
 import numpy as np  # noqa: E402 - everything below counts as import time (IMPORTS_DONE - T0)
 
-from device.bench_common import (  # noqa: E402
+from device.bench.common import (  # noqa: E402
     common_result,
     process_cpu_s,
     run_worker,
@@ -181,6 +181,7 @@ def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
         samples_ms={"infer": samples.round(3).tolist()},
         prepost_cpu_ms_per_frame=None,
         backend=backend.kind,
+        graph=backend.name,
         backend_name=backend.name,
         plan_path=str(getattr(backend, "plan_path", "") or ""),
         ort_spinning=getattr(backend, "spin", None),
@@ -220,6 +221,7 @@ def measure_pipeline(config: RunConfig, frames: int, profile: bool) -> Dict[str,
         detections=recorder.detections,
         run_summary=summary.as_dict(),
         backend=summary.backend,
+        graph=pipelines[0].backend.name,
     )
     if profiles is not None:
         result["profile"] = profiles.summary(done)
@@ -235,7 +237,7 @@ def _columns(rows: List[Dict[str, float]]) -> Dict[str, List[float]]:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m device.bench_worker", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m device.bench.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("contender", choices=("ceiling", "pipeline"))
     parser.add_argument("--bundle", required=True)
@@ -260,6 +262,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         "int8_from": args.int8_from, "engine_cache_dir": args.engine_cache_dir,
         "sinks": [f"jsonl:{args.work / 'detections.jsonl'}"],
         "spool_dir": str(args.work / "spool"), "stats_interval_s": 3600.0,
+        # ultralytics' predict does not track: compare like with like (tracking's own cost is
+        # the bench's "tracking" section, device/bench/tracking.py)
+        "tracker": "none",
     }
     return config_from_mapping({k: v for k, v in values.items() if v is not None}, "bench")
 

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m host.bench_worker --model M.onnx --source V --frames N --imgsz 640 --result R.json
+    python -m host.bench.worker --model M.onnx --source V --frames N --imgsz 640 --result R.json
 
 Runs ``YOLO(M).predict(source=V, stream=True)`` on the CPU with the same thresholds, image size
 and thread count as the jetyolo contenders, in a fresh process so peak RSS and cold start
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from device.bench_common import (
+from device.bench.common import (
     CpuTimer,
     common_result,
     process_cpu_s,
@@ -117,15 +117,16 @@ def measure_ultralytics(args: argparse.Namespace) -> Dict[str, Any]:
         detections=detections,
         backend="ultralytics-onnxruntime",
         model=str(args.model),
+        graph=f"ultralytics:{Path(args.model).name}",
     )
     return result
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m host.bench_worker", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m host.bench.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="single-output YOLO ONNX")
-    parser.add_argument("--source", type=Path, required=True)
+    parser.add_argument("--source", required=True, help="video file or stream URL")
     parser.add_argument("--frames", type=int, required=True)
     parser.add_argument("--imgsz", type=lambda text: [int(side) for side in text.split(",")],
                         required=True, help="the bundle's input: SIDE or HEIGHT,WIDTH")
