@@ -10,6 +10,7 @@ place), so a reader never sees a half-written bundle.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import tempfile

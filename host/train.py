@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from device.errors import JetyoloError
-from host._env import require, ultralytics_offline
+from host._env import ultralytics_offline
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = {
@@ -103,9 +103,11 @@ def train(
             raise JetyoloError(
                 f"--resume: no {last} to resume from; drop --resume to start run {name!r}"
             )
-        _require_unfinished(last, name)
-        yolo = load_detect_model(str(last))
-        yolo.train(resume=True)
+        yolo = load_detect_model(str(last))  # ultralytics' safe load, like any other .pt
+        _require_unfinished(yolo.ckpt, last, name)
+        # The checkpoint's train_args would choose the dataset and the folder written to: a
+        # last.pt from elsewhere (or crafted) must not. Both are overrides ultralytics accepts.
+        yolo.train(resume=True, data=str(data), save_dir=str(run_dir))
     else:
         yolo = load_detect_model(model)
         yolo.train(
@@ -169,15 +171,8 @@ def check_train_args(epochs: int, imgsz: int, batch: int) -> None:
         )
 
 
-def _require_unfinished(last: Path, name: str) -> None:
+def _require_unfinished(checkpoint: Any, last: Path, name: str) -> None:
     """ultralytics asserts deep inside train() when a run already finished; say it up front."""
-    torch = require("torch", "train")
-    try:
-        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle/zip errors of many kinds
-        raise JetyoloError(
-            f"--resume: {last} is not a loadable checkpoint ({_first_line(exc)})"
-        ) from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("epoch", -1) < 0:
         raise JetyoloError(
             f"--resume: run {name!r} finished all its epochs, nothing to resume; start a new run "

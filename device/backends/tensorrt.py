@@ -34,7 +34,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from device.backends.base import Backend, TensorSpec
-from device.bundle import atomic_write_bytes
 from device.engine import (
     BuildPlan,
     BuildRequest,
@@ -46,6 +45,7 @@ from device.engine import (
     read_l4t_release,
 )
 from device.errors import JetyoloError
+from device.files import PRIVATE_FILE, atomic_write_bytes
 
 LOG = logging.getLogger(__name__)
 TENSORRT_HINT = (
@@ -387,7 +387,7 @@ def _save_timing_cache(config: Any, path: Path, log: Callable[[str], None]) -> N
     if cache is None:
         return
     try:
-        atomic_write_bytes(path, bytes(cache.serialize()))
+        atomic_write_bytes(path, bytes(cache.serialize()), PRIVATE_FILE)
     except OSError as exc:
         log(f"engine: timing cache {path} not saved ({exc.strerror or exc}); the engine is kept")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -25,9 +26,11 @@ from device.engine import (
     EngineKey,
     LayerRecord,
     auto_workspace_bytes,
+    check_cache_dir,
     ensure_engine,
     needs_rebuild,
     plan_build,
+    sidecar_path,
     write_plan,
 )
 from device.errors import JetyoloError
@@ -545,3 +548,15 @@ def test_int8_of_the_uint8_variant_never_builds_the_float_qdq_graph_under_its_na
     assert result.key.int8_source == "cache" and result.plan.name == "int8-cache-uint8.plan"
     assert ops.builds[0]["onnx"].name == "model_uint8.onnx"
     assert result.key.onnx_sha256 == bundle.model_sha256("uint8")
+
+
+def test_plans_and_their_cache_folder_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        check_cache_dir(tmp_path / "cache")
+        plan = write_plan(tmp_path / "cache" / "fp16.plan", b"plan", KEY)
+    finally:
+        os.umask(old_umask)
+    assert (plan.parent.stat().st_mode & 0o777) == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in plan.parent.iterdir()} == {
+        plan.name: 0o600, sidecar_path(plan).name: 0o600}

@@ -1,0 +1,144 @@
+"""Bad input across the verbs, one row per class (issue 17): each row runs the real `jetyolo`
+command in a subprocess and asserts one `jetyolo: error:` line that names the problem, a non-zero
+exit, no traceback, nothing partial left behind, and no secret anywhere in stdout or stderr
+(logging, FFmpeg and paho included: a subprocess sees all of it).
+
+A row's ``setup`` gets a scratch folder (and the shared bundle) and returns the command's
+arguments; ``expect`` is a piece of the error line; ``leftovers`` are globs (relative to the
+scratch folder) that must match nothing afterwards; ``side_effect`` a path that must not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import pytest
+
+SECRET = "hunter2-s3cret"  # the password every URL/config row carries; never in any output
+TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Scratch:
+    root: Path
+    bundle: Path  # a private copy of the session bundle, free to damage
+    data: Path  # the session's synthetic data.yaml (read-only)
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    setup: Callable[[Scratch], List[str]]
+    expect: str
+    leftovers: List[str] = field(default_factory=list)
+    side_effect: Optional[str] = None  # relative to the scratch folder
+
+
+def jetyolo(args: List[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-c", "import sys; from device.cli import main; sys.exit(main())"]
+    return subprocess.run(
+        [*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+
+
+# --- setups -----------------------------------------------------------------------------
+
+
+def _edit_manifest(bundle: Path, change: Callable[[dict], None]) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _escaping_variant(s: Scratch) -> List[str]:
+    evil = s.root / "evil.onnx"
+    shutil.copyfile(s.bundle / "model.onnx", evil)
+
+    def change(manifest: dict) -> None:
+        manifest["files"]["../evil.onnx"] = manifest["files"]["model.onnx"]
+        manifest["variants"]["fp32"]["file"] = "../evil.onnx"
+
+    _edit_manifest(s.bundle, change)
+    return ["run", str(s.bundle), "--source", str(s.root / "none.mp4"), "--backend", "onnxruntime"]
+
+
+def _absolute_entry(s: Scratch) -> List[str]:
+    _edit_manifest(
+        s.bundle, lambda m: m["files"].update({"/etc/hostname": m["files"]["model.onnx"]})
+    )
+    return ["bundle", "verify", str(s.bundle)]
+
+
+def _payload_pt(path: Path, marker: Path) -> Path:
+    """A torch checkpoint whose unpickling creates ``marker`` (an os.mkdir __reduce__)."""
+    import torch
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (os.mkdir, (str(marker),))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": Payload(), "epoch": 3}, path)
+    return path
+
+
+def _payload_export(s: Scratch) -> List[str]:
+    weights = _payload_pt(s.root / "payload.pt", s.root / "pwned")
+    return ["export", str(weights), "--out", str(s.root / "out")]
+
+
+def _payload_resume(s: Scratch) -> List[str]:
+    _payload_pt(s.root / "runs" / "r" / "weights" / "last.pt", s.root / "pwned")
+    return ["train", "--data", str(s.data), "--project", str(s.root / "runs"), "--name", "r",
+            "--resume"]
+
+
+ROWS = [
+    # a variant file that climbs out of the bundle is never run
+    Row("bundle-variant-escapes", _escaping_variant, "is not a relative path inside the bundle"),
+    # an absolute manifest entry fails `bundle verify` instead of "OK"
+    Row("bundle-absolute-entry", _absolute_entry, "'/etc/hostname' is not a relative path"),
+    # a .pt whose unpickling runs code: refused by the safe load, the code never runs
+    Row("weights-payload-export", _payload_export, "is not an ultralytics model",
+        leftovers=[".out*", "out"], side_effect="pwned"),
+    # the same payload as the last.pt of `train --resume`
+    Row("weights-payload-resume", _payload_resume, "is not an ultralytics model",
+        side_effect="pwned"),
+]
+
+
+@pytest.fixture()
+def scratch(tmp_path: Path, bundle_dir: Path, synth_dataset: Path) -> Scratch:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    return Scratch(tmp_path, bundle, synth_dataset)
+
+
+def test_every_row_has_its_own_id() -> None:
+    assert len({row.id for row in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def test_bad_input_is_one_clear_line(row: Row, scratch: Scratch) -> None:
+    args = row.setup(scratch)
+    done = jetyolo(args, scratch.root)
+    output = done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("jetyolo: error:")]
+    assert done.returncode != 0, output
+    assert "Traceback" not in output, output
+    assert len(errors) == 1, output
+    assert row.expect in errors[0], errors[0]
+    assert SECRET not in output
+    for pattern in row.leftovers:
+        assert not list(scratch.root.glob(pattern)), f"{pattern} left behind"
+    if row.side_effect:
+        assert not (scratch.root / row.side_effect).exists(), "the payload ran"
