@@ -34,6 +34,7 @@ class TrainResult:
     metrics: Dict[str, float]
 
 
+MODEL_SUFFIXES = (".pt", ".yaml", ".yml")
 # RT-DETR is refused, not half-supported: its output is a third contract ([B, 300, 4+nc]: boxes
 # normalised to 0..1, no NMS) that nothing on the device decodes or tests; it needs ultralytics'
 # RTDETR class and its own training recipe; and its smallest model (rtdetr-l, 32 M parameters)
@@ -47,8 +48,14 @@ RTDETR_UNSUPPORTED = (
 
 def load_detect_model(model: str, verb: str = "train") -> Any:
     """A ultralytics YOLO detect model from a .pt or a model yaml, or a clear error."""
+    suffix = Path(model).suffix.lower()
+    if suffix not in MODEL_SUFFIXES:
+        raise JetyoloError(
+            f"{model} is not ultralytics weights ({suffix or 'no suffix'}, not .pt) or a model "
+            "yaml; pass the best.pt `jetyolo train` printed or a yaml such as yolo11n.yaml"
+        )
     ultralytics = ultralytics_offline(verb)
-    is_yaml = model.endswith((".yaml", ".yml"))
+    is_yaml = suffix in (".yaml", ".yml")
     if is_yaml and "rtdetr" in Path(model).name.lower():
         raise JetyoloError(f"{model}: {RTDETR_UNSUPPORTED}")
     if not is_yaml and not Path(model).is_file():

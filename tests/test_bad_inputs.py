@@ -102,6 +102,60 @@ def _payload_resume(s: Scratch) -> List[str]:
             "--resume"]
 
 
+def _video_as_weights(s: Scratch) -> List[str]:
+    video = s.root / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(64))
+    return ["export", str(video), "--out", str(s.root / "out")]
+
+
+def _rtdetr(s: Scratch) -> List[str]:
+    return ["train", "--data", str(s.data), "--model", "rtdetr-l.yaml", "--project",
+            str(s.root / "runs")]
+
+
+def _empty_video(s: Scratch) -> List[str]:
+    (s.root / "empty.mp4").write_bytes(b"")
+    return ["run", str(s.bundle), "--source", str(s.root / "empty.mp4"), "--backend",
+            "onnxruntime", "--sink", f"jsonl:{s.root / 'out.jsonl'}"]
+
+
+def _truncated_video(s: Scratch) -> List[str]:
+    import cv2
+    import numpy as np
+
+    path = s.root / "cut.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), 10, (64, 48))
+    noise = np.random.default_rng(0)
+    for _ in range(10):
+        writer.write(noise.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return ["run", str(s.bundle), "--source", str(path), "--backend", "onnxruntime"]
+
+
+def _non_images(s: Scratch) -> List[str]:
+    folder = s.root / "imgs"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"{index}.jpg").write_text("not a jpeg")
+    return ["run", str(s.bundle), "--source", str(folder), "--backend", "onnxruntime"]
+
+
+def _rehash(bundle: Path, relative: str) -> None:
+    """Write the manifest entry of ``relative`` for its current bytes: an attacker's move."""
+    import hashlib
+
+    data = (bundle / relative).read_bytes()
+    entry = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    _edit_manifest(bundle, lambda m: m["files"].update({relative: entry}))
+
+
+def _foreign_reference(s: Scratch) -> List[str]:
+    (s.bundle / "reference" / "outputs.json").write_text('{"not": "polygraphy"}')
+    _rehash(s.bundle, "reference/outputs.json")
+    return ["verify", str(s.bundle), "--backend", "onnxruntime"]
+
+
 ROWS = [
     # a variant file that climbs out of the bundle is never run
     Row("bundle-variant-escapes", _escaping_variant, "is not a relative path inside the bundle"),
@@ -113,6 +167,20 @@ ROWS = [
     # the same payload as the last.pt of `train --resume`
     Row("weights-payload-resume", _payload_resume, "is not an ultralytics model",
         side_effect="pwned"),
+    # verify with reference files that are not polygraphy JSON (hashes rewritten to match)
+    Row("verify-foreign-reference", _foreign_reference, "its reference data is not what"),
+    # a video passed as weights: one line, not "'str' object has no attribute 'stride'"
+    Row("export-video-as-weights", _video_as_weights, "is not ultralytics weights (.mp4",
+        leftovers=[".out*", "out"]),
+    # RT-DETR: said plainly, not "is not an ultralytics model"
+    Row("train-rtdetr", _rtdetr, "RT-DETR models are not supported", leftovers=["runs"]),
+    # an empty file as --source: what is wrong with it, not "check that it exists"
+    Row("source-empty-file", _empty_video, "is not a readable video: the file is empty",
+        leftovers=["out.jsonl"]),
+    # a recording cut short (index at the end): FFmpeg's "moov atom not found" explained
+    Row("source-truncated-mp4", _truncated_video, "truncated MP4/MOV: its index is missing"),
+    # a folder of non-images named .jpg: an error, not "frames 0" and exit 0
+    Row("source-no-decodable-frame", _non_images, "none of its 3 images decodes"),
 ]
 
 
