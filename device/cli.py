@@ -68,6 +68,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_usage(known))
         return 0
     verb, rest = _split_verb(argv, known)
+    group = sorted(name for name in known if name.startswith(f"{argv[0]}."))
+    if verb not in known and group and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        asked = len(argv) > 1  # `jetyolo data --help`, or a bare `jetyolo data`
+        usage = [f"usage: jetyolo {argv[0]} VERB [options]", "", "verbs:"]
+        usage += [f"  {name.replace('.', ' ')}" for name in group]
+        print("\n".join(usage), file=sys.stdout if asked else sys.stderr)
+        if not asked:
+            print(f"jetyolo: error: `jetyolo {argv[0]}` needs a verb", file=sys.stderr)
+        return 0 if asked else 2
     if verb not in known:
         print(_usage(known), file=sys.stderr)
         print(f"jetyolo: error: unknown verb {' '.join(argv[:2])!r}", file=sys.stderr)
