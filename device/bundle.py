@@ -162,11 +162,58 @@ def check_schema(manifest: Mapping[str, Any]) -> List[str]:
     size = manifest["preprocess"].get("size")
     if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):
         problems.append("preprocess.size must be [height, width] in pixels")
+    if not isinstance(manifest["name"], str):
+        problems.append("name must be a string")
+    problems += _postprocess_problems(manifest["postprocess"])
+    problems += _section_problems(manifest)
     return problems
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _fraction(value: Any) -> bool:
+    """A finite number in [0, 1] (NaN fails every comparison, so it is refused here too)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _postprocess_problems(post: Mapping[str, Any]) -> List[str]:
+    """The thresholds the device runs with when the config gives none: checked before the run."""
+    problems = [
+        f"postprocess.{key} must be a number between 0 and 1, not {post[key]!r}"
+        for key in ("conf", "iou")
+        if key in post and not _fraction(post[key])
+    ]
+    if "max_det" in post and not _positive_int(post["max_det"]):
+        problems.append(f"postprocess.max_det must be a whole number >= 1, not {post['max_det']!r}")
+    return problems
+
+
+def _section_problems(manifest: Mapping[str, Any]) -> List[str]:
+    """Types of the optional sections the device reads (calibration, head, reference)."""
+    problems = []
+    for key in ("calibration", "head", "reference"):
+        if key in manifest and not isinstance(manifest[key], Mapping):
+            problems.append(f"{key} must be a JSON object, not {type(manifest[key]).__name__}")
+    calibration = manifest.get("calibration")
+    if isinstance(calibration, Mapping):
+        if not isinstance(calibration.get("onnx_sha256", ""), str):
+            problems.append("calibration.onnx_sha256 must be a string")
+        caches = calibration.get("caches", {})
+        if not isinstance(caches, (Mapping, list)):
+            problems.append("calibration.caches must be a JSON object or a list")
+        for key in ("fp16_layers", "uncached_tensors"):
+            if not _strings(calibration.get(key, [])):
+                problems.append(f"calibration.{key} must be a list of strings")
+    head = manifest.get("head")
+    if isinstance(head, Mapping) and not _strings(head.get("postprocess_nodes", [])):
+        problems.append("head.postprocess_nodes must be a list of strings")
+    return problems
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def _variant_problems(variants: Mapping[str, Any], files: Mapping[str, Any]) -> List[str]:
@@ -179,6 +226,11 @@ def _variant_problems(variants: Mapping[str, Any], files: Mapping[str, Any]) -> 
             f"variant {name!r} misses key {key!r}"
             for key in REQUIRED_VARIANT_KEYS
             if key not in variant
+        ]
+        problems += [
+            f"variant {name!r}: {key} must be a JSON object"
+            for key in ("input", "outputs")
+            if key in variant and not isinstance(variant[key], Mapping)
         ]
         file = variant.get("file")
         if not isinstance(file, str) or file not in files:

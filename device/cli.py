@@ -14,7 +14,7 @@ import logging
 import sys
 from importlib import metadata
 from types import ModuleType
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NoReturn, Optional, Sequence
 
 from device.errors import JetyoloError
 
@@ -38,6 +38,14 @@ def _split_verb(argv: List[str], known: Sequence[str]) -> tuple:
     if len(argv) >= 2 and f"{argv[0]}.{argv[1]}" in known:
         return f"{argv[0]}.{argv[1]}", argv[2:]
     return argv[0], argv[1:]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake (``--conf high``, an unknown flag) as one ``jetyolo: error:`` line, exit 2:
+    argparse would print the whole usage first."""
+
+    def error(self, message: str) -> NoReturn:
+        raise JetyoloError(f"{self.prog}: {message}; `{self.prog} --help` lists the options")
 
 
 def _load_verb(verb: str) -> ModuleType:
@@ -83,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         module = _load_verb(verb)
-        parser = argparse.ArgumentParser(
+        parser = OneLineParser(
             prog=f"jetyolo {verb.replace('.', ' ')}",
             description=(module.__doc__ or "").strip(),
             formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from device.argtypes import finite_float
 from device.errors import JetyoloError
 from host._env import ultralytics_offline
 
@@ -221,9 +222,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optimizer", default="auto", help="SGD, Adam, AdamW, ... (default: ultralytics' auto)"
     )
-    parser.add_argument("--lr0", type=float, help="initial learning rate (needs --optimizer)")
     parser.add_argument(
-        "--warmup-epochs", type=float, help="learning-rate warm-up epochs (ultralytics: 3)"
+        "--lr0", type=finite_float, help="initial learning rate (needs --optimizer)"
+    )
+    parser.add_argument(
+        "--warmup-epochs", type=finite_float, help="learning-rate warm-up epochs (ultralytics: 3)"
     )
 
 

@@ -156,6 +156,21 @@ def _foreign_reference(s: Scratch) -> List[str]:
     return ["verify", str(s.bundle), "--backend", "onnxruntime"]
 
 
+def _args(*args: str) -> Callable[[Scratch], List[str]]:
+    """A row whose arguments need only the bundle (``{bundle}``) and the data (``{data}``)."""
+
+    def setup(s: Scratch) -> List[str]:
+        return [arg.format(bundle=s.bundle, data=s.data, root=s.root) for arg in args]
+
+    return setup
+
+
+def _bad_manifest_value(s: Scratch) -> List[str]:
+    _edit_manifest(s.bundle, lambda m: m["postprocess"].update(conf="high"))
+    return ["run", str(s.bundle), "--source", str(s.data.parent / "valid" / "images"),
+            "--backend", "onnxruntime", "--sink", f"jsonl:{s.root / 'out.jsonl'}"]
+
+
 ROWS = [
     # a variant file that climbs out of the bundle is never run
     Row("bundle-variant-escapes", _escaping_variant, "is not a relative path inside the bundle"),
@@ -169,6 +184,16 @@ ROWS = [
         side_effect="pwned"),
     # verify with reference files that are not polygraphy JSON (hashes rewritten to match)
     Row("verify-foreign-reference", _foreign_reference, "its reference data is not what"),
+    # a word for a number: one line, not 22 lines of usage
+    Row("flag-not-a-number", _args("run", "{bundle}", "--conf", "high"), "--conf"),
+    # NaN passes every range check unless refused where it is read
+    Row("flag-nan", _args("train", "--data", "{data}", "--warmup-epochs", "nan"),
+        "'nan' is not a finite number"),
+    Row("flag-nan-verify", _args("verify", "{bundle}", "--min-map", "nan"),
+        "'nan' is not a finite number"),
+    # a manifest value of the wrong type: refused at load, before any sink hears "online"
+    Row("manifest-wrong-type", _bad_manifest_value, "postprocess.conf must be a number",
+        leftovers=["out.jsonl"]),
     # a video passed as weights: one line, not "'str' object has no attribute 'stride'"
     Row("export-video-as-weights", _video_as_weights, "is not ultralytics weights (.mp4",
         leftovers=[".out*", "out"]),

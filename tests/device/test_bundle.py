@@ -66,6 +66,15 @@ def _set(path: str, value: Any) -> Callable[[Dict[str, Any]], None]:
         (_set("class_names", "ab"), "class_names must be a list of strings"),
         (_set("preprocess/size", [32, "32"]), "preprocess.size must be [height, width]"),
         (_set("preprocess/size", [0, 32]), "preprocess.size must be [height, width]"),
+        # values the run uses, refused at load, before any sink says "online"
+        (_set("postprocess/conf", "high"), "postprocess.conf must be a number between 0 and 1"),
+        (_set("postprocess/conf", float("nan")), "postprocess.conf must be a number between 0"),
+        (_set("postprocess/iou", 2), "postprocess.iou must be a number between 0 and 1, not 2"),
+        (_set("postprocess/max_det", 0), "postprocess.max_det must be a whole number >= 1"),
+        (_set("name", 7), "name must be a string"),
+        (_set("variants/fp32/input", "images"), "variant 'fp32': input must be a JSON object"),
+        (_set("calibration", ["x.cache"]), "calibration must be a JSON object, not list"),
+        (_set("head", {"postprocess_nodes": "Sigmoid"}), "head.postprocess_nodes must be a list"),
     ],
 )
 def test_a_damaged_manifest_is_one_clear_error(
