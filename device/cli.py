@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Dict, List, NoReturn, Optional, Sequence
 
 from device.errors import JetyoloError
+from device.redact import RedactingFormatter, redact_url
 
 DEVICE_VERBS: Dict[str, str] = {
     "run": "device.run",
@@ -67,7 +68,9 @@ def _usage(known: Sequence[str]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(message)s"))  # no URL password in any log line
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     known = list(DEVICE_VERBS)
     first_two = ".".join(argv[:2])
     if not argv or (argv[0] not in DEVICE_VERBS and first_two not in DEVICE_VERBS):
@@ -100,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(rest)
         return int(module.run(args) or 0)
     except JetyoloError as exc:
-        print(f"jetyolo: error: {exc}", file=sys.stderr)
+        print(f"jetyolo: error: {redact_url(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("jetyolo: interrupted", file=sys.stderr)

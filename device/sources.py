@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from device.errors import JetyoloError
+from device.redact import redact_url
 
 LOG = logging.getLogger(__name__)
 
@@ -102,17 +103,6 @@ def default_source_name(text: str) -> str:
     if spec.kind == "images" and any(char in spec.location for char in "*?["):
         return Path(spec.location).parent.name or "images"
     return Path(spec.location).stem or spec.kind
-
-
-def redact_url(text: str) -> str:
-    """``text`` with a URL password replaced by ``***`` (``rtsp://user:***@cam/live``): what logs,
-    errors and ``STATUS=`` show of a stream."""
-    parts = urlsplit(text)
-    if parts.password is None or "@" not in parts.netloc:
-        return text
-    credentials, _, host = parts.netloc.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def parse_source(text: str) -> SourceSpec:

@@ -171,6 +171,13 @@ def _bad_manifest_value(s: Scratch) -> List[str]:
             "--backend", "onnxruntime", "--sink", f"jsonl:{s.root / 'out.jsonl'}"]
 
 
+def _config_with_secret(s: Scratch) -> List[str]:
+    config = s.root / "run.yaml"
+    config.write_text(f"bundle: {s.bundle}\nsource: {s.data.parent}/valid/images\n"
+                      f"sinks: ['mqtt://cam:{SECRET}@broker:99999']\n")
+    return ["run", "--config", str(config), "--backend", "onnxruntime"]
+
+
 ROWS = [
     # a variant file that climbs out of the bundle is never run
     Row("bundle-variant-escapes", _escaping_variant, "is not a relative path inside the bundle"),
@@ -184,6 +191,20 @@ ROWS = [
         side_effect="pwned"),
     # verify with reference files that are not polygraphy JSON (hashes rewritten to match)
     Row("verify-foreign-reference", _foreign_reference, "its reference data is not what"),
+    # credentials: never echoed, whatever is wrong with the URL or where it came from
+    Row("secret-sink-bad-port",
+        _args("run", "{bundle}", "--source", "{root}", "--sink",
+              f"mqtt://cam:{SECRET}@broker:99999"),
+        "mqtt://cam:***@broker:99999"),
+    Row("secret-sink-with-path",
+        _args("run", "{bundle}", "--source", "{root}", "--sink",
+              f"mqtt://cam:{SECRET}@broker:1883/topic"),
+        "unexpected path"),
+    Row("secret-config-file", _config_with_secret, "mqtt://cam:***@broker:99999"),
+    Row("secret-rtsp-source",
+        _args("run", "{bundle}", "--source", f"rtsp://admin:{SECRET}@127.0.0.1:9/live",
+              "--source-timeout", "0", "--backend", "onnxruntime"),
+        "rtsp://admin:***@127.0.0.1:9/live"),
     # a word for a number: one line, not 22 lines of usage
     Row("flag-not-a-number", _args("run", "{bundle}", "--conf", "high"), "--conf"),
     # NaN passes every range check unless refused where it is read

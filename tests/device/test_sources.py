@@ -360,10 +360,15 @@ def test_default_source_name_of_files_and_folders(tmp_path: Path) -> None:
         ("rtsp://user@cam3/live", "rtsp://user@cam3/live"),  # no password: unchanged
         ("http://127.0.0.1:8080/mjpeg", "http://127.0.0.1:8080/mjpeg"),
         ("/dev/video0", "/dev/video0"),  # not a URL
+        # inside any text (an error echoing a config value), a bad port, a path, an "@" in it
+        ("bad --sink 'mqtt://u:pw@host:99999': port", "bad --sink 'mqtt://u:***@host:99999': port"),
+        ("mqtt://u:p@ss@broker/x and tcp://a:b@c:1", "mqtt://u:***@broker/x and tcp://a:***@c:1"),
+        ("mqtt://u:@host", "mqtt://u:***@host"),  # an empty password: still not shown
+        ("host:8080 and user@example.com", "host:8080 and user@example.com"),  # no URL
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
-    from device.sources import redact_url
+    from device.redact import redact_url
 
     assert redact_url(url) == shown
 
