@@ -178,6 +178,22 @@ def _config_with_secret(s: Scratch) -> List[str]:
     return ["run", "--config", str(config), "--backend", "onnxruntime"]
 
 
+def _config(text: str) -> Callable[[Scratch], List[str]]:
+    def setup(s: Scratch) -> List[str]:
+        config = s.root / "run.yaml"
+        config.write_text(f"bundle: {s.bundle}\nsource: {s.data.parent}/valid/images\n{text}")
+        return ["run", "--config", str(config), "--backend", "onnxruntime"]
+
+    return setup
+
+
+def _symlinked_model(s: Scratch) -> List[str]:
+    outside = s.root / "outside.onnx"
+    (s.bundle / "model.onnx").rename(outside)
+    (s.bundle / "model.onnx").symlink_to(outside)
+    return ["bundle", "verify", str(s.bundle)]
+
+
 ROWS = [
     # a variant file that climbs out of the bundle is never run
     Row("bundle-variant-escapes", _escaping_variant, "is not a relative path inside the bundle"),
@@ -205,6 +221,13 @@ ROWS = [
         _args("run", "{bundle}", "--source", f"rtsp://admin:{SECRET}@127.0.0.1:9/live",
               "--source-timeout", "0", "--backend", "onnxruntime"),
         "rtsp://admin:***@127.0.0.1:9/live"),
+    # a link in a bundle, even to a file with the right hash
+    Row("bundle-symlink", _symlinked_model, "model.onnx is a symbolic link"),
+    # config: a key twice, NaN from YAML
+    Row("config-key-twice", _config("conf: 0.3\nconf: 0.9\n"), "key 'conf' is given twice"),
+    Row("config-nan", _config("iou: .nan\n"), "iou: nan is not a finite number"),
+    # a folder where the data.yaml belongs
+    Row("data-check-folder", _args("data", "check", "{root}"), "is a folder, not a data.yaml"),
     # a word for a number: one line, not 22 lines of usage
     Row("flag-not-a-number", _args("run", "{bundle}", "--conf", "high"), "--conf"),
     # NaN passes every range check unless refused where it is read
