@@ -265,7 +265,10 @@ def name_problem(relative: Any) -> Optional[str]:
         or "\0" in relative
         or any(part in ("", ".", "..") for part in parts)
     ):
-        return f"file name {relative!r} is not a relative path inside the bundle"
+        return (
+            f"file name {relative!r} is not a plain relative path: it could lead outside the "
+            "bundle"
+        )
     return None
 
 

@@ -196,9 +196,9 @@ def _symlinked_model(s: Scratch) -> List[str]:
 
 ROWS = [
     # a variant file that climbs out of the bundle is never run
-    Row("bundle-variant-escapes", _escaping_variant, "is not a relative path inside the bundle"),
+    Row("bundle-variant-escapes", _escaping_variant, "it could lead outside the bundle"),
     # an absolute manifest entry fails `bundle verify` instead of "OK"
-    Row("bundle-absolute-entry", _absolute_entry, "'/etc/hostname' is not a relative path"),
+    Row("bundle-absolute-entry", _absolute_entry, "'/etc/hostname' is not a plain relative path"),
     # a .pt whose unpickling runs code: refused by the safe load, the code never runs
     Row("weights-payload-export", _payload_export, "is not an ultralytics model",
         leftovers=[".out*", "out"], side_effect="pwned"),

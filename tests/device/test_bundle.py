@@ -121,7 +121,7 @@ def _rename_model(name: str) -> Callable[[Dict[str, Any]], None]:
 )
 def test_a_manifest_file_name_outside_the_bundle_is_refused(tmp_path: Path, name: str) -> None:
     root = write_bundle(tmp_path / "b", _rename_model(name))
-    with pytest.raises(JetyoloError, match="is not a relative path inside the bundle"):
+    with pytest.raises(JetyoloError, match="it could lead outside the bundle"):
         Bundle.load(root)
 
 
@@ -166,6 +166,6 @@ def test_a_symlinked_manifest_is_refused(tmp_path: Path) -> None:
 def test_bundle_path_refuses_names_that_leave_the_bundle(tmp_path: Path, relative: str) -> None:
     bundle = Bundle.load(write_bundle(tmp_path / "b", lambda m: None))
     (bundle.root / "link").symlink_to(tmp_path)  # made after the load checked the folder
-    with pytest.raises(JetyoloError, match=r"outside the bundle|not a relative path"):
+    with pytest.raises(JetyoloError, match=r"outside the bundle|not a plain relative path"):
         bundle.path(relative)
     assert bundle.path("model.onnx") == bundle.root / "model.onnx"
