@@ -10,10 +10,12 @@ place), so a reader never sees a half-written bundle.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from device.errors import JetyoloError
@@ -89,6 +91,11 @@ class Bundle:
         return dict(variants[name])
 
     def path(self, relative: str) -> Path:
+        """``relative`` inside the bundle, refused when it is not a plain relative name or
+        resolves (through a symlink) outside the bundle."""
+        problem = name_problem(relative) or _inside_problem(self.root, relative)
+        if problem:
+            raise JetyoloError(f"bundle {self.root}: {problem}; re-create it with `jetyolo export`")
         return self.root / relative
 
     def model_path(self, variant: str = "fp32") -> Path:
@@ -112,6 +119,10 @@ def read_manifest(root: Path) -> Dict[str, Any]:
     if not manifest_path.is_file():
         raise JetyoloError(
             f"bundle {root} has no {MANIFEST}; pass the folder `jetyolo export --out` made"
+        )
+    if manifest_path.is_symlink():
+        raise JetyoloError(
+            f"bundle {root}: {MANIFEST} is a symbolic link; a bundle holds regular files only"
         )
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -151,11 +162,58 @@ def check_schema(manifest: Mapping[str, Any]) -> List[str]:
     size = manifest["preprocess"].get("size")
     if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):
         problems.append("preprocess.size must be [height, width] in pixels")
+    if not isinstance(manifest["name"], str):
+        problems.append("name must be a string")
+    problems += _postprocess_problems(manifest["postprocess"])
+    problems += _section_problems(manifest)
     return problems
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _fraction(value: Any) -> bool:
+    """A finite number in [0, 1] (NaN fails every comparison, so it is refused here too)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _postprocess_problems(post: Mapping[str, Any]) -> List[str]:
+    """The thresholds the device runs with when the config gives none: checked before the run."""
+    problems = [
+        f"postprocess.{key} must be a number between 0 and 1, not {post[key]!r}"
+        for key in ("conf", "iou")
+        if key in post and not _fraction(post[key])
+    ]
+    if "max_det" in post and not _positive_int(post["max_det"]):
+        problems.append(f"postprocess.max_det must be a whole number >= 1, not {post['max_det']!r}")
+    return problems
+
+
+def _section_problems(manifest: Mapping[str, Any]) -> List[str]:
+    """Types of the optional sections the device reads (calibration, head, reference)."""
+    problems = []
+    for key in ("calibration", "head", "reference"):
+        if key in manifest and not isinstance(manifest[key], Mapping):
+            problems.append(f"{key} must be a JSON object, not {type(manifest[key]).__name__}")
+    calibration = manifest.get("calibration")
+    if isinstance(calibration, Mapping):
+        if not isinstance(calibration.get("onnx_sha256", ""), str):
+            problems.append("calibration.onnx_sha256 must be a string")
+        caches = calibration.get("caches", {})
+        if not isinstance(caches, (Mapping, list)):
+            problems.append("calibration.caches must be a JSON object or a list")
+        for key in ("fp16_layers", "uncached_tensors"):
+            if not _strings(calibration.get(key, [])):
+                problems.append(f"calibration.{key} must be a list of strings")
+    head = manifest.get("head")
+    if isinstance(head, Mapping) and not _strings(head.get("postprocess_nodes", [])):
+        problems.append("head.postprocess_nodes must be a list of strings")
+    return problems
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def _variant_problems(variants: Mapping[str, Any], files: Mapping[str, Any]) -> List[str]:
@@ -169,6 +227,11 @@ def _variant_problems(variants: Mapping[str, Any], files: Mapping[str, Any]) -> 
             for key in REQUIRED_VARIANT_KEYS
             if key not in variant
         ]
+        problems += [
+            f"variant {name!r}: {key} must be a JSON object"
+            for key in ("input", "outputs")
+            if key in variant and not isinstance(variant[key], Mapping)
+        ]
         file = variant.get("file")
         if not isinstance(file, str) or file not in files:
             problems.append(
@@ -178,12 +241,59 @@ def _variant_problems(variants: Mapping[str, Any], files: Mapping[str, Any]) -> 
 
 
 def _file_entry_problems(files: Mapping[str, Any]) -> List[str]:
-    """Each ``files`` entry must carry the sha256 and size ``verify_files`` compares."""
-    return [
+    """Each ``files`` entry must be a plain relative name and carry the sha256 and size
+    ``verify_files`` compares."""
+    problems = [problem for problem in map(name_problem, files) if problem]
+    return problems + [
         f"files entry {relative!r} needs a sha256 string and a size in bytes"
         for relative, entry in files.items()
         if not _file_entry_ok(entry)
     ]
+
+
+def name_problem(relative: Any) -> Optional[str]:
+    """Why ``relative`` is not a plain path inside a bundle (``model.onnx``, ``reference/x.json``),
+    or None. Absolute paths, ``..``, ``.``, empty parts and backslashes are refused: the names
+    come from an untrusted manifest and are joined to the bundle folder (and, by `service
+    install`, to a rootfs)."""
+    if not isinstance(relative, str) or not relative:
+        return f"file name {relative!r} must be a non-empty string"
+    parts = relative.split("/")
+    if (
+        PurePosixPath(relative).is_absolute()
+        or "\\" in relative
+        or "\0" in relative
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        return (
+            f"file name {relative!r} is not a plain relative path: it could lead outside the "
+            "bundle"
+        )
+    return None
+
+
+def _inside_problem(root: Path, relative: str) -> Optional[str]:
+    """Why ``root/relative`` leaves ``root`` once symlinks are resolved, or None."""
+    resolved_root = root.resolve()
+    resolved = (root / relative).resolve()
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        return f"{relative} resolves to {resolved}, outside the bundle"
+    return None
+
+
+def link_problems(root: Path) -> List[str]:
+    """Symbolic links and special files (fifos, devices, sockets) anywhere in the bundle folder:
+    a bundle holds regular files and folders only, so a link cannot smuggle an outside file in."""
+    problems = []
+    for folder, dirs, names in os.walk(root):
+        for name in [*dirs, *names]:
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                problems.append(f"{path.relative_to(root)} is a symbolic link")
+            elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                problems.append(f"{path.relative_to(root)} is not a regular file")
+    return problems
 
 
 def _file_entry_ok(entry: Any) -> bool:
@@ -194,11 +304,15 @@ def _file_entry_ok(entry: Any) -> bool:
 
 
 def verify_files(root: Path, manifest: Mapping[str, Any]) -> List[str]:
-    """Every listed file exists with its recorded size and sha256; empty list when all match."""
-    problems = []
+    """No links or special files in the bundle, and every listed file exists inside it with its
+    recorded size and sha256; empty list when all is well."""
+    problems = link_problems(root)
     for relative, entry in manifest["files"].items():
         path = root / relative
-        if not path.is_file():
+        outside = _inside_problem(root, relative)
+        if outside:
+            problems.append(outside)
+        elif not path.is_file():
             problems.append(f"{relative} is missing")
         elif path.stat().st_size != entry["size"]:
             problems.append(

@@ -10,6 +10,7 @@ file's folder, so a unit file can point at one config next to its bundle.
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,6 +23,7 @@ from device.sinks.urls import FORMS as SINK_FORMS
 from device.tracking import TRACKER_KINDS
 from device.tracking_config import parse_tracking
 
+INFINITY_ALLOWED = ("source_timeout_s",)  # inf: wait for the camera forever (docs/runtime.md)
 REQUIRED_KEYS = ("bundle", "source")  # what `jetyolo run` needs; `jetyolo build` only the bundle
 PATH_KEYS = ("bundle", "spool_dir", "engine_cache_dir", "mqtt_ca", "mqtt_cert", "mqtt_key",
              "http_token_file", "http_basic_auth_file")
@@ -240,6 +242,10 @@ def check_value(key: str, value: Any, origin: str = "config") -> Any:
         value = float(value)
     if not isinstance(value, rule.kind) or (rule.kind is not bool and isinstance(value, bool)):
         raise _reject(origin, key, f"must be {rule.kind.__name__}, got {value!r} ({rule.help})")
+    if isinstance(value, float) and not math.isfinite(value) and not (
+        value == math.inf and key in INFINITY_ALLOWED
+    ):  # NaN passes every range check below (nan < low and nan > high are both false)
+        raise _reject(origin, key, f"{value!r} is not a finite number ({rule.help})")
     _check_allowed(origin, key, rule, value)
     if rule.check is not None:
         rule.check(value, origin)
@@ -303,6 +309,31 @@ def config_from_mapping(values: Mapping[str, Any], origin: str = "config") -> Ru
     return _complete(checked_values(values, origin), origin)
 
 
+class _RepeatedKey(ValueError):
+    """A mapping key given twice: YAML keeps the last silently, which hides a typo'd edit."""
+
+
+def _unique_key_loader() -> Any:
+    """yaml's SafeLoader refusing a key given twice in one mapping."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        lines: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _RepeatedKey(f"key {key!r} is given twice (lines {lines[key]} and {line})")
+            lines[key] = line
+        return loader.construct_mapping(node, deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
+
+
 def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
     """The YAML mapping in ``path``, with path keys made relative to the file's folder."""
     import yaml
@@ -316,13 +347,18 @@ def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise JetyoloError(f"config file {path} cannot be read as UTF-8 text ({exc})") from exc
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_unique_key_loader()) or {}
+    except _RepeatedKey as exc:
+        raise JetyoloError(f"config file {path}: {exc}; keep one of them") from exc
     except yaml.YAMLError as exc:
         reason = str(exc).replace("\n", " ")
         raise JetyoloError(f"config file {path} is not valid YAML: {reason}") from exc
     if not isinstance(data, dict):
         raise JetyoloError(f"config file {path} must be a mapping of keys to values, "
                            f"got {type(data).__name__}")
+    source = data.get("source")
+    if isinstance(source, int) and not isinstance(source, bool):
+        data["source"] = str(source)  # `source: 0`, the camera index docs/runtime.md lists
     for key in PATH_KEYS:
         value = data.get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():

@@ -26,7 +26,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from device.calibcache import parse_trt_version
 from device.choice import FP16_VARIANT, MIB, QDQ_VARIANT
 from device.errors import JetyoloError
-from device.files import atomic_write_bytes, atomic_write_json, make_writable_dir, sha256_file
+from device.files import (
+    PRIVATE_DIR,
+    PRIVATE_FILE,
+    atomic_write_bytes,
+    atomic_write_json,
+    make_writable_dir,
+    sha256_file,
+)
 
 KEY_SCHEMA = 2  # bump when the build recipe changes in a way that makes old plans stale
 
@@ -165,21 +172,21 @@ def write_plan(
     if not plan_bytes:
         raise JetyoloError("TensorRT returned an empty engine; see the TensorRT log above")
     plan = Path(plan)
-    atomic_write_bytes(plan, plan_bytes)
+    atomic_write_bytes(plan, plan_bytes, PRIVATE_FILE)
     meta = {
         "key": key.to_json(),
         "plan": {"file": plan.name, "size": len(plan_bytes), "sha256": sha256_file(plan)},
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     meta.update(extra or {})
-    atomic_write_json(sidecar_path(plan), meta)
+    atomic_write_json(sidecar_path(plan), meta, PRIVATE_FILE)
     return plan
 
 
 def check_cache_dir(folder: Path) -> None:
     """Refuse an engine cache this user cannot write before the build, not after its minutes."""
     try:
-        make_writable_dir(folder)
+        make_writable_dir(folder, PRIVATE_DIR)
     except OSError as exc:
         raise JetyoloError(
             f"engine cache {folder} is not writable ({exc.strerror or exc}); pass --cache-dir "

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from device.errors import JetyoloError
 
@@ -23,8 +23,13 @@ def sha256_file(path: Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and a rename."""
+PRIVATE_FILE = 0o600  # engines, timing caches, spool: the service user's alone, whatever the umask
+PRIVATE_DIR = 0o700
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` (permissions ``mode``, whatever the umask) through a temp file
+    in the same directory and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -33,21 +38,25 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def atomic_write_json(path: Union[str, Path], obj: Any, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), mode)
 
 
-def make_writable_dir(path: Path) -> None:
+def make_writable_dir(path: Path, mode: Optional[int] = None) -> None:
     """Create ``path`` (and its parents) and prove this user can create files in it with a probe
-    file (``os.access`` says yes to root even on read-only mounts). Raises ``OSError``."""
+    file (``os.access`` says yes to root even on read-only mounts). A folder this call creates
+    gets ``mode`` whatever the umask (an existing one is left as it is). Raises ``OSError``."""
+    created = not path.is_dir()
     path.mkdir(parents=True, exist_ok=True)
+    if created and mode is not None:
+        os.chmod(path, mode)
     fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
     os.close(fd)
     os.unlink(probe)

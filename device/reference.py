@@ -116,24 +116,34 @@ def load_reference(bundle: Bundle) -> Reference:
             f"{str(recorded)[:12]}, the bundle's {section['variant']} model is {current[:12]}; "
             "re-run `jetyolo reference` after changing the model"
         )
-    data = json.loads(bundle.path(REFERENCE_DETECTIONS).read_text())
-    images = [
-        ReferenceImage(
-            image["name"],
-            Letterbox.fit(_size(image["geometry"]["frame_size"]), bundle.input_size),
-            detections_from_records(image["detections"]),
-        )
-        for image in data["images"]
-    ]
-    post = PostprocessConfig(**data["postprocess"])
-    with G_LOGGER.verbosity(G_LOGGER.WARNING):
-        inputs = load_json(str(bundle.path(REFERENCE_INPUTS)), description="reference inputs")
-        outputs = RunResults.load(str(bundle.path(REFERENCE_OUTPUTS)))
+    try:  # the files are hashed, not trusted: a rehashed manifest can list anything
+        data = json.loads(bundle.path(REFERENCE_DETECTIONS).read_text())
+        images = [
+            ReferenceImage(
+                image["name"],
+                Letterbox.fit(_size(image["geometry"]["frame_size"]), bundle.input_size),
+                detections_from_records(image["detections"]),
+            )
+            for image in data["images"]
+        ]
+        post = PostprocessConfig(**data["postprocess"])
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # its critical() would print, then raise
+            inputs = load_json(str(bundle.path(REFERENCE_INPUTS)), description="reference inputs")
+            outputs = RunResults.load(str(bundle.path(REFERENCE_OUTPUTS)))
+        if not (isinstance(inputs, list) and all(isinstance(feed, dict) for feed in inputs)):
+            raise TypeError(f"{REFERENCE_INPUTS} holds a {type(inputs).__name__}, not feeds")
+        conf = float(data["conf"])
+    except Exception as exc:  # JSON, polygraphy, key and type errors alike: the same cause
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise JetyoloError(
+            f"bundle {bundle.root}: its reference data is not what `jetyolo reference` writes "
+            f"({type(exc).__name__}: {first_line}); re-run `jetyolo reference` on the host"
+        ) from exc
     return Reference(
         section=dict(section),
-        inputs=list(inputs),
+        inputs=inputs,
         outputs=outputs,
         images=images,
-        conf=float(data["conf"]),
+        conf=conf,
         postprocess=post,
     )

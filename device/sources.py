@@ -34,8 +34,16 @@ import cv2
 import numpy as np
 
 from device.errors import JetyoloError
+from device.redact import redact_url
 
 LOG = logging.getLogger(__name__)
+
+# FFmpeg's own log lines ("moov atom not found", "error while decoding MB") go straight to the
+# terminal, past our logging; jetyolo says what they mean in its own lines instead. OpenCV reads
+# this when it first opens a file with FFmpeg. `quiet_native_logs(False)` (--verbose) or an
+# OPENCV_FFMPEG_LOGLEVEL of your own keeps them.
+FFMPEG_LOGLEVEL_ENV = "OPENCV_FFMPEG_LOGLEVEL"
+FFMPEG_QUIET = "-8"  # AV_LOG_QUIET (libavutil/log.h)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SOURCE_KINDS = ("file", "images", "v4l2", "csi", "rtsp", "stream", "gstreamer")
@@ -95,17 +103,6 @@ def default_source_name(text: str) -> str:
     if spec.kind == "images" and any(char in spec.location for char in "*?["):
         return Path(spec.location).parent.name or "images"
     return Path(spec.location).stem or spec.kind
-
-
-def redact_url(text: str) -> str:
-    """``text`` with a URL password replaced by ``***`` (``rtsp://user:***@cam/live``): what logs,
-    errors and ``STATUS=`` show of a stream."""
-    parts = urlsplit(text)
-    if parts.password is None or "@" not in parts.netloc:
-        return text
-    credentials, _, host = parts.netloc.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def parse_source(text: str) -> SourceSpec:
@@ -192,6 +189,62 @@ def list_images(pattern: str) -> List[Path]:
 # ---- sources -----------------------------------------------------------------------------------
 
 
+def quiet_native_logs(quiet: bool = True) -> None:
+    """FFmpeg's and OpenCV's own log lines off the terminal (``quiet``) or back on."""
+    if quiet:
+        os.environ.setdefault(FFMPEG_LOGLEVEL_ENV, FFMPEG_QUIET)
+    elif os.environ.get(FFMPEG_LOGLEVEL_ENV) == FFMPEG_QUIET:
+        del os.environ[FFMPEG_LOGLEVEL_ENV]
+    logging_api = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging_api is not None:
+        logging_api.setLogLevel(
+            logging_api.LOG_LEVEL_ERROR if quiet else logging_api.LOG_LEVEL_WARNING
+        )
+
+
+quiet_native_logs()
+
+
+def _top_level_boxes(path: Path) -> List[bytes]:
+    """The types of an ISO-BMFF (MP4/MOV) file's complete top-level boxes, in order (a cut file
+    ends early). Only to say why FFmpeg refused the file."""
+    types = []
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        offset = 0
+        while offset + 8 <= size:
+            handle.seek(offset)
+            header = handle.read(16)
+            length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if length == 1 and len(header) == 16:  # 64-bit size follows the type
+                length = int.from_bytes(header[8:16], "big")
+            elif length == 0:  # the box runs to the end of the file
+                length = size - offset
+            if length < 8 or offset + length > size:  # damaged, or cut inside this box
+                break
+            types.append(kind)
+            offset += length
+    return types
+
+
+def file_open_failure(path: Path) -> str:
+    """Why the existing file ``path`` does not open as a video, from its bytes."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc}); check that this user may read it"
+    if not head:
+        return "the file is empty"
+    if head[4:8] == b"ftyp" and b"moov" not in _top_level_boxes(path):
+        return (
+            "it is a truncated MP4/MOV: its index is missing (FFmpeg: moov atom not found), as "
+            "when a recording is cut before it finishes; copy the complete file (recorders that "
+            "write the index first, ffmpeg -movflags +faststart, stay readable when cut)"
+        )
+    return "it is corrupt, truncated or not a video FFmpeg can read; `ffprobe` says more"
+
+
 class Source:
     """Base: a name, whether it is live, counters, and ``frames(stop)``."""
 
@@ -228,6 +281,7 @@ class ImageSource(Source):
         self.paths = paths
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        decoded = 0
         for index, path in enumerate(self.paths):
             if stop.is_set():
                 return
@@ -236,7 +290,13 @@ class ImageSource(Source):
                 self.decode_errors += 1
                 LOG.warning("source: %s cannot be decoded; skipped", path)
                 continue
+            decoded += 1
             yield Frame(index, time.time(), image)
+        if not decoded:
+            raise JetyoloError(
+                f"source {self.name!r}: none of its {len(self.paths)} images decodes (corrupt, "
+                "or not images whatever their names say); pass a folder of JPEG or PNG images"
+            )
 
     def frame_size(self) -> Optional[Tuple[int, int]]:
         """The first readable image's size (a folder of one camera's stills)."""
@@ -256,19 +316,25 @@ class VideoFileSource(Source):
         self.frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
-        index = 0
+        index, decoded = 0, 0
         failed: List[int] = []  # indices that failed since the last good frame
         while not stop.is_set():
             ok, image = self._capture.read()
             if ok and image is not None:
                 self._count_skipped(failed)
                 failed = []
+                decoded += 1
                 yield Frame(index, time.time(), image)
             elif index >= self.frame_count or len(failed) >= MAX_CONSECUTIVE_DECODE_ERRORS:
                 break
             else:
                 failed.append(index)
             index += 1
+        if not decoded and not stop.is_set():
+            raise JetyoloError(
+                f"source {self.name!r} opens but not one frame of it decodes: it is corrupt, "
+                "truncated or not a video FFmpeg can read; `ffprobe` says more"
+            )
         if failed:  # failures with no good frame after them: the file is shorter than it says
             LOG.info("source: %s ended at frame %d; its header says %d frames", self.name,
                      failed[0], self.frame_count)
@@ -482,7 +548,12 @@ def open_source(
             raise JetyoloError(f"source {text!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
         return ImageSource(text, paths)
     if spec.kind == "file":
-        capture = _checked_open(text, lambda: cv2.VideoCapture(spec.location, cv2.CAP_FFMPEG))
+        capture = cv2.VideoCapture(spec.location, cv2.CAP_FFMPEG)
+        if not capture.isOpened():
+            capture.release()
+            raise JetyoloError(
+                f"source {text!r} is not a readable video: {file_open_failure(Path(text))}"
+            )
         return VideoFileSource(text, capture)
     return LiveSource(redact_url(text), live_opener(spec, options), options.reconnect_max_s,
                       options.source_timeout_s, on_wait)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from device.argtypes import finite_float
 from device.bundle import Bundle
 from device.config import RunConfig, load_config, optional_path
 from device.errors import JetyoloError
@@ -69,17 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP,
                         help=f"models (and their engines) kept in the store (default "
                              f"{DEFAULT_KEEP})")
-    parser.add_argument("--wait-s", type=float, default=120.0,
+    parser.add_argument("--wait-s", type=finite_float, default=120.0,
                         help="how long to wait for the running service to switch (default 120)")
     parser.add_argument("--nice", type=int, default=10,
                         help="niceness of the copy, build and verify (default 10)")
     guard = parser.add_argument_group("guards of the new model's first minutes")
-    guard.add_argument("--probation-s", type=float, default=DEFAULT_PROBATION_S,
+    guard.add_argument("--probation-s", type=finite_float, default=DEFAULT_PROBATION_S,
                        help=f"how long the guards watch (default {DEFAULT_PROBATION_S:g})")
     guard.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
                        help="service starts within the probation beyond which the model is "
                             f"rolled back (default {DEFAULT_MAX_RESTARTS})")
-    guard.add_argument("--rate-guard", type=float, default=None, metavar="RATIO",
+    guard.add_argument("--rate-guard", type=finite_float, default=None, metavar="RATIO",
                        help="roll back when the new model's detections per frame fall below "
                             "RATIO x the old model's (off by default; e.g. 0.5)")
 

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from device.argtypes import finite_float
 from device.backends import Backend, open_chosen
 from device.bundle import Bundle
 from device.choice import BACKEND_KINDS, INT8_SOURCES, PRECISIONS, QDQ_VARIANT, BackendChoice
@@ -483,11 +484,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gate.add_argument("--check-error-stat", choices=("max", "mean", "median"))
     gate.add_argument("--tensor-gate", choices=("on", "off"),
                       help="gate on tensor tolerances (default: on for fp32/fp16, off for int8)")
-    gate.add_argument("--pair-iou", type=float, help="IoU to pair device and reference boxes")
-    gate.add_argument("--min-iou", type=float, help="IoU a pair needs to agree")
-    gate.add_argument("--max-score-delta", type=float)
-    gate.add_argument("--min-agreement", type=float)
-    gate.add_argument("--min-map", type=float, help="mAP50-95 of device vs reference (max 0.995)")
+    gate.add_argument("--pair-iou", type=finite_float,
+                      help="IoU to pair device and reference boxes")
+    gate.add_argument("--min-iou", type=finite_float, help="IoU a pair needs to agree")
+    gate.add_argument("--max-score-delta", type=finite_float)
+    gate.add_argument("--min-agreement", type=finite_float)
+    gate.add_argument("--min-map", type=finite_float,
+                      help="mAP50-95 of device vs reference (max 0.995)")
     parser.add_argument("--report", type=Path, help="write the JSON report here")
     parser.add_argument("--verbose", action="store_true", help="show polygraphy's own log")
 

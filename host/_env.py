@@ -31,6 +31,10 @@ def ultralytics_offline(verb: str) -> ModuleType:
         os.environ.setdefault("YOLO_CONFIG_DIR", str(PROJECT_CONFIG_DIR / "ultralytics"))
     )
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    # Weights are untrusted input: ultralytics' restricted loading (torch.load(weights_only=True)
+    # with an allow-list of its model classes) instead of a full unpickle, which runs any code a
+    # .pt carries. Read once, at ultralytics' import; ULTRALYTICS_SAFE_LOAD=0 opts out.
+    os.environ.setdefault("ULTRALYTICS_SAFE_LOAD", "1")
     font = config_dir / "Ultralytics" / "Arial.ttf"
     if not font.exists():
         font.parent.mkdir(parents=True, exist_ok=True)

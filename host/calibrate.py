@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from device import calibcache
+from device.argtypes import finite_float
 from device.bundle import Bundle, add_files
 from device.errors import JetyoloError
 from device.files import atomic_write_json
@@ -430,7 +431,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(10.3.0 = JetPack 6.1/6.2, 8.6.2 = JP 6.0, 8.5.2 = JP 5.1; "
                              f"default {' '.join(DEFAULT_RECIPE['trt_versions'])})")
     parser.add_argument("--data", type=Path, help="data.yaml: gate INT8 on its val split mAP")
-    parser.add_argument("--max-drop", type=float,
+    parser.add_argument("--max-drop", type=finite_float,
                         help=f"allowed mAP50-95 drop in points ({DEFAULT_RECIPE['max_drop']})")
     parser.add_argument("--max-fp16-layers", type=int,
                         help="most sensitive layers the gate may keep in FP16 "

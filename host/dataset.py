@@ -113,6 +113,10 @@ class DatasetReport:
 
 def load_data_yaml(data_yaml: Path) -> Dict[str, Any]:
     """The yaml as a dict, or one clear error for a missing, unreadable or malformed file."""
+    if data_yaml.is_dir():
+        inside = sorted(p.name for p in data_yaml.glob("*.y*ml"))
+        hint = f"pass {data_yaml / inside[0]}" if inside else "pass the data.yaml of the dataset"
+        raise JetyoloError(f"{data_yaml} is a folder, not a data.yaml; {hint}")
     if not data_yaml.is_file():
         raise JetyoloError(
             f"data.yaml {data_yaml} does not exist; pass the data.yaml of a YOLO dataset"
@@ -256,7 +260,8 @@ def resolve_splits(data: Dict[str, Any], data_yaml: Path, report: DatasetReport)
                     _unresolved(split, entry, path, report)
                     new_entries.append(entry)
                     continue
-                report.repairs.append(f"{split}: {entry!r} -> {_yaml_relative(found, yaml_dir)!r}")
+                repaired = _yaml_relative(found, yaml_dir)
+                report.repairs.append(f"{split}: {_quoted(entry)} -> {_quoted(repaired)}")
                 path, any_repaired = found, True
             sources.append(path)
             new_entries.append(_yaml_relative(path, yaml_dir))
@@ -266,8 +271,13 @@ def resolve_splits(data: Dict[str, Any], data_yaml: Path, report: DatasetReport)
     return changed
 
 
+def _quoted(path: str) -> str:
+    """``'C:\\data\\train'`` as written in the yaml: repr() would double each backslash."""
+    return f"'{path}'"
+
+
 def _unresolved(split: str, entry: str, path: Path, report: DatasetReport) -> None:
-    message = f"{split}: {entry!r} not found (looked for {path} and next to the data.yaml)"
+    message = f"{split}: {_quoted(entry)} not found (looked for {path} and next to the data.yaml)"
     if split == "test":
         report.warnings.append(f"{message}; ultralytics ignores 'test' unless you validate on it")
     else:

@@ -318,7 +318,10 @@ def export_bundle(
     if reference_images is not None and reference_num:
         select_images(reference_images, reference_num, "--reference-images")  # fail now too
     config = PostprocessConfig()
-    with tempfile.TemporaryDirectory(prefix="jetyolo-export-") as tmp:
+    beside = existing_parent(out)
+    clean_stale_exports(beside)
+    work_prefix = f".{out.name}.export-{os.getpid()}."
+    with tempfile.TemporaryDirectory(prefix=work_prefix, dir=beside) as tmp:
         workdir = Path(tmp)
         model, applied = fp32_model(weights, workdir, imgsz, batch, opset, head)
         files = {"model.onnx": _save(model, workdir / "model.onnx")}
@@ -436,6 +439,47 @@ def fp32_model(
 def _save(model: Any, path: Path) -> Path:
     require("onnx", "export").save(model, str(path))
     return path
+
+
+# What an export leaves beside --out while it works (its pid in the name): the staging bundle
+# `.OUT.export-PID`, its write_new_bundle temp `..OUT.export-PID.XXXX` and the work folder
+# `.OUT.export-PID.XXXX`. A killed export leaves them behind; the next one removes them.
+STALE_EXPORT = re.compile(r"^\.+.+\.export-(?P<pid>\d+)(\..+)?$")
+
+
+def existing_parent(out: Path) -> Path:
+    """The folder ``out`` will be renamed into, or its nearest existing ancestor: temporary files
+    go there (same filesystem as --out, so the final rename is atomic; not /tmp)."""
+    parent = out.resolve().parent
+    while not parent.is_dir():
+        parent = parent.parent
+    return parent
+
+
+def clean_stale_exports(folder: Path) -> List[Path]:
+    """Remove the temporary folders of exports that were killed: ours by name and owner, and
+    only when the pid in the name is no longer running. Returns what was removed."""
+    removed = []
+    for path in folder.iterdir():
+        match = STALE_EXPORT.match(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        if path.stat().st_uid != os.getuid() or _pid_running(int(match["pid"])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("export: removed %s, left by a killed export (pid %s)", path, match["pid"])
+        removed.append(path)
+    return removed
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        return True
+    return True
 
 
 def _variant(model: Any, graph_pass: surgeon.GraphPass) -> Any:

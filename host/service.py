@@ -288,10 +288,10 @@ def bundle_name(bundle: Path) -> str:
 
 def bundle_entries(bundle: Path) -> Tuple[str, List[Entry]]:
     """The bundle's manifest and listed files (verified) below /opt/jetyolo/bundles/NAME."""
-    loaded = Bundle.load(bundle, verify=True)
+    loaded = Bundle.load(bundle, verify=True)  # refuses names outside it, links, special files
     target = f"{BUNDLES}/{bundle_name(bundle)}"
     names = ["manifest.json", *sorted(loaded.manifest["files"])]
-    return target, [Entry(f"{target}/{name}", source=loaded.root / name) for name in names]
+    return target, [Entry(f"{target}/{name}", source=loaded.path(name)) for name in names]
 
 
 # --- Wheelhouse -------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import yaml
 
 from device.errors import JetyoloError
 from device.files import atomic_write_json, prepare_output_dir
+from host._env import require
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,28 @@ def make_dataset(
     return out / "data.yaml"
 
 
+def faststart(source: Path, target: Path) -> None:
+    """Remux the MP4 ``source`` (OpenCV writes its index, the moov atom, at the end: a cut file
+    has none and nothing in it plays) into ``target`` with the index first, as cameras'
+    recorders do, so a truncated copy still plays up to the cut. Stream copy: the frames are
+    OpenCV's bytes. Through a temp file and a rename."""
+    av = require("av", "data synth")
+    partial = target.with_name(f".{target.name}.faststart")
+    try:
+        with av.open(str(source)) as read, av.open(
+            str(partial), "w", format="mp4", options={"movflags": "+faststart"}
+        ) as write:
+            video = read.streams.video[0]
+            copied = write.add_stream_from_template(video)
+            for packet in read.demux(video):
+                if packet.dts is not None:  # the demuxer's final flush packet carries no data
+                    packet.stream = copied
+                    write.mux(packet)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def make_video(
     path: Path, classes: int, size: Tuple[int, int], frames: int, seed: int, fps: int = 30
 ) -> Path:
@@ -300,7 +323,10 @@ def make_video(
         tmp_video.unlink(missing_ok=True)
         raise
     writer.release()
-    os.replace(tmp_video, path)
+    try:
+        faststart(tmp_video, path)
+    finally:
+        tmp_video.unlink(missing_ok=True)
     names = [name for name, _, _ in CLASSES[:classes]]
     atomic_write_json(
         path.with_suffix(".json"),

@@ -20,6 +20,7 @@ from typing import Any, DefaultDict, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from device.argtypes import finite_float
 from device.config import read_config_file
 from device.errors import JetyoloError
 from device.files import atomic_write_json
@@ -200,9 +201,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the run's config file: its `tracking: lines` are counted in the "
                              "truth too")
     parser.add_argument("--source", help="source name in the results (default: every message)")
-    parser.add_argument("--min-visible", type=float, default=0.3,
+    parser.add_argument("--min-visible", type=finite_float, default=0.3,
                         help="objects less visible than this are don't-care (default 0.3)")
-    parser.add_argument("--min-idf1", type=float, default=0.9, help="gate (default 0.9)")
+    parser.add_argument("--min-idf1", type=finite_float, default=0.9, help="gate (default 0.9)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--no-gate", action="store_true",
                         help="report the figures and exit 0 below the targets too (the demo)")

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from device.argtypes import finite_float
 from device.errors import JetyoloError
-from host._env import require, ultralytics_offline
+from host._env import ultralytics_offline
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = {
@@ -34,6 +35,7 @@ class TrainResult:
     metrics: Dict[str, float]
 
 
+MODEL_SUFFIXES = (".pt", ".yaml", ".yml")
 # RT-DETR is refused, not half-supported: its output is a third contract ([B, 300, 4+nc]: boxes
 # normalised to 0..1, no NMS) that nothing on the device decodes or tests; it needs ultralytics'
 # RTDETR class and its own training recipe; and its smallest model (rtdetr-l, 32 M parameters)
@@ -47,8 +49,14 @@ RTDETR_UNSUPPORTED = (
 
 def load_detect_model(model: str, verb: str = "train") -> Any:
     """A ultralytics YOLO detect model from a .pt or a model yaml, or a clear error."""
+    suffix = Path(model).suffix.lower()
+    if suffix not in MODEL_SUFFIXES:
+        raise JetyoloError(
+            f"{model} is not ultralytics weights ({suffix or 'no suffix'}, not .pt) or a model "
+            "yaml; pass the best.pt `jetyolo train` printed or a yaml such as yolo11n.yaml"
+        )
     ultralytics = ultralytics_offline(verb)
-    is_yaml = model.endswith((".yaml", ".yml"))
+    is_yaml = suffix in (".yaml", ".yml")
     if is_yaml and "rtdetr" in Path(model).name.lower():
         raise JetyoloError(f"{model}: {RTDETR_UNSUPPORTED}")
     if not is_yaml and not Path(model).is_file():
@@ -103,9 +111,11 @@ def train(
             raise JetyoloError(
                 f"--resume: no {last} to resume from; drop --resume to start run {name!r}"
             )
-        _require_unfinished(last, name)
-        yolo = load_detect_model(str(last))
-        yolo.train(resume=True)
+        yolo = load_detect_model(str(last))  # ultralytics' safe load, like any other .pt
+        _require_unfinished(yolo.ckpt, last, name)
+        # The checkpoint's train_args would choose the dataset and the folder written to: a
+        # last.pt from elsewhere (or crafted) must not. Both are overrides ultralytics accepts.
+        yolo.train(resume=True, data=str(data), save_dir=str(run_dir))
     else:
         yolo = load_detect_model(model)
         yolo.train(
@@ -169,15 +179,8 @@ def check_train_args(epochs: int, imgsz: int, batch: int) -> None:
         )
 
 
-def _require_unfinished(last: Path, name: str) -> None:
+def _require_unfinished(checkpoint: Any, last: Path, name: str) -> None:
     """ultralytics asserts deep inside train() when a run already finished; say it up front."""
-    torch = require("torch", "train")
-    try:
-        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle/zip errors of many kinds
-        raise JetyoloError(
-            f"--resume: {last} is not a loadable checkpoint ({_first_line(exc)})"
-        ) from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("epoch", -1) < 0:
         raise JetyoloError(
             f"--resume: run {name!r} finished all its epochs, nothing to resume; start a new run "
@@ -219,9 +222,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optimizer", default="auto", help="SGD, Adam, AdamW, ... (default: ultralytics' auto)"
     )
-    parser.add_argument("--lr0", type=float, help="initial learning rate (needs --optimizer)")
     parser.add_argument(
-        "--warmup-epochs", type=float, help="learning-rate warm-up epochs (ultralytics: 3)"
+        "--lr0", type=finite_float, help="initial learning rate (needs --optimizer)"
+    )
+    parser.add_argument(
+        "--warmup-epochs", type=finite_float, help="learning-rate warm-up epochs (ultralytics: 3)"
     )
 
 

@@ -21,7 +21,7 @@ from device.backends.tensorrt_util import cuda_init, import_pycuda, import_tenso
 from device.build_plan import BuildPlan, LayerRecord
 from device.engine import DeviceFacts, TensorRTOps
 from device.errors import JetyoloError
-from device.files import atomic_write_bytes
+from device.files import PRIVATE_FILE, atomic_write_bytes
 from device.l4t import parse_meminfo, read_l4t_release
 
 HEARTBEAT_SECONDS = 30.0
@@ -309,7 +309,7 @@ def _save_timing_cache(config: Any, path: Path, log: Callable[[str], None]) -> N
     if cache is None:
         return
     try:
-        atomic_write_bytes(path, bytes(cache.serialize()))
+        atomic_write_bytes(path, bytes(cache.serialize()), PRIVATE_FILE)
     except OSError as exc:
         log(f"engine: timing cache {path} not saved ({exc.strerror or exc}); the engine is kept")
 

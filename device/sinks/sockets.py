@@ -167,8 +167,16 @@ class UdpSink(Sink):
             family, _, _, _, address = infos[0]
         except OSError as err:
             raise JetyoloError(f"--sink {url.name}: cannot resolve {url.host!r} ({err})") from err
-        self._address = address
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        # Connected: the kernel then drops datagrams from anyone but host:port, and the
+        # socket is bound to the one local address that routes there, not to 0.0.0.0.
+        try:
+            self._sock.connect(address)
+        except OSError as err:
+            self._sock.close()
+            raise JetyoloError(
+                f"--sink {url.name}: cannot reach {url.host!r} ({err.strerror or err})"
+            ) from err
         self._last_error: Optional[str] = None
 
     def write(self, messages: List[Outgoing]) -> None:
@@ -178,7 +186,7 @@ class UdpSink(Sink):
                 self._fail(f"a {len(line)}-byte message does not fit in one datagram")
                 continue
             try:
-                self._sock.sendto(line, self._address)
+                self._sock.send(line)
             except OSError as err:
                 self._fail(err.strerror or str(err))
 

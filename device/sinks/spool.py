@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any, List, Optional, Sequence
 
 from device.errors import JetyoloError
-from device.files import make_writable_dir
+from device.files import PRIVATE_DIR, PRIVATE_FILE, make_writable_dir
 from device.message import message_time
 from device.sinks.base import Outgoing
 
@@ -50,16 +50,27 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     """A connection in autocommit mode (we BEGIN ourselves), WAL, usable from one other thread."""
     try:
+        _make_private(path)
         db = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.executescript(_SCHEMA)
-    except sqlite3.Error as err:
+    except (sqlite3.Error, OSError) as err:
         raise JetyoloError(
             f"cannot use the spool database {path}: {err}; "
             "choose a writable spool directory on a local disk (--spool-dir)"
         ) from err
     return db
+
+
+def _make_private(path: Path) -> None:
+    """The database (and its -wal/-shm, which SQLite creates with the database's mode) 0600
+    whatever the umask: spooled messages are detections nobody else on the device should read."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    for suffix in ("", "-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            os.chmod(companion, PRIVATE_FILE)
 
 
 class SpoolLock:
@@ -71,7 +82,8 @@ class SpoolLock:
 
     def acquire(self) -> None:
         try:
-            handle = open(self.path, "a+")  # noqa: SIM115 - held open for the life of the lock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, PRIVATE_FILE)
+            handle = os.fdopen(fd, "a+")  # held open for the life of the lock
         except OSError as err:  # e.g. left behind by a run as another user
             raise JetyoloError(
                 f"cannot open the spool lock {self.path} ({err.strerror or err}); remove it or "
@@ -101,7 +113,7 @@ class SpoolLock:
 def prepare_spool_dir(spool_dir: Path) -> Path:
     """Create ``spool_dir`` and check it is writable; the path of the database in it."""
     try:
-        make_writable_dir(spool_dir)
+        make_writable_dir(spool_dir, PRIVATE_DIR)
     except OSError as err:
         raise JetyoloError(
             f"spool directory {spool_dir} is not writable ({err.strerror or err}); "

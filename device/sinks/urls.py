@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from device.errors import JetyoloError
+from device.redact import redact_url
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 DEFAULT_TCP_HOST = "127.0.0.1"
@@ -34,7 +35,7 @@ class SinkUrl:
 
 
 def _bad(text: str, why: str) -> JetyoloError:
-    return JetyoloError(f"bad --sink {text!r}: {why}; expected one of {FORMS}")
+    return JetyoloError(f"bad --sink {redact_url(text)!r}: {why}; expected one of {FORMS}")
 
 
 def _port(text: str, parts: SplitResult, default: Optional[int]) -> int:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from device.argtypes import finite_float
 from device.bench.common import T0_ENV
 from device.bench.tracking import markdown_lines, tracking_costs
 from device.bundle import Bundle
@@ -337,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundle folder(s); one section per bundle (e.g. 640 and 320)")
     parser.add_argument("--source", type=Path, required=True, help="video file")
     parser.add_argument("--runs", type=int, default=3, help="runs per contender (median FPS)")
-    parser.add_argument("--live", type=float, metavar="FPS",
+    parser.add_argument("--live", type=finite_float, metavar="FPS",
                         help="serve --source as an MJPEG camera paced at FPS on loopback and "
                              "measure what a camera user feels: capture->publish latency and "
                              "drops (default: read the file as fast as possible, throughput)")

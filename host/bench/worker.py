@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from device.argtypes import finite_float
 from device.bench.common import (
     CpuTimer,
     common_result,
@@ -130,8 +131,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, required=True)
     parser.add_argument("--imgsz", type=lambda text: [int(side) for side in text.split(",")],
                         required=True, help="the bundle's input: SIDE or HEIGHT,WIDTH")
-    parser.add_argument("--conf", type=float, default=0.25)
-    parser.add_argument("--iou", type=float, default=0.45)
+    parser.add_argument("--conf", type=finite_float, default=0.25)
+    parser.add_argument("--iou", type=finite_float, default=0.45)
     parser.add_argument("--max-det", type=int, default=300)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--result", type=Path, required=True, help="JSON file to write")

@@ -37,6 +37,11 @@ BASE: Dict[str, Any] = {"bundle": "/b", "source": "video.mp4"}
         ({"iou": -0.1}, "iou: -0.1 is below the minimum 0"),
         ({"max_det": 0}, "max_det: 0 is below the minimum 1"),
         ({"buffers": 1}, "buffers: 1 is below the minimum 2"),
+        # NaN passes every range check unless refused as such; inf only where it means forever
+        ({"conf": float("nan")}, "conf: nan is not a finite number"),
+        ({"iou": float("nan")}, "iou: nan is not a finite number"),
+        ({"stats_interval_s": float("inf")}, "stats_interval_s: inf is not a finite number"),
+        ({"source_timeout_s": float("nan")}, "source_timeout_s: nan is not a finite number"),
         ({"threads": 0}, "threads: 0 is below the minimum 1"),
         # wrong types (a YAML string where a number belongs, a bool where an int belongs)
         ({"conf": "0.5"}, "conf: must be float, got '0.5'"),
@@ -116,6 +121,8 @@ def test_flags_override_the_file_and_paths_follow_the_file(tmp_path: Path) -> No
         ),
         ("- bundle\n- source\n", "must be a mapping of keys to values, got list"),
         ("bundle: [unclosed\n", "is not valid YAML"),
+        # a key given twice: YAML would keep the last one silently
+        ("bundle: b\nsource: s\nconf: 0.3\nconf: 0.9\n", "key 'conf' is given twice .lines 3"),
     ],
 )
 def test_bad_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
@@ -196,3 +203,15 @@ def test_source_timeout_flag_and_key(tmp_path: Path) -> None:
     assert run_config_from(base, tmp_path).source_timeout_s is None  # default: see pipeline
     with pytest.raises(JetyoloError, match=r"source_timeout_s: -1\.0 is below the minimum 0"):
         run_config_from([*base, "--source-timeout", "-1"], tmp_path)
+
+
+def test_a_camera_index_in_yaml_is_a_source(tmp_path: Path) -> None:
+    """`source: 0` reads as the number 0 in YAML; docs/runtime.md lists it as a source."""
+    config = load_config(write(tmp_path / "run.yaml", "bundle: b\nsource: 0\n"), {})
+    assert config.source == "0"
+
+
+def test_infinity_still_means_wait_forever(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path / "run.yaml", "bundle: b\nsource: s\n"
+                               "source_timeout_s: .inf\n"), {})
+    assert config.source_timeout_s == float("inf")

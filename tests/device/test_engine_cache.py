@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -22,7 +23,7 @@ from device.bundle import Bundle, write_new_bundle
 from device.calibcache import write_cache
 from device.choice import parse_workspace
 from device.engine import BuildRequest, DeviceFacts, auto_workspace_bytes, ensure_engine
-from device.engine_cache import EngineKey, needs_rebuild, write_plan
+from device.engine_cache import EngineKey, check_cache_dir, needs_rebuild, sidecar_path, write_plan
 from device.errors import JetyoloError
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -568,3 +569,15 @@ def test_a_garbled_cache_in_the_bundle_is_named_not_invisible(tmp_path):
 def test_one_plan_name_per_key(tmp_path, change, name):
     key = dataclasses.replace(KEY, **change)
     assert engine_cache.key_plan_path(tmp_path, "m", key) == tmp_path / "m" / name
+
+
+def test_plans_and_their_cache_folder_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        check_cache_dir(tmp_path / "cache")
+        plan = write_plan(tmp_path / "cache" / "fp16.plan", b"plan", KEY)
+    finally:
+        os.umask(old_umask)
+    assert (plan.parent.stat().st_mode & 0o777) == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in plan.parent.iterdir()} == {
+        plan.name: 0o600, sidecar_path(plan).name: 0o600}

@@ -235,7 +235,7 @@ def tampered_bundle(bundle_dir: Path, tmp_path: Path) -> Path:
     [
         ("hash mismatch", "fails verification: model.onnx has"),
         ("missing source", "does not exist"),
-        ("unopenable source", "cannot open source"),
+        ("unopenable source", "is not a readable video: it is corrupt, truncated or not"),
         ("config typo", "unknown key; did you mean 'source'?"),
         ("bad flag value", "conf: 1.5 is above the maximum 1"),
         pytest.param(

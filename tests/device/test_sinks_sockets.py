@@ -15,7 +15,8 @@ from polling import wait_until  # tests/ is on sys.path (tests/device/conftest.p
 from device.detections import FrameResult
 from device.errors import JetyoloError
 from device.sinks import SinkOptions, SinkSet, open_sinks
-from device.sinks.sockets import TcpServerSink
+from device.sinks.sockets import TcpServerSink, UdpSink
+from device.sinks.urls import parse_sink_url
 
 WAIT_S = 10.0
 
@@ -178,3 +179,16 @@ def test_a_frame_that_cannot_be_built_is_counted_and_the_rest_go_out(
     frames = [json.loads(line)["payload"] for line in path.read_text().splitlines()[1:-1]]
     assert [frame["frame_index"] for frame in frames] == [1]
     assert any("could not build a frame message" in r.getMessage() for r in caplog.records)
+
+
+def test_udp_sink_socket_is_connected_not_bound_to_every_interface(tmp_path: Path) -> None:
+    """Connected: not listening on 0.0.0.0, and datagrams from anyone but the target dropped."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        port = receiver.getsockname()[1]
+        sink = UdpSink(parse_sink_url(f"udp://127.0.0.1:{port}"), _options(tmp_path))
+        try:
+            assert sink._sock.getpeername() == ("127.0.0.1", port)
+            assert sink._sock.getsockname()[0] == "127.0.0.1"
+        finally:
+            sink.close()

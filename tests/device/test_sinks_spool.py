@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,21 @@ def test_a_lock_file_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> N
     (tmp_path / "spool.lock").mkdir()  # not openable as a file, whoever runs the test
     with pytest.raises(JetyoloError, match=r"cannot open the spool lock .*--spool-dir"):
         SpoolLock(tmp_path).acquire()
+
+
+def test_spool_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        path = prepare_spool_dir(tmp_path / "spool")
+        spool = Spool(path, "mqtt://a:1883", max_messages=10)
+        lock = SpoolLock(path.parent)
+        lock.acquire()
+        spool.append([Outgoing("t", b"x", 1)])
+        modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir()}
+        lock.release()
+        spool.close()
+    finally:
+        os.umask(old_umask)
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
+    assert modes == {"spool.sqlite": 0o600, "spool.sqlite-wal": 0o600, "spool.sqlite-shm": 0o600,
+                     "spool.lock": 0o600}

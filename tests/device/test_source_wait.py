@@ -134,7 +134,7 @@ def test_files_and_image_folders_never_wait(tmp_path: Path) -> None:
     broken.write_bytes(b"not a video")
     (tmp_path / "empty").mkdir()
     options = CaptureOptions(source_timeout_s=60.0)
-    for text, message in ((str(broken), "cannot open source"),
+    for text, message in ((str(broken), "is not a readable video"),
                           (str(tmp_path / "empty"), "has no images")):
         started = time.monotonic()
         with pytest.raises(JetyoloError, match=message):

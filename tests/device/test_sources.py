@@ -3,9 +3,12 @@ skipped and counted, live sources reconnecting with back-off."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import cv2
 import numpy as np
@@ -166,10 +169,84 @@ def test_corrupt_frame_mid_file_is_skipped_counted_and_indices_stay_positions(
     assert source.decode_errors == 1
 
 
-@pytest.mark.parametrize("name", ["clip.mp4", "frames"])
-def test_unopenable_sources_raise_one_clear_error(media: Path, name: str) -> None:
-    with pytest.raises(JetyoloError, match=r"cannot open source|has no images"):
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("clip.mp4", "is corrupt, truncated or not a video"),  # random bytes named .mp4
+        ("frames", "has no images"),  # a folder without image files
+    ],
+)
+def test_unopenable_sources_raise_one_clear_error(media: Path, name: str, message: str) -> None:
+    with pytest.raises(JetyoloError, match=message) as error:
         open_source(str(media / name))
+    assert "check that it exists" not in str(error.value)  # it exists: say what is wrong
+
+
+def _cut_mp4(path: Path) -> Path:
+    """An MP4 as OpenCV writes it (index last), cut in half: what a recording cut short is."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), 10, (64, 48))
+    noise = np.random.default_rng(0)  # noise: the frames (mdat) outweigh the index (moov)
+    for _ in range(10):
+        writer.write(noise.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_bytes(b""), "the file is empty"),
+        (_cut_mp4, "truncated MP4/MOV: its index is missing (FFmpeg: moov atom not found)"),
+        (lambda p: p.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(300)),
+         "truncated MP4/MOV"),  # an MP4 header and nothing after it
+        (lambda p: p.write_text("just text"), "corrupt, truncated or not a video"),
+    ],
+)
+def test_a_file_that_is_no_video_says_why(
+    tmp_path: Path, make: Callable[[Path], Any], message: str
+) -> None:
+    path = tmp_path / "clip.mp4"
+    make(path)
+    with pytest.raises(JetyoloError) as error:
+        open_source(str(path))
+    assert str(error.value).startswith(f"source {str(path)!r} is not a readable video: ")
+    assert message in str(error.value)
+
+
+def test_ffmpeg_log_lines_stay_off_the_terminal(tmp_path: Path) -> None:
+    """FFmpeg writes "moov atom not found" to the process's stderr, past Python's logging."""
+    path = _cut_mp4(tmp_path / "cut.mp4")
+    code = (f"from device.sources import open_source\n"
+            f"try: open_source({str(path)!r})\nexcept Exception: pass")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "moov atom" not in done.stderr and "WARN" not in done.stderr, done.stderr
+    loud = f"from device.sources import quiet_native_logs\nquiet_native_logs(False)\n{code}"
+    done = subprocess.run([sys.executable, "-c", loud], capture_output=True, text=True, env=env)
+    assert "moov atom not found" in done.stderr  # the same run with --verbose shows it
+
+
+def test_images_that_all_fail_to_decode_are_an_error(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    for index in range(3):
+        (tmp_path / "imgs" / f"{index}.jpg").write_text("not a jpeg")
+    source = open_source(str(tmp_path / "imgs"))
+    with pytest.raises(JetyoloError, match="none of its 3 images decodes"):
+        list(source.frames(threading.Event()))
+
+
+def test_a_video_with_no_decodable_frame_is_an_error(tmp_path: Path) -> None:
+    write_mjpeg(tmp_path / "black.avi", 3)
+    data = bytearray((tmp_path / "black.avi").read_bytes())
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
+    for start in starts:  # every frame's JPEG data zeroed, the AVI index intact
+        data[start:start + 200] = bytes(200)
+    (tmp_path / "black.avi").write_bytes(bytes(data))
+    source = open_source(str(tmp_path / "black.avi"))
+    with pytest.raises(JetyoloError, match="not one frame of it decodes"):
+        list(source.frames(threading.Event()))
 
 
 class FakeCapture:
@@ -283,10 +360,15 @@ def test_default_source_name_of_files_and_folders(tmp_path: Path) -> None:
         ("rtsp://user@cam3/live", "rtsp://user@cam3/live"),  # no password: unchanged
         ("http://127.0.0.1:8080/mjpeg", "http://127.0.0.1:8080/mjpeg"),
         ("/dev/video0", "/dev/video0"),  # not a URL
+        # inside any text (an error echoing a config value), a bad port, a path, an "@" in it
+        ("bad --sink 'mqtt://u:pw@host:99999': port", "bad --sink 'mqtt://u:***@host:99999': port"),
+        ("mqtt://u:p@ss@broker/x and tcp://a:b@c:1", "mqtt://u:***@broker/x and tcp://a:***@c:1"),
+        ("mqtt://u:@host", "mqtt://u:***@host"),  # an empty password: still not shown
+        ("host:8080 and user@example.com", "host:8080 and user@example.com"),  # no URL
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
-    from device.sources import redact_url
+    from device.redact import redact_url
 
     assert redact_url(url) == shown
 

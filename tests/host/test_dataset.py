@@ -293,3 +293,30 @@ def test_usual_layout_is_tried_for_a_split_path(dataset: Path) -> None:
     report = check_dataset(dataset)
     assert report.repairs == ["val: '../val/images' -> 'valid/images'"]
     assert (report.errors, report.splits["val"].images) == ([], 2)
+
+
+def test_a_folder_given_as_data_yaml_says_so(
+    dataset: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["data", "check", str(dataset.parent)]) == 2
+    err = capsys.readouterr().err
+    assert f"{dataset.parent} is a folder, not a data.yaml; pass {dataset}" in err
+    assert "does not exist" not in err
+
+
+def test_windows_paths_are_shown_as_written(dataset: Path) -> None:
+    _edit_yaml(dataset, train="C:\\Users\\me\\Shapes\\nowhere\\images")
+    report = check_dataset(dataset, repair=False)
+    written = "'C:\\Users\\me\\Shapes\\nowhere\\images'"
+    assert any(written in error for error in report.errors), report.errors
+    assert not any("\\\\" in e for e in report.errors)
+
+
+@pytest.mark.parametrize("argv", [["data", "--help"], ["data", "-h"], ["data"]])
+def test_a_verb_group_lists_its_verbs(argv: list, capsys: pytest.CaptureFixture) -> None:
+    code = main(argv)
+    captured = capsys.readouterr()
+    listed = captured.err if argv == ["data"] else captured.out
+    assert code == (2 if argv == ["data"] else 0)
+    assert "  data check" in listed and "  data synth" in listed
+    assert "unknown verb" not in captured.err

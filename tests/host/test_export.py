@@ -447,3 +447,45 @@ def test_synth_train_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "parity (4 images" in printed and "agreement" in printed
     assert main(["bundle", "verify", str(out)]) == 0
     assert "OK (5 files" in capsys.readouterr().out  # 2 models + 3 reference files
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
+
+
+def test_a_killed_exports_leftovers_are_removed_by_the_next_one(tmp_path: Path) -> None:
+    from host.export import clean_stale_exports
+
+    dead, alive = _dead_pid(), os.getppid()
+    stale = [f".b.export-{dead}", f"..b.export-{dead}.k2j3", f".other.export-{dead}.x9"]
+    kept = [f".b.export-{alive}", ".b.exported", "b.export-7", f".b.export-{dead}.file"]
+    for name in [*stale, *kept[:3]]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.onnx").write_bytes(b"x")
+    (tmp_path / kept[3]).write_text("a file, not our folder")
+    removed = clean_stale_exports(tmp_path)
+    assert sorted(path.name for path in removed) == sorted(stale)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_export_works_beside_out_not_in_tmp(
+    weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Temporary files live in --out's own folder (the rename is atomic), and a failed export
+    leaves none there."""
+    seen: List[Path] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.extend(tmp_path.iterdir())
+        raise JetyoloError("stop here")
+
+    monkeypatch.setattr(parity, "compare", spy)
+    with pytest.raises(JetyoloError, match="stop here"):
+        export_bundle(weights, tmp_path / "b", imgsz=160, reference_num=0)
+    assert [path.name.startswith(f".b.export-{os.getpid()}.") for path in seen] == [True]
+    assert list(tmp_path.iterdir()) == []

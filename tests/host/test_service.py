@@ -357,6 +357,40 @@ def test_staging_never_follows_a_symlink_out_of_the_rootfs(rootfs: Path, tmp_pat
         service.inside(rootfs.resolve(), "/opt/jetyolo/wheelhouse/x.whl")
 
 
+@pytest.mark.usefixtures("cached_wheel")
+@pytest.mark.parametrize("name", ["../../../../etc/cron.d/x", "/etc/cron.d/x"])
+def test_a_bundle_entry_outside_the_bundle_is_never_staged(
+    rootfs: Path, small_bundle: Path, wheelhouse: Path, name: str,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    manifest_path = small_bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    payload = rootfs / "payload"
+    payload.write_text("* * * * * root touch /pwned\n")
+    manifest["files"][name] = {"sha256": hashlib.sha256(payload.read_bytes()).hexdigest(),
+                               "size": payload.stat().st_size}
+    manifest_path.write_text(json.dumps(manifest))
+    before = tree(rootfs)
+    assert install("--rootfs", rootfs, "--bundle", small_bundle, "--wheelhouse", wheelhouse) == 2
+    assert "it could lead outside the bundle" in capsys.readouterr().err
+    assert tree(rootfs) == before
+
+
+@pytest.mark.usefixtures("cached_wheel")
+def test_a_symlink_in_the_bundle_is_never_staged(
+    rootfs: Path, small_bundle: Path, wheelhouse: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes((small_bundle / "model.onnx").read_bytes())  # hashes still match
+    (small_bundle / "model.onnx").unlink()
+    (small_bundle / "model.onnx").symlink_to(secret)
+    before = tree(rootfs)
+    assert install("--rootfs", rootfs, "--bundle", small_bundle, "--wheelhouse", wheelhouse) == 2
+    assert "model.onnx is a symbolic link" in capsys.readouterr().err
+    assert tree(rootfs) == before
+
+
 # --- systemd-analyze --------------------------------------------------------------------
 
 

@@ -103,6 +103,18 @@ def test_video_frames_and_ground_truth_inside_the_frame(tmp_path: Path) -> None:
     assert [p.name for p in video.parent.iterdir()] in (["v.mp4", "v.json"], ["v.json", "v.mp4"])
 
 
+def test_a_truncated_synth_video_still_plays_up_to_the_cut(tmp_path: Path) -> None:
+    """The index (moov) comes first (faststart): the first half of the file holds frames."""
+    video = make_video(tmp_path / "v.mp4", 2, (160, 96), 40, seed=2)
+    data = video.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    frames = _video_frames(cut)
+    assert 5 <= len(frames) < 40
+    assert np.array_equal(frames[0], _video_frames(video)[0])
+
+
 # (what the case covers, make_dataset arguments, expected message)
 BAD_DATASET_ARGS = [
     # no classes

@@ -97,6 +97,27 @@ def test_resume_of_a_finished_run_is_refused(trained: CliRun, tiny_dataset: Path
         train(tiny_dataset, project=trained.project, name="tiny", resume=True)
 
 
+@pytest.mark.slow
+def test_resume_writes_into_its_own_run_whatever_the_checkpoint_says(
+    trained: CliRun, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """A last.pt copied from elsewhere (or crafted) names another save_dir and dataset in its
+    train_args; the resumed run still writes only below --project/--name."""
+    import torch
+
+    checkpoint = torch.load(trained.result.last, map_location="cpu", weights_only=False)
+    elsewhere = tmp_path / "elsewhere"
+    checkpoint["epoch"] = 0  # "interrupted after its first epoch" of two
+    checkpoint["train_args"].update(epochs=2, save_dir=str(elsewhere), data="/nonexistent.yaml")
+    last = tmp_path / "runs" / "moved" / "weights" / "last.pt"
+    last.parent.mkdir(parents=True)
+    torch.save(checkpoint, last)
+    result = train(tiny_dataset, project=tmp_path / "runs", name="moved", resume=True)
+    assert result.run_dir == (tmp_path / "runs" / "moved").resolve()
+    assert (result.run_dir / "results.csv").is_file()
+    assert not elsewhere.exists()
+
+
 def test_resume_without_a_run(tiny_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(JetyoloError) as caught:
         train(tiny_dataset, project=tmp_path, name="never", resume=True)
