@@ -21,6 +21,8 @@ RUNCONFIG_USERS = {
     "device.ops.extension": "a setup extension: reads its own keys (http_*) when plugged in",
     "device.ops.homeassistant": "discovery configs from the run's names and settings",
     "device.reload": "a setup extension: SIGHUP reopens the backend the config names",
+    "device.choice": "BackendChoice.from_config: the backend settings of a run config, resolved "
+                     "once for run, build, verify, update and the bench",
 }
 
 
