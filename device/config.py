@@ -42,6 +42,7 @@ class Rule:
     default: Any = None
     flags: Tuple[str, ...] = ()  # extra flag spellings beside --the-key
     check: Optional[Callable[[Any, str], Any]] = None  # a dict section's own checker
+    entries: Optional[type] = None  # a list of these (strings or mappings), e.g. SourceEntry
 
 
 def key(
@@ -53,13 +54,29 @@ def key(
     high: Optional[float] = None,
     flags: Tuple[str, ...] = (),
     check: Optional[Callable[[Any, str], Any]] = None,
+    entries: Optional[type] = None,
 ) -> Any:
-    """A ``RunConfig`` field with its rule: the one place a key is declared."""
+    """A ``RunConfig`` (or ``SourceEntry``) field with its rule: the one place a key is
+    declared."""
     rule = {"help": help, "choices": choices, "low": low, "high": high, "flags": flags,
-            "check": check}
+            "check": check, "entries": entries}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=rule)
     return field(default=default, metadata=rule)
+
+
+@dataclass
+class SourceEntry:
+    """One entry of ``sources:``: a string (the source) or a mapping with these keys."""
+
+    source: str = key("", "video file, image folder/glob, /dev/videoN, csi://N, rtsp://URL or "
+                          "a GStreamer pipeline")
+    name: Optional[str] = key(None, "topic level and name in messages (default: from the "
+                                    "source)")
+    capture_width: Optional[int] = key(None, "camera capture width (default: the top-level "
+                                             "key)", low=1)
+    capture_height: Optional[int] = key(None, "camera capture height", low=1)
+    capture_fps: Optional[int] = key(None, "camera frame rate", low=1)
 
 
 @dataclass
@@ -86,6 +103,11 @@ class RunConfig:
     source_name: Optional[str] = key(None, "name of the source in topics and messages (default: "
                                            "from the source: file stem, videoN, csiN, the "
                                            "stream's host)")
+    sources: Optional[List[SourceEntry]] = key(
+        None, "several sources in one process, one engine: a list of sources, each a string or "
+              "a mapping with source, name, capture_width, capture_height, capture_fps "
+              "(instead of source; a repeated --source makes one)",
+        entries=SourceEntry)
     spool_dir: Optional[str] = key(None, "on-disk spool for MQTT messages not yet acknowledged "
                                          "(default: `$JETYOLO_HOME/spool`, else "
                                          "`~/.jetyolo/spool`)")
@@ -175,10 +197,13 @@ def _rule(spec: Field, hint: Any) -> Rule:
     return Rule(kind=kind, optional=optional, default=default, **spec.metadata)
 
 
-FIELD_RULES: Dict[str, Rule] = {
-    spec.name: _rule(spec, hint)
-    for spec, hint in zip(fields(RunConfig), typing.get_type_hints(RunConfig).values())
-}
+def rules_of(cls: type) -> Dict[str, Rule]:
+    hints = typing.get_type_hints(cls)
+    return {spec.name: _rule(spec, hints[spec.name]) for spec in fields(cls)}
+
+
+FIELD_RULES: Dict[str, Rule] = rules_of(RunConfig)
+SOURCE_RULES: Dict[str, Rule] = rules_of(SourceEntry)
 
 
 def docs_table() -> str:
@@ -186,6 +211,8 @@ def docs_table() -> str:
     rows = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for name, rule in FIELD_RULES.items():
         kind = "list of str" if rule.kind is list else rule.kind.__name__
+        if rule.entries is not None:
+            kind = "list of sources"
         default = "(required)" if name in REQUIRED_KEYS else _shown(rule.default)
         meaning = rule.help + (f". Flag: `{rule.flags[0]}`" if rule.flags else "")
         rows.append(f"| `{name}` | {kind} | `{default}` | {_allowed(rule)} | {meaning} |")
@@ -229,13 +256,17 @@ def _reject(origin: str, key: str, message: str) -> JetyoloError:
     return JetyoloError(f"{origin}: {key}: {message}")
 
 
-def check_value(key: str, value: Any, origin: str = "config") -> Any:
+def check_value(
+    key: str, value: Any, origin: str = "config", rules: Optional[Mapping[str, Rule]] = None
+) -> Any:
     """``value`` converted to the key's type (int -> float allowed), or a JetyoloError."""
-    rule = FIELD_RULES[key]
+    rule = (rules or FIELD_RULES)[key]
     if value is None:
         if rule.optional:
             return None
         raise _reject(origin, key, f"must be set ({rule.help})")
+    if rule.entries is not None:
+        return _check_entries(origin, key, value)
     if rule.kind is list:
         return _check_list(origin, key, value)
     if rule.kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -275,19 +306,44 @@ def _check_list(origin: str, key: str, value: Any) -> List[str]:
     return list(value)
 
 
-def unknown_key_message(key: str) -> str:
-    close = difflib.get_close_matches(key, list(FIELD_RULES), n=1)
+def _check_entries(origin: str, key: str, value: Any) -> List[SourceEntry]:
+    """``sources:``: a non-empty list of strings or mappings of ``SourceEntry`` keys."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _reject(origin, key, "must be a non-empty list of sources (strings or mappings "
+                                   "with a `source:` key)")
+    entries = []
+    for index, item in enumerate(value):
+        where = f"{origin}: {key}[{index}]"
+        if isinstance(item, str):
+            item = {"source": item}
+        if not isinstance(item, dict):
+            raise JetyoloError(f"{where}: must be a string or a mapping, got {item!r}")
+        checked = checked_values(item, where, SOURCE_RULES)
+        if not checked.get("source"):
+            raise JetyoloError(f"{where}: source is not set; give `source: ...`")
+        entries.append(SourceEntry(**checked))
+    return entries
+
+
+def unknown_key_message(key: str, rules: Optional[Mapping[str, Rule]] = None) -> str:
+    known = list(rules or FIELD_RULES)
+    close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown key; {hint}allowed keys: {', '.join(FIELD_RULES)}"
+    return f"unknown key; {hint}allowed keys: {', '.join(known)}"
 
 
-def checked_values(values: Mapping[str, Any], origin: str) -> Dict[str, Any]:
+def checked_values(
+    values: Mapping[str, Any], origin: str, rules: Optional[Mapping[str, Rule]] = None
+) -> Dict[str, Any]:
     """Each key known and each value valid; values converted to their key's type."""
+    rules = rules or FIELD_RULES
     checked = {}
     for key, value in values.items():
-        if not isinstance(key, str) or key not in FIELD_RULES:
-            raise _reject(origin, str(key), unknown_key_message(str(key)))
-        checked[key] = check_value(key, value, origin)
+        if not isinstance(key, str) or key not in rules:
+            raise _reject(origin, str(key), unknown_key_message(str(key), rules))
+        checked[key] = check_value(key, value, origin, rules)
     return checked
 
 
@@ -295,7 +351,12 @@ def _complete(
     values: Dict[str, Any], origin: str, required_keys: Tuple[str, ...] = REQUIRED_KEYS
 ) -> RunConfig:
     config = RunConfig(**values)
+    if config.source and config.sources:
+        raise JetyoloError(f"{origin}: give source or sources, not both (a list of one source "
+                           "is `sources: [SOURCE]`)")
     for required in required_keys:
+        if required == "source" and config.sources:
+            continue
         if not getattr(config, required):
             how = "the BUNDLE argument" if required == "bundle" else "--source"
             raise JetyoloError(
@@ -377,5 +438,8 @@ def load_config(
     if path:
         merged.update(checked_values(read_config_file(path), str(path)))
     given = {key: value for key, value in overrides.items() if value is not None}
+    if "source" in given or "sources" in given:  # --source replaces the file's source(s)
+        merged.pop("source", None)
+        merged.pop("sources", None)
     merged.update(checked_values(given, "flags"))
     return _complete(merged, str(path) if path else "flags", required_keys)

@@ -612,7 +612,7 @@ class Pipeline:
             self._free_outputs.put(outputs)
             image = work.frame.image
             result = FrameResult(
-                source=self.source_name,
+                source=work.frame.source or self.source_name,
                 frame_index=work.frame.index,
                 timestamp=work.frame.timestamp,
                 frame_size=(int(image.shape[1]), int(image.shape[0])),
@@ -731,6 +731,9 @@ class Pipeline:
                        "preprocessed": self._preprocessed.qsize(),
                        "inferred": self._inferred.qsize()},
         }
+        per_source = getattr(self.source, "per_source", None)  # several cameras (MultiSource)
+        if per_source is not None:
+            message["sources"] = per_source()
         if self.precision is not None:
             message["precision"] = self.precision
         readings = self.readings()

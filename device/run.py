@@ -23,12 +23,13 @@ from device.sdnotify import Notifier
 from device.setup import run_configured
 
 # Every config key is also a flag: ``stats_interval_s`` <-> ``--stats-interval-s``.
-EXPLICIT_FLAGS = ("bundle", "source", "sinks")
+EXPLICIT_FLAGS = ("bundle", "source", "sinks", "sources")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", nargs="?", help="bundle folder (or `bundle:` in --config)")
-    parser.add_argument("--source", help=FIELD_RULES["source"].help)
+    parser.add_argument("--source", action="append",
+                        help=FIELD_RULES["source"].help + "; repeat for several sources")
     parser.add_argument("--config", help="YAML file with the same keys (docs/runtime.md)")
     parser.add_argument("--sink", dest="sinks", action="append",
                         help=f"{FIELD_RULES['sinks'].help}; repeat for several (default stdout)")
@@ -44,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides: Dict[str, Any] = {key: value for key, value in vars(args).items() if key != "config"}
+    sources = overrides.pop("source", None) or []
+    if len(sources) == 1:
+        overrides["source"] = sources[0]
+    elif sources:
+        overrides["sources"] = sources
     return load_config(args.config, overrides)
 
 

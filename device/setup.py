@@ -4,6 +4,7 @@
 ``run_configured``; nothing else reads a ``RunConfig`` for running. In order::
 
     check the sink URLs and TLS files      (a --sink typo fails before any wait or build)
+    check the sources' names               (two on one topic, a name that is no topic level)
     with ExitStack() as stack:
         source  = open the source          (a bad --source fails before a minutes-long build;
                                              a live one is waited for, source_timeout_s)
@@ -30,16 +31,21 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from device.backends import Backend, FrameSizeProbe, open_chosen
 from device.bundle import Bundle
 from device.choice import BackendChoice
-from device.config import RunConfig, optional_path
+from device.config import RunConfig, SourceEntry, optional_path
+from device.detections import FrameResult
+from device.errors import JetyoloError
+from device.message import detections_topic
+from device.multisource import MultiSource
 from device.pipeline import FrameSink, ModelInfo, Pipeline, ProgressNotifier, stop_on_signals
 from device.postprocess import PostprocessConfig
 from device.sdnotify import Notifier
 from device.sinks import SinkOptions, check_sinks, open_checked_sinks
+from device.sinks.base import is_topic_level
 from device.sources import CaptureOptions, Source, default_source_name, open_source
 from device.stats import RunSummary
 from device.tracking import check_tracker_available
@@ -60,6 +66,7 @@ class RunParts:
     backend: Backend
     sinks: FrameSink
     closer: _SourceCloser
+    source_name: str = ""  # topics and messages (several sources: their names, comma-joined)
 
 
 # ---- config -> settings ------------------------------------------------------------------------
@@ -86,12 +93,65 @@ def source_timeout_s(config: RunConfig, env: Mapping[str, str] = os.environ) -> 
     return float("inf") if env.get("NOTIFY_SOCKET") else 0.0
 
 
-def capture_options(config: RunConfig, env: Mapping[str, str] = os.environ) -> CaptureOptions:
+def capture_options(
+    config: RunConfig, env: Mapping[str, str] = os.environ, entry: Optional[SourceEntry] = None
+) -> CaptureOptions:
+    """The config's capture settings; a ``sources:`` entry's own override them."""
+
+    def pick(name: str) -> Any:
+        value = getattr(entry, name) if entry is not None else None
+        return value if value is not None else getattr(config, name)
+
     return CaptureOptions(
-        width=config.capture_width, height=config.capture_height, fps=config.capture_fps,
+        width=pick("capture_width"), height=pick("capture_height"), fps=pick("capture_fps"),
         rtsp_latency_ms=config.rtsp_latency_ms, reconnect_max_s=config.reconnect_max_s,
         source_timeout_s=source_timeout_s(config, env),
     )
+
+
+def source_entries(config: RunConfig) -> List[SourceEntry]:
+    """``sources:``, else the single ``source`` (with ``source_name``) as a list of one."""
+    if config.sources:
+        return list(config.sources)
+    return [SourceEntry(source=config.source, name=config.source_name)]
+
+
+def source_names(entries: Sequence[SourceEntry], topic: Callable[[str], str]) -> List[str]:
+    """Each source's name (its topic level): its ``name``, else one made from the source.
+    Refuses a name that is not one topic level and two sources on one topic (``topic(name)``)."""
+    names: List[str] = []
+    for index, entry in enumerate(entries):
+        name = entry.name or default_source_name(entry.source)
+        if not is_topic_level(name):
+            raise JetyoloError(f"sources[{index}]: name {name!r} cannot be an MQTT topic level; "
+                               "use letters, digits, '-', '_' or '.' in `name:`")
+        if name in names:
+            other = entries[names.index(name)]
+            if entry.name and other.name:
+                raise JetyoloError(f"sources: two sources are named {name!r}; give each a "
+                                   "distinct `name:`")
+            raise JetyoloError(f"sources: {other.source!r} and {entry.source!r} both resolve to "
+                               f"topic {topic(name)}; give each a distinct `name:`")
+        names.append(name)
+    return names
+
+
+def open_sources(
+    config: RunConfig, entries: Sequence[SourceEntry], names: Sequence[str], notifier: Any
+) -> Source:
+    """The one source, or a ``MultiSource`` over several (each opened in order; if one fails,
+    those already open are closed again)."""
+    reporter = start_wait_reporter(notifier)
+    named: List[Tuple[str, Source]] = []
+    try:
+        for entry, name in zip(entries, names):
+            named.append((name, open_source(entry.source, capture_options(config, entry=entry),
+                                            reporter)))
+    except BaseException:
+        for _, source in named:
+            source.close()
+        raise
+    return named[0][1] if len(named) == 1 else MultiSource(named)
 
 
 def sink_options(config: RunConfig, bundle: Bundle) -> SinkOptions:
@@ -171,17 +231,21 @@ def open_parts(
     bundle = Bundle.load(config.bundle)
     options = sink_options(config, bundle)
     checked = check_sinks(config.sinks, options) if sinks is None else []
-    tracking = source_tracking_config(config.tracker, config.tracking, run_source_name(config),
-                                      bundle.class_names, "config")
-    check_tracker_available(tracking.tracker)
-    source = open_source(config.source, capture_options(config), start_wait_reporter(notifier))
+    entries = source_entries(config)
+    names = source_names(entries, lambda name: detections_topic(options.prefix,
+                                                                options.device_id, name))
+    for name in names:  # every source's tracking checked before anything opens
+        tracking = source_tracking_config(config.tracker, config.tracking, name,
+                                          bundle.class_names, "config", names)
+        check_tracker_available(tracking.tracker)
+    source = open_sources(config, entries, names, notifier)
     closer = _SourceCloser(source)
     stack.callback(closer.close)
     backend = open_configured_backend(config, bundle, source.frame_size)
     stack.callback(backend.deactivate)  # a no-op when the inference thread already did
     if sinks is None:
         sinks = stack.enter_context(open_checked_sinks(checked, options))
-    return RunParts(bundle, source, backend, sinks, closer)
+    return RunParts(bundle, source, backend, sinks, closer, ",".join(names))
 
 
 def build_pipeline(
@@ -196,13 +260,47 @@ def build_pipeline(
         stats_interval_s=config.stats_interval_s,
         notifier=notifier,
         precision=parts.backend.precision,
-        source_name=run_source_name(config),
+        source_name=parts.source_name or None,
         model=model_info(config, parts.bundle),
     )
 
 
-def run_source_name(config: RunConfig) -> str:
-    return config.source_name or default_source_name(config.source)
+class _OneSource:
+    """One source of several, as ``attach_tracking`` sees a pipeline: its frame hook runs on
+    that source's frames only, its stats merge into one ``tracking`` section."""
+
+    def __init__(self, pipeline: Pipeline, name: str, stats: List[Callable[[], Any]]) -> None:
+        self.source_name = name
+        self.sinks = pipeline.sinks
+        self._pipeline = pipeline
+        self._stats = stats
+
+    def add_frame_hook(self, hook: Callable[[FrameResult], FrameResult]) -> None:
+        name = self.source_name
+        self._pipeline.add_frame_hook(lambda result: hook(result) if result.source == name
+                                      else result)
+
+    def add_stats(self, provider: Callable[[], Dict[str, Any]]) -> None:
+        self._stats.append(provider)
+
+
+def attach_source_tracking(config: RunConfig, parts: RunParts, pipeline: Pipeline) -> None:
+    """Each source's tracker (one per source: track ids never cross cameras)."""
+    names = parts.source_name.split(",")
+    if len(names) == 1:
+        attach_tracking(pipeline, config.tracker, config.tracking, parts.bundle.class_names,
+                        parts.source.live)
+        return
+    stats: List[Callable[[], Dict[str, Any]]] = []
+    live = {feed.name: feed.source.live for feed in getattr(parts.source, "feeds", [])}
+    for name in names:
+        attach_tracking(_OneSource(pipeline, name, stats), config.tracker,
+                        config.tracking, parts.bundle.class_names, live.get(name, False),
+                        run_sources=names)
+    if stats:
+        pipeline.add_stats(lambda: {"tracking": {source: figures for provider in stats
+                                                 for source, figures in
+                                                 provider()["tracking"].items()}})
 
 
 def run_configured(
@@ -228,8 +326,7 @@ def run_configured(
             parts.sinks = wrap_sinks(parts.sinks)
         pipeline = build_pipeline(config, parts, notifier, max_frames)
         parts.closer.pipeline = pipeline
-        attach_tracking(pipeline, config.tracker, config.tracking, parts.bundle.class_names,
-                        parts.source.live)
+        attach_source_tracking(config, parts, pipeline)
         for extension in extensions:
             extension(pipeline, config, stack)
         with stop_on_signals(pipeline, handle_signals):

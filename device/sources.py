@@ -58,6 +58,7 @@ class Frame:
     index: int
     timestamp: float  # capture time, seconds since the epoch
     image: np.ndarray  # BGR, (h, w, 3) uint8
+    source: Optional[str] = None  # the source's name when several share one pipeline
 
 
 @dataclass(frozen=True)

@@ -91,12 +91,14 @@ class SourceTracking:
 
 
 def source_tracking_config(
-    tracker: str, tracking: Any, source: str, class_names: Sequence[str], origin: str
+    tracker: str, tracking: Any, source: str, class_names: Sequence[str], origin: str,
+    run_sources: Sequence[str] = (),
 ) -> SourceTrackingConfig:
-    """What ``source`` runs, checked against the run's sources and the model's classes (what
-    can be checked before the source opens and the engine builds)."""
+    """What ``source`` runs, checked against the run's sources (``run_sources``, default just
+    ``source``) and the model's classes (what can be checked before the source opens and the
+    engine builds)."""
     parsed = parse_tracking(tracking, origin)
-    parsed.check_sources((source,), f"{origin}: tracking")
+    parsed.check_sources(tuple(run_sources) or (source,), f"{origin}: tracking")
     mine = parsed.for_source(tracker, source, f"{origin}: tracking")
     check_classes(mine.zones + mine.lines, class_names, f"{origin}: tracking")
     return mine
@@ -120,11 +122,12 @@ def attach_tracking(
     class_names: Sequence[str],
     live: bool,
     origin: str = "config",
+    run_sources: Sequence[str] = (),
 ) -> Optional[SourceTracking]:
     """Add the tracking step of the pipeline's source (its frame hook, its stats), or None when
     that source does not track. Everything wrong is a JetyoloError before the first frame."""
     source = pipeline.source_name
-    mine = source_tracking_config(tracker, tracking, source, class_names, origin)
+    mine = source_tracking_config(tracker, tracking, source, class_names, origin, run_sources)
     made = make_tracker(mine.tracker, mine.settings)
     if made is None:
         return None

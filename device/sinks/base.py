@@ -29,6 +29,11 @@ _TOPIC_LEVEL = re.compile(r"^[^/+#\s]+$")
 _TOPIC_PREFIX = re.compile(r"^[^+#\s]+$")
 
 
+def is_topic_level(text: str) -> bool:
+    """True when ``text`` can be one MQTT topic level (no '/', '+', '#', spaces)."""
+    return bool(_TOPIC_LEVEL.match(text))
+
+
 def default_device_id() -> str:
     """The host name as a topic-safe device id (``jetson-01``)."""
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", socket.gethostname()) or "jetyolo"

@@ -160,7 +160,7 @@ def test_every_key_is_also_a_flag() -> None:
     destinations = {action.dest for action in parser._actions}
     file_only = {key for key, rule in FIELD_RULES.items() if rule.kind is dict}
     assert file_only == {"tracking"} and not file_only & destinations
-    assert set(FIELD_RULES) - file_only <= destinations
+    assert set(FIELD_RULES) - file_only - {"sources"} <= destinations  # a repeated --source
     args = parser.parse_args(["b", "--source", "s", "--stats-interval-s", "2", "--buffers", "4"])
     assert (args.stats_interval_s, args.buffers, args.sinks) == (2.0, 4, None)
 
@@ -215,3 +215,32 @@ def test_infinity_still_means_wait_forever(tmp_path: Path) -> None:
     config = load_config(write(tmp_path / "run.yaml", "bundle: b\nsource: s\n"
                                "source_timeout_s: .inf\n"), {})
     assert config.source_timeout_s == float("inf")
+
+
+def test_sources_list_entries_and_the_single_source_form(tmp_path: Path) -> None:
+    text = ("bundle: b\nsources:\n  - cam.mp4\n  - source: rtsp://host/x\n    name: door\n"
+            "    capture_fps: 15\n")
+    config = run_config_from([], tmp_path, text)
+    assert [e.source for e in config.sources or []] == ["cam.mp4", "rtsp://host/x"]
+    door = (config.sources or [])[1]
+    assert (door.name, door.capture_fps) == ("door", 15) and config.source == ""
+    # --source replaces the file's sources; repeated, it makes a list
+    assert run_config_from(["--source", "a.mp4"], tmp_path, text).sources is None
+    repeated = run_config_from(["b", "--source", "a.mp4", "--source", "c.mp4"], tmp_path)
+    assert [e.source for e in repeated.sources or []] == ["a.mp4", "c.mp4"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"sources": []}, "sources: must be a non-empty list of sources"),
+        ({"sources": [{"name": "x"}]}, r"sources\[0\]: source is not set"),
+        ({"sources": [{"source": "a", "capture_fpss": 5}]}, "did you mean 'capture_fps'"),
+        ({"sources": [{"source": "a", "capture_fps": 0}]}, "below the minimum 1"),
+        ({"sources": ["a"], "source": "b"}, "give source or sources, not both"),
+        ({"sources": [7]}, "must be a string or a mapping"),
+    ],
+)
+def test_bad_sources_are_one_line(values: Dict[str, Any], message: str) -> None:
+    with pytest.raises(JetyoloError, match=message):
+        config_from_mapping({"bundle": "b", **values})

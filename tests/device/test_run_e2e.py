@@ -401,3 +401,30 @@ def test_the_nms_variant_is_refused_on_onnxruntime(uint8_bundle: Path, synth_vid
 
     with pytest.raises(JetyoloError, match="EfficientNMS_TRT plugin, which ONNX Runtime cannot"):
         run_variant(uint8_bundle, synth_video, "nms")
+
+
+def test_two_sources_in_one_process_one_seq_per_device_and_the_single_source_detections(
+    bundle_dir: Path, synth_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    video_results: List[FrameResult],
+) -> None:
+    # a repeated --source: both cameras through one engine (before: the last one silently won)
+    yard = tmp_path / "yard.mp4"
+    shutil.copyfile(synth_video, yard)
+    out = tmp_path / "out.jsonl"
+    code, _, err = run_cli(["run", str(bundle_dir), "--source", str(synth_video), "--source",
+                            str(yard), "--backend", "onnxruntime", "--threads", "2",
+                            "--sink", f"jsonl:{out}", "--spool-dir", str(tmp_path / "spool"),
+                            "--device-id", "dev"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    frames = [m for m in lines if is_detections(m["payload"])]
+    names = {synth_video.stem, "yard"}
+    assert {m["topic"] for m in frames} == {f"jetyolo/dev/{n}/detections" for n in names}
+    seqs = [m["payload"]["seq"] for m in lines if "seq" in m["payload"]]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # one counter per device
+    expected = [len(r.detections) for r in video_results]
+    for name in names:
+        mine = [m["payload"] for m in frames if m["payload"]["source"] == name]
+        assert [p["frame_index"] for p in mine] == list(range(40))
+        assert [len(p["detections"]) for p in mine] == expected
+    assert err.count("frames 80,") == 1  # the summary counts both sources

@@ -137,3 +137,61 @@ def test_a_source_still_being_read_is_not_closed() -> None:
     closer.pipeline = None
     closer.close()
     assert closed == [True]
+
+
+def sources_config(tmp_path: Path, entries: List[Any], **values: Any) -> Any:
+    for index, entry in enumerate(entries):
+        path = tmp_path / (entry if isinstance(entry, str) else entry["source"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        if isinstance(entry, str):
+            entries[index] = str(path)
+        else:
+            entry["source"] = str(path)
+    return config_from_mapping({"bundle": "b", "sources": entries, "spool_dir": str(tmp_path),
+                                "device_id": "dev", **values})
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([{"source": "a.mp4", "name": "door"}, {"source": "b.mp4", "name": "door"}],
+         "two sources are named 'door'; give each a distinct `name:`"),
+        (["x/cam.mp4", "y/cam.mp4"],
+         "both resolve to topic jetyolo/dev/cam/detections; give each a distinct `name:`"),
+        ([{"source": "a.mp4", "name": "a/b"}], "cannot be an MQTT topic level"),
+    ],
+)
+def test_bad_sources_fail_before_anything_opens(
+    entries: List[Any], message: str, events: List[str], tmp_path: Path
+) -> None:
+    with pytest.raises(JetyoloError, match=message):
+        setup.run_configured(sources_config(tmp_path, entries), handle_signals=False)
+    assert events == []
+
+
+def test_two_sources_one_backend_each_closed(events: List[str], tmp_path: Path) -> None:
+    config = sources_config(tmp_path, [{"source": "a.mp4", "name": "gate"}, "yard.mp4"])
+    collector = CollectingSink()
+    summary = setup.run_configured(config, sinks=collector, handle_signals=False)
+    assert summary.frames == 8 and {r.source for r in collector.results} == {"gate", "yard"}
+    assert summary.source == "gate,yard"
+    assert events.count("open source") == 2 and events.count("open backend") == 1
+    assert events.count("close source") == 2
+
+
+def test_a_source_that_fails_to_open_closes_those_already_open(
+    events: List[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = setup.open_source
+
+    def second_fails(text: str, *rest: Any) -> Any:
+        if text.endswith("bad.mp4"):
+            raise JetyoloError("source 'bad.mp4' cannot be opened")
+        return opened(text, *rest)
+
+    monkeypatch.setattr(setup, "open_source", second_fails)
+    with pytest.raises(JetyoloError, match=r"bad\.mp4"):
+        setup.run_configured(sources_config(tmp_path, ["good.mp4", "bad.mp4"]),
+                             handle_signals=False)
+    assert events == ["open source", "close source"]

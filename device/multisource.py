@@ -1,0 +1,161 @@
+"""Several sources as one: ``MultiSource`` reads each source on its own thread and hands the
+pipeline their frames round-robin, each frame tagged with its source's name.
+
+One engine serves every camera (one copy of the weights, one CUDA context). Per source:
+
+- its own capture thread, so a camera that stalls or reconnects (the source's own back-off)
+  holds up nobody else; it shows as ``up: false`` in the stats;
+- its own bounded queue: a live source keeps only its newest frame (drop-oldest, counted per
+  source), a file blocks only itself;
+- round-robin hand-out: at most one frame per source per turn, so a fast camera cannot starve a
+  slow one.
+
+The pipeline then treats the whole as one non-live source (its queues never drop what was
+handed out: the dropping happened here, per source, where it is fair). The run ends when every
+source has ended.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from device.sources import Frame, Source
+
+POLL_S = 0.05
+DOWN_AFTER_S = 5.0  # a source without a new frame for this long is reported down
+
+
+@dataclass
+class _Feed:
+    name: str
+    source: Source
+    waiting: queue.Queue = field(default_factory=queue.Queue)
+    captured: int = 0
+    handed: int = 0
+    dropped: int = 0
+    ended: bool = False
+    last_frame: Optional[float] = None  # monotonic
+    error: Optional[BaseException] = None
+
+
+class MultiSource(Source):
+    """``named``: (name, opened source) pairs; the names are the topic levels of the frames."""
+
+    live = False  # see the module docstring: drops happen per source, here
+
+    def __init__(self, named: Sequence[Tuple[str, Source]]) -> None:
+        super().__init__(",".join(name for name, _ in named))
+        self.feeds = [_Feed(name, source, queue.Queue(maxsize=1 if source.live else 2))
+                      for name, source in named]
+        self._arrived = threading.Event()
+        self._turn = 0
+        self._threads: List[threading.Thread] = []
+
+    # counters summed over the sources (the pipeline's totals)
+    @property
+    def decode_errors(self) -> int:
+        return sum(feed.source.decode_errors for feed in getattr(self, "feeds", []))
+
+    @decode_errors.setter
+    def decode_errors(self, _value: int) -> None:
+        pass  # the base class initialises it; the sources count their own
+
+    @property
+    def reconnects(self) -> int:
+        return sum(feed.source.reconnects for feed in getattr(self, "feeds", []))
+
+    @reconnects.setter
+    def reconnects(self, _value: int) -> None:
+        pass
+
+    def per_source(self) -> Dict[str, Dict[str, Any]]:
+        """The stats message's ``sources`` section."""
+        now = time.monotonic()
+        return {feed.name: self._status(feed, now) for feed in self.feeds}
+
+    @staticmethod
+    def _status(feed: _Feed, now: float) -> Dict[str, Any]:
+        age = None if feed.last_frame is None else round(now - feed.last_frame, 3)
+        return {"frames": feed.handed, "dropped_frames": feed.dropped,
+                "decode_errors": feed.source.decode_errors, "reconnects": feed.source.reconnects,
+                "last_frame_age_s": age, "up": age is not None and age < DOWN_AFTER_S,
+                "ended": feed.ended}
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        for feed in self.feeds:
+            thread = threading.Thread(target=self._capture, args=(feed, stop),
+                                      name=f"jetyolo-capture-{feed.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        while True:
+            frame = self._next(stop)
+            if frame is None:
+                return
+            yield frame
+
+    def _capture(self, feed: _Feed, stop: threading.Event) -> None:
+        try:
+            for frame in feed.source.frames(stop):
+                frame.source = feed.name
+                feed.captured += 1
+                feed.last_frame = time.monotonic()
+                self._queue(feed, frame, stop)
+                self._arrived.set()
+        except BaseException as exc:  # handed to the pipeline by _next
+            feed.error = exc
+        finally:
+            feed.ended = True
+            self._arrived.set()
+
+    def _queue(self, feed: _Feed, frame: Frame, stop: threading.Event) -> None:
+        if feed.source.live:  # keep the newest frame; the older one is dropped and counted
+            while True:
+                try:
+                    feed.waiting.put_nowait(frame)
+                    return
+                except queue.Full:
+                    try:
+                        feed.waiting.get_nowait()
+                        feed.dropped += 1
+                    except queue.Empty:
+                        pass
+        while not stop.is_set():  # a file waits for its turn: no frame is lost
+            try:
+                feed.waiting.put(frame, timeout=POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _next(self, stop: threading.Event) -> Optional[Frame]:
+        """The next frame round-robin; None when every source has ended (or on stop)."""
+        while True:
+            self._arrived.clear()
+            count = len(self.feeds)
+            for offset in range(count):
+                feed = self.feeds[(self._turn + offset) % count]
+                if feed.error is not None:
+                    raise feed.error
+                try:
+                    frame: Frame = feed.waiting.get_nowait()
+                except queue.Empty:
+                    continue
+                self._turn = (self._turn + offset + 1) % count
+                feed.handed += 1
+                return frame
+            if stop.is_set() or all(feed.ended and feed.waiting.empty() for feed in self.feeds):
+                return None
+            self._arrived.wait(POLL_S)
+
+    def still_reading(self) -> List[str]:
+        """Names of the sources whose capture thread is still in a read."""
+        return [thread.name for thread in self._threads if thread.is_alive()]
+
+    def close(self) -> None:
+        stuck = {name.replace("jetyolo-capture-", "") for name in self.still_reading()}
+        for feed in self.feeds:
+            if feed.name not in stuck:  # never release a camera under a blocked read
+                feed.source.close()
