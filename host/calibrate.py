@@ -30,7 +30,7 @@ from device.bundle import Bundle, add_files
 from device.errors import JetyoloError
 from device.files import atomic_write_json
 from device.postprocess import END2END_OUTPUTS, SPLIT_HEAD_OUTPUTS
-from host import quantize
+from host import cache_variants, quantize
 from host._env import installed_versions
 from host.evaluate import EvalResult, evaluate_model, val_image_paths
 from host.surgeon import load_onnx
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 QDQ_FILE = "model_int8_qdq.onnx"
 REPORT_FILE = "calibration.json"
 CACHE_DIR = "calibration"
+# trtexec --calib reads the cache through `class RndInt8Calibrator : public
+# nvinfer1::IInt8EntropyCalibrator2` (TensorRT samples/common/sampleEngines.cpp, 8.5-10.x), and
+# TensorRT ignores a cache whose header names another algorithm.
+TRTEXEC_ALGORITHM = "EntropyCalibration2"
 REPORT_VERSIONS = ("jetyolo", "onnxruntime", "onnx", "numpy", "opencv-python",
                    "opencv-python-headless", "ultralytics")
 # Defaults of calibration/default.yaml (a test keeps the two equal). CLI flags override a recipe.
@@ -279,6 +283,8 @@ def calibrate(
     chosen = quantize.select_images(Path(images), int(recipe["num"]), int(recipe["min_images"]))
     ranges = quantize.collect_ranges(bundle.model_path("fp32"), input_name, bundle.input_size,
                                      chosen.paths, recipe["method"], recipe)
+    contract = cache_variants.input_contract_amax("float32", bundle.manifest["preprocess"])
+    cache_variants.apply_input_contract(ranges, input_name, contract)
     with tempfile.TemporaryDirectory(prefix="jetyolo-calibrate-") as tmp:
         ctx = Calibration(bundle, model, Path(tmp), ranges, head_nodes, user_excluded,
                           chosen.paths[: int(recipe["sensitivity_images"])], input_name)
@@ -290,10 +296,11 @@ def calibrate(
                 raise JetyoloError(gate.failure())
         fp16_by_sensitivity = gate.final.fp16_layers if gate else []
         qdq_path = ctx.build_qdq(fp16_by_sensitivity)
-        files = write_caches(ctx, versions, Path(tmp))
+        caches = variant_caches(ctx)
+        files = write_caches(caches, versions, Path(tmp), quantize.TRT_ALGORITHMS[recipe["method"]])
         files[QDQ_FILE] = qdq_path
         report = calibration_report(ctx, chosen, Path(images), versions, fp16_by_sensitivity, gate,
-                                    qdq_path, recipe)
+                                    qdq_path, recipe, caches)
         report_path = Path(tmp) / REPORT_FILE
         atomic_write_json(report_path, report)
         files[REPORT_FILE] = report_path
@@ -310,24 +317,39 @@ def _checked_layers(names: Sequence[str], model: Any) -> List[str]:
     return list(names)
 
 
-def write_caches(ctx: Calibration, versions: Mapping[str, int], workdir: Path) -> Dict[str, Path]:
-    """One TensorRT cache per version (read back and compared before it is accepted)."""
-    entries, _ = quantize.cache_entries(ctx.model, ctx.ranges, ctx.head_nodes)
-    algorithm = quantize.TRT_ALGORITHMS[ctx.ranges.method]
+def variant_caches(ctx: Calibration) -> List[cache_variants.VariantCache]:
+    """The cache content of every variant an implicit-INT8 engine can be built from, each from
+    its own ONNX graph (docs/calibration.md, "One cache per variant")."""
+    measured = {name: ctx.ranges.amax(name) for name in ctx.ranges.values}
+    fp32_nodes = {node.name for node in ctx.model.graph.node}
+    head = ctx.bundle.manifest["head"]["postprocess_nodes"]
+    caches = []
+    for name in cache_variants.cache_variant_names(ctx.bundle.manifest["variants"]):
+        variant = ctx.bundle.variant(name)
+        model = ctx.model if name == "fp32" else load_onnx(ctx.bundle.model_path(name), "calibrate")
+        dtype = str(variant["input"].get("dtype", "float32"))
+        caches.append(cache_variants.variant_cache(
+            name, model, dtype, measured, head, fp32_nodes, ctx.bundle.manifest["preprocess"]
+        ))
+    return caches
+
+
+def write_caches(
+    caches: Sequence[cache_variants.VariantCache], versions: Mapping[str, int], workdir: Path,
+    algorithm: str,
+) -> Dict[str, Path]:
+    """One TensorRT cache per version and variant (read back and compared before it is
+    accepted)."""
     files: Dict[str, Path] = {}
-    for text in versions:
-        relative = cache_file(text)
-        path = calibcache.write_cache(workdir / relative, entries, text, algorithm)
-        parsed = calibcache.read_cache(path)
-        if set(parsed.scales) != set(entries):
-            raise JetyoloError(f"{relative} does not read back with the tensors written; "
-                               "please report this bundle")
-        files[relative] = path
+    for cache in caches:
+        for text in versions:
+            relative = cache_variants.cache_file(text, cache.variant)
+            path = calibcache.write_cache(workdir / relative, cache.entries, text, algorithm)
+            if list(calibcache.read_cache(path).scales) != cache.tensors:
+                raise JetyoloError(f"{relative} does not read back with the tensors written; "
+                                   "please report this bundle")
+            files[relative] = path
     return files
-
-
-def cache_file(trt_version: str) -> str:
-    return f"{CACHE_DIR}/trt-{trt_version}.cache"
 
 
 def calibration_report(
@@ -339,8 +361,10 @@ def calibration_report(
     gate: Optional[Gate],
     qdq_path: Path,
     recipe: Mapping[str, Any],
+    caches: Sequence[cache_variants.VariantCache],
 ) -> Dict[str, Any]:
-    entries, left_out = quantize.cache_entries(ctx.model, ctx.ranges, ctx.head_nodes)
+    fp16_layers = [*ctx.head_nodes, *ctx.user_excluded, *fp16_by_sensitivity]
+    fp32 = next(cache for cache in caches if cache.variant == "fp32")
     qdq = load_onnx(qdq_path, "calibrate")
     algorithm = quantize.TRT_ALGORITHMS[ctx.ranges.method]
     return {
@@ -365,14 +389,16 @@ def calibration_report(
             "sensitivity": list(fp16_by_sensitivity),
             "user": ctx.user_excluded,
         },
-        "fp16_layers": [*ctx.head_nodes, *ctx.user_excluded, *fp16_by_sensitivity],
+        "fp16_layers": fp16_layers,
         "cache": {
             "algorithm": algorithm,
-            "files": {text: {"file": cache_file(text), "header": f"TRT-{number}-{algorithm}"}
-                      for text, number in versions.items()},
-            "tensors": len(entries),
-            "left_out_tensors": left_out,
+            "files": cache_files(versions, algorithm, "fp32"),
+            "tensors": len(fp32.entries),
+            "left_out_tensors": fp32.uncached,
+            "input_contract": fp32.from_contract,
             "scale": "amax / 127, big-endian float32 hex",
+            "variants": {cache.variant: variant_record(cache, versions, algorithm, fp16_layers)
+                         for cache in caches},
         },
         "qdq": {
             "file": QDQ_FILE,
@@ -383,6 +409,25 @@ def calibration_report(
         "ranges": {name: [low, high] for name, (low, high) in ctx.ranges.values.items()},
         "accuracy": gate.to_dict() if gate else None,
         "versions": installed_versions(REPORT_VERSIONS),
+    }
+
+
+def cache_files(versions: Mapping[str, int], algorithm: str, variant: str) -> Dict[str, Any]:
+    return {text: {"file": cache_variants.cache_file(text, variant),
+                   "header": f"TRT-{number}-{algorithm}"} for text, number in versions.items()}
+
+
+def variant_record(
+    cache: cache_variants.VariantCache, versions: Mapping[str, int], algorithm: str,
+    fp16_layers: Sequence[str],
+) -> Dict[str, Any]:
+    """``calibration.variants.<name>`` of the manifest: what that variant's caches cover."""
+    return {
+        "caches": cache_files(versions, algorithm, cache.variant),
+        "tensors": cache.tensors,
+        "uncached_tensors": cache.uncached,
+        "fp16_layers": list(dict.fromkeys([*fp16_layers, *cache.fp16_layers])),
+        "input_contract": cache.from_contract,
     }
 
 
@@ -408,6 +453,7 @@ def manifest_updates(bundle: Bundle, report: Mapping[str, Any]) -> Dict[str, Any
             "caches": report["cache"]["files"],
             "fp16_layers": report["fp16_layers"],
             "uncached_tensors": report["cache"]["left_out_tensors"],
+            "variants": report["cache"]["variants"],
             "accuracy": None if accuracy is None else {
                 "max_drop": accuracy["max_drop"], "passed": accuracy["passed"],
                 "drop": accuracy["drop"], "fp32_map50_95": accuracy["fp32"]["map50_95"],
@@ -451,8 +497,14 @@ def run(args: argparse.Namespace) -> int:
     calibration = bundle.manifest["calibration"]
     print(f"calibration: {calibration['images']} images, method {calibration['method']}, "
           f"{len(calibration['fp16_layers'])} layer(s) kept in FP16")
-    for version, entry in calibration["caches"].items():
-        print(f"  TensorRT {version}: {bundle.root / entry['file']} ({entry['header']})")
+    for variant, record in calibration["variants"].items():
+        for version, entry in record["caches"].items():
+            print(f"  TensorRT {version} {variant}: {bundle.root / entry['file']} "
+                  f"({entry['header']}, {len(record['tensors'])} tensors)")
+    if calibration["algorithm"] != TRTEXEC_ALGORITHM:
+        print(f"  note: trtexec --calib reads only {TRTEXEC_ALGORITHM} caches; these are "
+              f"{calibration['algorithm']}: build with `jetyolo build`, or calibrate with "
+              "--method percentile or entropy for trtexec")
     print(f"  Q/DQ model: {bundle.root / QDQ_FILE} (variant int8-qdq)")
     accuracy = calibration["accuracy"]
     if accuracy:

@@ -365,21 +365,6 @@ def produced_by(model: Any, node_names: Iterable[str]) -> Set[str]:
     return {t for node in model.graph.node if node.name in names for t in node.output if t}
 
 
-def cache_entries(
-    model: Any, ranges: Ranges, keep_float_nodes: Iterable[str]
-) -> Tuple[Dict[str, float], List[str]]:
-    """(amax per tensor in graph order, tensors left out). Entries: the graph input and every node
-    output TensorRT's ONNX parser names after the ONNX tensor, except the outputs of nodes kept in
-    float (the head's post-processing): those are left out so TensorRT cannot run them in INT8."""
-    left_out = produced_by(model, keep_float_nodes)
-    order = [i.name for i in model.graph.input] + [t for n in model.graph.node for t in n.output]
-    entries: Dict[str, float] = {}
-    for name in order:
-        if name in ranges.values and name not in left_out:
-            entries[name] = ranges.amax(name)
-    return entries, sorted(left_out & set(ranges.values))
-
-
 # ---- the Q/DQ model ----------------------------------------------------------------------------
 QDQ_EXTRA_OPTIONS: Dict[str, Any] = {
     "ActivationSymmetric": True,  # zero point 0: the only INT8 TensorRT accepts
