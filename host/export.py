@@ -19,7 +19,7 @@ from device.errors import JetyoloError
 from device.files import check_output_dir, replace_dir, sha256_file
 from device.postprocess import PostprocessConfig
 from device.preprocess import FRAME_INPUT
-from host import parity, surgeon
+from host import fp16, parity, surgeon
 from host._env import require
 from host.reference import DEFAULT_NUM as REFERENCE_NUM
 from host.reference import make_reference, select_images
@@ -352,10 +352,31 @@ def export_bundle(
             nms_pass = surgeon.efficient_nms(config.conf, config.iou, config.max_det)
             files["model_nms.onnx"] = _save(_variant(model, nms_pass), workdir / "model_nms.onnx")
             manifest["variants"]["nms"] = nms_variant(manifest["variants"]["fp32"], config)
+        _add_fp16(model, head_nodes, files, manifest, frames, (batch, imgsz), workdir)
         reference = _reference_images(frames, workdir, reference_images) if reference_num else None
         bundle = _write(out, files, manifest, force, reference, reference_num)
     log.info("export: bundle written to %s", out)
     return bundle
+
+
+def _add_fp16(
+    model: Any, head_nodes: List[str], files: Dict[str, Path], manifest: Dict[str, Any],
+    frames: List[Any], shape: Tuple[int, int], workdir: Path,
+) -> None:
+    """The fp16 variant (host/fp16.py), at parity with fp32 on ONNX Runtime or not written.
+    Split-head graphs only for now: the parity check decodes boxes/scores."""
+    batch, imgsz = shape
+    if sorted(manifest["variants"]["fp32"]["outputs"]) != ["boxes", "scores"]:
+        log.info("export: no fp16 variant for the %s head (only the split boxes/scores head)",
+                 sorted(manifest["variants"]["fp32"]["outputs"]))
+        return
+    log.info("export: variant float16 (head post-processing in float32)")
+    path = _save(fp16.fp16_model(model, head_nodes), workdir / fp16.FP16_FILE)
+    files[fp16.FP16_FILE] = path
+    manifest["parity"]["fp16_vs_fp32"] = fp16.checked_fp16(
+        files["model.onnx"], path, frames, (imgsz, imgsz), batch
+    )
+    manifest["variants"]["fp16"] = fp16.fp16_variant(manifest["variants"]["fp32"])
 
 
 def _reference_images(

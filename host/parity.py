@@ -91,6 +91,13 @@ def report_lines(record: Dict[str, Any]) -> List[str]:
             f"{frame['agreement']:.4f} ({frame['matched']}/{max(frame['cpu'], frame['graph'])}), "
             f"boxes max {frame['max_box_px']:.2f} frame px"
         )
+    if "fp16_vs_fp32" in record:
+        half, limits = record["fp16_vs_fp32"], record["fp16_vs_fp32"]["tolerance"]
+        lines.append(
+            f"  fp16 variant vs fp32 (ONNX Runtime): boxes max abs {half['boxes']:.3g} px, "
+            f"scores max abs {half['scores']:.3g}, agreement {half['detections']['agreement']:.4f}"
+            f" (limits {limits['boxes_atol']:g} px, {limits['scores_atol']:g})"
+        )
     return lines
 
 
@@ -340,6 +347,39 @@ def uint8_difference(
         got = uint8.run(names, {"images": np.repeat(as_uint8.buffer, batch, axis=0)})
         for name, want, have in zip(names, expected, got):
             worst[name] = max(worst[name], float(np.abs(want - have).max()))
+    return worst
+
+
+def variant_difference(
+    fp32_path: Path,
+    variant_path: Path,
+    frames: Sequence[np.ndarray],
+    input_size: Tuple[int, int],
+    batch: int = 1,
+    variant_dtype: str = "float32",
+    config: Optional[PostprocessConfig] = None,
+) -> Dict[str, Any]:
+    """A bundle variant against the fp32 model on ONNX Runtime, each fed the device's buffer of
+    its input dtype for the same frames: max abs difference per output and detection agreement."""
+    ort = require("onnxruntime", "export")
+    fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+    variant = ort.InferenceSession(str(variant_path), providers=["CPUExecutionProvider"])
+    as_float = Preprocessor(input_size, "float32")
+    as_variant = Preprocessor(input_size, variant_dtype)
+    names = [output.name for output in fp32.get_outputs()]
+    worst: Dict[str, Any] = dict.fromkeys(names, 0.0)
+    expected_all, got_all = [], []
+    for frame in frames:
+        as_float(frame)
+        as_variant(frame)
+        expected = fp32.run(names, {"images": np.repeat(as_float.buffer, batch, axis=0)})
+        got = variant.run(names, {"images": np.repeat(as_variant.buffer, batch, axis=0)})
+        for name, want, have in zip(names, expected, got):
+            worst[name] = max(worst[name], float(np.abs(want - have.astype(np.float32)).max()))
+        expected_all.append(dict(zip(names, expected)))
+        got_all.append(dict(zip(names, got)))
+    worst["detections"] = _agreement(expected_all, got_all, config or PostprocessConfig(),
+                                     input_size)[0]
     return worst
 
 
