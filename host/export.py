@@ -361,7 +361,7 @@ def export_bundle(
 
 def _add_fp16(
     model: Any, head_nodes: List[str], files: Dict[str, Path], manifest: Dict[str, Any],
-    frames: List[Any], shape: Tuple[int, int], workdir: Path,
+    frames: List[Any], shape: Tuple[int, Size], workdir: Path,
 ) -> None:
     """The fp16 variant (host/fp16.py), at parity with fp32 on ONNX Runtime or not written.
     Split-head graphs only for now: the parity check decodes boxes/scores."""
@@ -374,7 +374,7 @@ def _add_fp16(
     path = _save(fp16.fp16_model(model, head_nodes), workdir / fp16.FP16_FILE)
     files[fp16.FP16_FILE] = path
     manifest["parity"]["fp16_vs_fp32"] = fp16.checked_fp16(
-        files["model.onnx"], path, frames, (imgsz, imgsz), batch
+        files["model.onnx"], path, frames, imgsz, batch
     )
     manifest["variants"]["fp16"] = fp16.fp16_variant(manifest["variants"]["fp32"])
 

@@ -41,8 +41,8 @@ def _with_variants(bundle_dir: Path, target: Path) -> Bundle:
         files[name] = target.parent / name
         onnx.save(surgeon.apply_passes(model, [graph_pass])[0], str(files[name]))
     fp32 = bundle.variant("fp32")
-    size = bundle.input_size[0]
-    variants = {"uint8": uint8_variant(fp32, 1, size), "nms": nms_variant(fp32, config)}
+    variants = {"uint8": uint8_variant(fp32, 1, bundle.input_size),
+                "nms": nms_variant(fp32, config)}
     updates = {"variants": variants}
     return add_files(bundle, files, updates)
 

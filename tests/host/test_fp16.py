@@ -56,7 +56,8 @@ def test_a_damaged_fp16_model_fails_parity(bundle: Bundle, tmp_path: Path) -> No
     damaged = tmp_path / "damaged.onnx"
     onnx.save(model, str(damaged))
     frames = parity.synthetic_frames(len(bundle.manifest["class_names"]), 4)
-    with pytest.raises(JetyoloError, match=r"fp16 variant is not at parity with fp32 on ONNX Runtime: boxes differ"):
+    refused = r"fp16 variant is not at parity with fp32 on ONNX Runtime: boxes differ"
+    with pytest.raises(JetyoloError, match=refused):
         fp16.checked_fp16(bundle.model_path("fp32"), damaged, frames, bundle.input_size)
     ok = fp16.checked_fp16(bundle.model_path("fp32"), bundle.model_path("fp16"), frames,
                            bundle.input_size)
