@@ -14,11 +14,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from device.bundle import Bundle, add_files
-from device.calibcache import read_cache
+from device.calibcache import format_cache, read_cache
+from device.cli import main
 from device.errors import JetyoloError
 from device.postprocess import PostprocessConfig
 from host import cache_variants, surgeon
-from host.calibrate import QDQ_FILE, calibrate
+from host.calibrate import QDQ_FILE, TRTEXEC_ALGORITHM, calibrate
 from host.export import nms_variant, uint8_variant
 
 VERSIONS = ["10.3.0", "8.6.2"]
@@ -135,3 +136,24 @@ def test_a_float_tensor_without_range_is_refused() -> None:
         cache_variants.variant_cache("v", unknown, "float32", {}, [], set(), preprocess)
     with pytest.raises(JetyoloError, match=r"preprocess.scale is None"):
         cache_variants.variant_cache("v", scaled, "float32", {}, [], set(), {})
+
+
+def test_jetpack7_header_is_trt_101303() -> None:
+    assert format_cache({"images": 1.0}, "10.13.3").splitlines()[0] == (
+        "TRT-101303-EntropyCalibration2")
+
+
+@pytest.mark.parametrize("algorithm, noted", [("MinMaxCalibration", True),
+                                               (TRTEXEC_ALGORITHM, False)])
+def test_calibrate_says_when_trtexec_cannot_read_the_caches(
+    calibrated: Bundle, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    algorithm: str, noted: bool,
+) -> None:
+    manifest = dict(calibrated.manifest)
+    manifest["calibration"] = dict(manifest["calibration"], algorithm=algorithm)
+    monkeypatch.setattr("host.calibrate.calibrate",
+                        lambda *args, **kwargs: Bundle(calibrated.root, manifest))
+    assert main(["calibrate", str(calibrated.root), "--images", str(calibrated.root)]) == 0
+    out = capsys.readouterr().out
+    assert "TensorRT 10.3.0 uint8: " in out and "calibration/trt-10.3.0-uint8.cache" in out
+    assert ("trtexec --calib reads only EntropyCalibration2" in out) == noted
