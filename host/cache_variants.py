@@ -118,12 +118,19 @@ def variant_cache(
     head_nodes: Iterable[str],
     fp32_nodes: Set[str],
     preprocess: Mapping[str, Any],
+    float_layers: Iterable[str] = (),
 ) -> VariantCache:
     """The cache of one variant's graph: ``measured`` is the amax calibration found per fp32
-    tensor; the input side comes from the contract, the post-processing stays float."""
+    tensor; the input side comes from the contract, the post-processing stays float, and so do
+    the inputs and outputs of ``float_layers`` (kept in FP16 by the gate or --exclude): a tensor
+    with a scale may be stored in INT8 by its producer, which would feed the FP16 layer the very
+    rounding it is kept away from."""
     kept_nodes = postprocess_nodes(model, head_nodes, fp32_nodes)
     kept_tensors = {t for node in model.graph.node if node.name in set(kept_nodes)
                     for t in node.output}
+    initializers = {init.name for init in model.graph.initializer}
+    kept_tensors |= {t for node in model.graph.node if node.name in set(float_layers)
+                     for t in [*node.input, *node.output] if t and t not in initializers}
     derived = contract_ranges(model, input_contract_amax(input_dtype, preprocess))
     entries: Dict[str, float] = {}
     from_contract: Dict[str, float] = {}
@@ -167,3 +174,60 @@ def cache_file(trt_version: str, variant: str) -> str:
     ``calibration/trt-10.3.0-uint8.cache``."""
     suffix = "" if variant == "fp32" else f"-{variant}"
     return f"calibration/trt-{trt_version}{suffix}.cache"
+
+
+# ---- what TensorRT's implicit INT8 builds, simulated on ONNX Runtime ---------------------------
+SIM_SUFFIX = "__cache_int8"
+
+
+def build_cache_simulation(qdq_model: Any, entries: Mapping[str, float]) -> Any:
+    """The Q/DQ model with an int8 Q/DQ pair (scale ``amax / 127``, zero point 0) on every tensor
+    the cache lists (``entries``), for all its consumers.
+
+    This is what the cache asks of TensorRT's implicit INT8: any tensor with a scale whose
+    producer is not pinned to FP16 may be stored in INT8 (TensorRT picks per layer by speed, so
+    quantizing all of them is the worst case the cache allows). Weights keep the Q/DQ model's
+    per-channel int8 pairs (TensorRT quantizes Conv weights per output channel the same way).
+    A tensor the Q/DQ model already quantizes reuses its pair, so the scales are the same.
+    """
+    onnx = require("onnx", "calibrate")
+    helper, numpy_helper = onnx.helper, require("onnx.numpy_helper", "calibrate")
+    np = require("numpy", "calibrate")
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq_model)
+    graph = model.graph
+    quantizer_of = {n.input[0]: n for n in graph.node if n.op_type == "QuantizeLinear"}
+    dequantizer_of = {n.input[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    outputs = {o.name for o in graph.output}
+    replaced: Dict[str, str] = {}
+    added = []
+    for name, amax in entries.items():
+        if name in outputs:
+            continue
+        existing = quantizer_of.get(name)
+        if existing is not None and existing.output[0] in dequantizer_of:
+            replaced[name] = dequantizer_of[existing.output[0]].output[0]
+            continue
+        scale = max(float(amax), 1e-30) / 127.0  # a zero range: any positive scale maps 0 to 0
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{name}{SIM_SUFFIX}_scale"),
+            numpy_helper.from_array(np.array(0, dtype=np.int8), f"{name}{SIM_SUFFIX}_zero"),
+        ])
+        quantized, restored = f"{name}{SIM_SUFFIX}_q", f"{name}{SIM_SUFFIX}"
+        added += [
+            helper.make_node("QuantizeLinear", [name, f"{name}{SIM_SUFFIX}_scale",
+                             f"{name}{SIM_SUFFIX}_zero"], [quantized], name=f"{quantized}_node"),
+            helper.make_node("DequantizeLinear", [quantized, f"{name}{SIM_SUFFIX}_scale",
+                             f"{name}{SIM_SUFFIX}_zero"], [restored], name=f"{restored}_node"),
+        ]
+        replaced[name] = restored
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            continue  # the existing pairs read the float tensor they quantize
+        for index, tensor in enumerate(node.input):
+            if tensor in replaced:
+                node.input[index] = replaced[tensor]
+    graph.node.extend(added)
+    from host.surgeon import export_model, import_graph
+
+    return export_model(import_graph(model))  # toposort: the new pairs follow their producers

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List
@@ -213,6 +214,9 @@ def test_gate_passes_with_real_images(report: Dict) -> None:
     assert accuracy["passed"] and accuracy["drop"] <= 1.0
     assert accuracy["fp32"]["map50_95"] > 0.5  # the fixture model detects the synthetic shapes
     assert accuracy["int8"]["map50_95"] >= accuracy["fp32"]["map50_95"] - 0.01
+    assert 0 <= accuracy["cache_drop"] <= 1.0  # the cache's implicit-INT8 simulation, gated too
+    assert accuracy["int8_cache"]["variant"] == "int8-cache"
+    assert accuracy["int8_cache"]["map50_95"] != accuracy["int8"]["map50_95"]  # another model
 
 
 @pytest.fixture(scope="module")
@@ -267,12 +271,79 @@ def test_gate_keeps_the_measured_culprit_in_fp16(
     report = json.loads((bundle.root / REPORT_FILE).read_text())
     steps = report["accuracy"]["steps"]
     assert steps[0]["fp16_layers"] == 0 and steps[0]["drop"] > 1.0  # the sabotage hurts
+    assert steps[0]["cache_drop"] > 1.0 and steps[-1]["cache_drop"] <= 1.0
+    cache = read_cache(bundle.root / "calibration" / "trt-10.3.0.cache")
+    assert tensor not in cache.scales  # the FP16 layer's input: no scale, so never INT8
+    assert tensor in bundle.manifest["calibration"]["uncached_tensors"]
     assert report["accuracy"]["sensitivity_sqnr_db"][0][0] == layer
     assert report["accuracy"]["passed"] and steps[-1]["fp16_layers"] == 1
     assert report["excluded_layers"]["sensitivity"] == [layer]
     assert layer in bundle.manifest["calibration"]["fp16_layers"]
     qdq = onnx.load(str(bundle.model_path("int8-qdq")))
     assert layer not in quantize.quantized_layers(qdq)
+
+
+def test_gate_catches_what_only_the_cache_quantizes(
+    bundle_dir: Path, calib_images: Path, synth_dataset: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sabotaged range on a tensor no Conv reads (a SiLU's Sigmoid): the Q/DQ model never
+    quantizes it and keeps its mAP, TensorRT's implicit INT8 would; the gate must fail on the
+    cache simulation's figure."""
+    from onnxruntime.quantization.calibrate import TensorData
+
+    tensor = "/model.2/cv1/act/Sigmoid_output_0"
+    real_collect = quantize.collect_ranges
+
+    def sabotaged(*args: Any, **kwargs: Any) -> quantize.Ranges:
+        ranges = real_collect(*args, **kwargs)
+        amax = ranges.amax(tensor) / 64
+        ranges.values[tensor] = (-amax, amax)
+        ranges.tensors_data.data[tensor] = TensorData(lowest=np.float32(-amax),
+                                                      highest=np.float32(amax))
+        return ranges
+
+    monkeypatch.setattr(quantize, "collect_ranges", sabotaged)
+    target = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, target)
+    with pytest.raises(JetyoloError, match=r"INT8 loses .* more than --max-drop") as failure:
+        calibrate(target, calib_images, TEST_RECIPE, data_yaml=synth_dataset)
+    drops = re.search(r"0 layers: (-?[\d.]+) Q/DQ, (-?[\d.]+) cache", str(failure.value))
+    assert drops, str(failure.value)
+    assert float(drops.group(1)) <= 1.0 < float(drops.group(2))
+
+
+def test_cache_simulation_quantizes_every_listed_tensor() -> None:
+    """On a tiny graph: each listed tensor reaches all its consumers through one int8 Q/DQ pair
+    of scale amax/127, an already quantized tensor keeps its pair, graph outputs stay float."""
+    import onnxruntime as ort
+
+    from host import cache_variants
+
+    scale = numpy_helper.from_array(np.array(0.5 / 127, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "z")
+    nodes = [helper.make_node("Sigmoid", ["x"], ["a"], name="sig"),
+             helper.make_node("QuantizeLinear", ["a", "s", "z"], ["a_q"], name="q"),
+             helper.make_node("DequantizeLinear", ["a_q", "s", "z"], ["a_dq"], name="dq"),
+             helper.make_node("Relu", ["a_dq"], ["b"], name="relu"),
+             helper.make_node("Add", ["a", "b"], ["c"], name="add"),
+             helper.make_node("Neg", ["c"], ["y"], name="neg")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [scale, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    simulated = cache_variants.build_cache_simulation(model, {"a": 0.5, "c": 2.0, "y": 3.0})
+    consumers = {n.name: list(n.input) for n in simulated.graph.node}
+    assert consumers["add"][0] == "a_dq"  # the existing pair, shared
+    assert consumers["neg"] == ["c" + cache_variants.SIM_SUFFIX]
+    assert [o.name for o in simulated.graph.output] == ["y"] and "y__cache_int8" not in str(
+        simulated.graph.node)
+    x = np.linspace(-4, 4, 8, dtype=np.float32).reshape(1, 8)
+    got = ort.InferenceSession(simulated.SerializeToString()).run(None, {"x": x})[0]
+    step_a, step_c = 0.5 / 127, 2.0 / 127
+    a = np.clip(np.round(1 / (1 + np.exp(-x)) / step_a), -128, 127) * step_a
+    c = a + np.maximum(a, 0)
+    np.testing.assert_allclose(got, -np.clip(np.round(c / step_c), -128, 127) * step_c, atol=1e-6)
 
 
 @pytest.mark.parametrize("limit, steps", [(0, []), (1, [1]), (5, [1, 2, 4, 5]), (8, [1, 2, 4, 8])])
