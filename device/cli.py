@@ -24,6 +24,7 @@ DEVICE_VERBS: Dict[str, str] = {
     "build": "device.build",
     "verify": "device.verify",
     "doctor": "device.doctor",
+    "selftest": "device.selftest",
     "bundle.verify": "device.bundle_verify",
     "update": "device.update",
 }
