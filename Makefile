@@ -97,9 +97,9 @@ demo: $(STAMP)
 	  "$$(grep -c '/zones/' $(DEMO)/subscriber.log) zone counts"
 	$(JY) eval track --truth $(DEMO)/video.json --results $(DEMO)/detections.jsonl \
 	  --config docs/tracking-demo.yaml --no-gate
-	@$(STEP) "8/10 verify host vs device with polygraphy: FP32 (tensors + detections), INT8 (detections)"
+	@$(STEP) "8/10 verify host vs device with polygraphy (FP32 tensors + detections), then the acceptance run (every variant verified and timed, one report)"
 	$(JY) verify $(DEMO_BUNDLE) --backend onnxruntime --variant fp32
-	$(JY) verify $(DEMO_BUNDLE) --backend onnxruntime --variant int8-qdq
+	$(JY) selftest $(DEMO_BUNDLE) --backend onnxruntime --runs 10 --out $(DEMO)/selftest
 	@$(STEP) "9/10 benchmark summary: raw backend vs jetyolo pipeline vs ultralytics"
 	$(JY) bench $(DEMO_BUNDLE) --source $(DEMO_VIDEO) --frames 60 --runs 1 --no-profile --out $(DEMO)/bench
 	@$(STEP) "10/10 stage the hardened systemd service into a rootfs"

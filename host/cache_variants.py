@@ -19,15 +19,18 @@ A float tensor that fits none of these is an error, never a guessed scale.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Set
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set
 
 from device.errors import JetyoloError
 from host._env import require
 
 UINT8_MAX = 255.0
-# Ops whose output holds exactly the values of their first input (same range).
+# Ops whose output holds values of their first input only (its range bounds theirs): data
+# movement, and Resize in linear or nearest mode (each output is a convex combination of inputs;
+# cubic can overshoot, so it is not listed).
 VALUE_PRESERVING_OPS = ("Cast", "Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze",
-                        "Flatten")
+                        "Flatten", "Gather", "Slice")
+BOUNDED_RESIZE_MODES = (b"linear", b"nearest")
 SCALING_OPS = ("Mul", "Div")
 
 
@@ -100,14 +103,34 @@ def contract_ranges(model: Any, input_amax: float) -> Dict[str, float]:
         if not node.input or node.input[0] not in amax or not node.output:
             continue
         source = amax[node.input[0]]
-        if node.op_type in VALUE_PRESERVING_OPS:
+        if node.op_type in VALUE_PRESERVING_OPS or _bounded_resize(node):
             amax[node.output[0]] = source
+        elif node.op_type == "Pad" and _pad_value(node, constants) is not None:
+            amax[node.output[0]] = max(source, abs(float(_pad_value(node, constants) or 0.0)))
         elif node.op_type in SCALING_OPS and len(node.input) == 2:
             factor = constants.get(node.input[1])
             if factor is not None and factor.size == 1 and float(abs(factor.item())) > 0:
                 size = float(abs(factor.item()))
                 amax[node.output[0]] = source * size if node.op_type == "Mul" else source / size
     return amax
+
+
+def _bounded_resize(node: Any) -> bool:
+    if node.op_type != "Resize":
+        return False
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"nearest")
+    return mode in BOUNDED_RESIZE_MODES
+
+
+def _pad_value(node: Any, constants: Mapping[str, Any]) -> Optional[float]:
+    """The constant a constant-mode Pad fills with (0 when not given), else None."""
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+    if mode != b"constant":
+        return None
+    if len(node.input) < 3 or not node.input[2]:
+        return 0.0
+    value = constants.get(node.input[2])
+    return None if value is None or value.size != 1 else float(value.item())
 
 
 def variant_cache(

@@ -157,3 +157,34 @@ def test_calibrate_says_when_trtexec_cannot_read_the_caches(
     out = capsys.readouterr().out
     assert "TensorRT 10.3.0 uint8: " in out and "calibration/trt-10.3.0-uint8.cache" in out
     assert ("trtexec --calib reads only EntropyCalibration2" in out) == noted
+
+
+def _frame_prologue(resize_mode: str) -> Any:
+    """uint8 NHWC frame -> Cast -> Transpose -> Resize -> Pad 114 -> Gather (BGR->RGB) -> /255,
+    as `export --frame-input` builds it (host/surgeon.py)."""
+    inits = [numpy_helper.from_array(np.array([1, 3, 4, 4], np.int64), "sizes"),
+             numpy_helper.from_array(np.zeros(8, np.int64), "pads"),
+             numpy_helper.from_array(np.array(114.0, np.float32), "pad_value"),
+             numpy_helper.from_array(np.array([2, 1, 0], np.int64), "bgr"),
+             numpy_helper.from_array(np.array(1 / 255, np.float32), "scale")]
+    nodes = [helper.make_node("Cast", ["frame"], ["f"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Transpose", ["f"], ["nchw"], perm=[0, 3, 1, 2], name="t"),
+             helper.make_node("Resize", ["nchw", "", "", "sizes"], ["resized"], mode=resize_mode,
+                              name="resize"),
+             helper.make_node("Pad", ["resized", "pads", "pad_value"], ["padded"], name="pad"),
+             helper.make_node("Gather", ["padded", "bgr"], ["rgb"], axis=1, name="gather"),
+             helper.make_node("Mul", ["rgb", "scale"], ["y"], name="scale_node")]
+    graph = helper.make_graph(
+        nodes, "frame", [helper.make_tensor_value_info("frame", TensorProto.UINT8, [1, 6, 8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_frame_input_prologue_follows_the_contract() -> None:
+    cache = cache_variants.variant_cache("frame", _frame_prologue("linear"), "uint8", {}, [],
+                                         set(), {"scale": 1 / 255})
+    assert cache.entries == pytest.approx(
+        {"f": 255.0, "nchw": 255.0, "resized": 255.0, "padded": 255.0, "rgb": 255.0, "y": 1.0})
+    with pytest.raises(JetyoloError, match=r"tensor 'resized' has no calibrated range"):
+        cache_variants.variant_cache("frame", _frame_prologue("cubic"), "uint8", {}, [], set(),
+                                     {"scale": 1 / 255})
