@@ -234,10 +234,10 @@ def _names(calibration: Mapping[str, Any], *keys: str) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def _cache_files(bundle: Any) -> List[str]:
+def _cache_files(bundle: Any, calibration: Mapping[str, Any]) -> List[str]:
     """``calibration.caches`` as written by `jetyolo calibrate` ({version: {"file": ...}}), a
     version -> file mapping or a list of files; else every ``*.cache`` file of the bundle."""
-    listed = (bundle.manifest.get("calibration") or {}).get("caches")
+    listed = calibration.get("caches")
     entries = list(listed.values()) if isinstance(listed, Mapping) else listed
     if isinstance(entries, list):
         return [str(entry["file"] if isinstance(entry, Mapping) else entry) for entry in entries]
@@ -276,7 +276,12 @@ def find_int8_inputs(bundle: Any, trt_version: str, variant: str = "fp32") -> In
     except JetyoloError:
         wanted = None  # TensorRT 11+: no cache can be used; Q/DQ may still be
     cache, versions = None, []
-    for relative in _cache_files(bundle):
+    # a variant's own caches, FP16 layers and float tensors (docs/calibration.md, "One cache per
+    # variant") override the top-level ones, which are the fp32 graph's
+    own = (calibration.get("variants") or {}).get(variant)
+    if isinstance(own, Mapping):
+        calibration = {**calibration, **own}
+    for relative in _cache_files(bundle, calibration):
         version = header_version(bundle.path(relative))
         versions.append(version_text(version))
         if version == wanted:

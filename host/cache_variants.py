@@ -43,6 +43,7 @@ class VariantCache:
     uncached: List[str]  # float tensors of the graph kept in float on purpose
     fp16_layers: List[str]  # nodes of the graph kept in float (head post-processing and beyond)
     from_contract: Dict[str, float] = field(default_factory=dict)  # tensors whose amax is derived
+    graph_tensors: List[str] = field(default_factory=list)  # every float tensor, graph order
 
     @property
     def tensors(self) -> List[str]:
@@ -158,7 +159,8 @@ def variant_cache(
     entries: Dict[str, float] = {}
     from_contract: Dict[str, float] = {}
     uncached: List[str] = []
-    for name in float_tensors(model):
+    graph_tensors = float_tensors(model)
+    for name in graph_tensors:
         if name in kept_tensors:
             uncached.append(name)
         elif name in derived:
@@ -171,7 +173,7 @@ def variant_cache(
                 "from the input contract; re-export the bundle with `jetyolo export` and calibrate "
                 "again (please report this model if it persists)"
             )
-    return VariantCache(variant, entries, uncached, kept_nodes, from_contract)
+    return VariantCache(variant, entries, uncached, kept_nodes, from_contract, graph_tensors)
 
 
 def apply_input_contract(ranges: Any, input_name: str, amax: float) -> None:

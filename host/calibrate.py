@@ -444,6 +444,7 @@ def calibration_report(
             "scale": "amax / 127, big-endian float32 hex",
             "variants": {cache.variant: variant_record(cache, versions, algorithm, fp16_layers)
                          for cache in caches},
+            "graph_tensors": {cache.variant: cache.graph_tensors for cache in caches},
         },
         "qdq": {
             "file": QDQ_FILE,
@@ -466,10 +467,11 @@ def variant_record(
     cache: cache_variants.VariantCache, versions: Mapping[str, int], algorithm: str,
     fp16_layers: Sequence[str],
 ) -> Dict[str, Any]:
-    """``calibration.variants.<name>`` of the manifest: what that variant's caches cover."""
+    """``calibration.variants.<name>`` of the manifest: that variant's caches, the tensors they
+    leave in float and the layers kept in FP16 (the cache's lines are ``calibration.tensors``
+    of the variant minus ``uncached_tensors``)."""
     return {
         "caches": cache_files(versions, algorithm, cache.variant),
-        "tensors": cache.tensors,
         "uncached_tensors": cache.uncached,
         "fp16_layers": list(dict.fromkeys([*fp16_layers, *cache.fp16_layers])),
         "input_contract": cache.from_contract,
@@ -499,6 +501,7 @@ def manifest_updates(bundle: Bundle, report: Mapping[str, Any]) -> Dict[str, Any
             "fp16_layers": report["fp16_layers"],
             "uncached_tensors": report["cache"]["left_out_tensors"],
             "variants": report["cache"]["variants"],
+            "tensors": report["cache"]["graph_tensors"],
             "accuracy": None if accuracy is None else {
                 "max_drop": accuracy["max_drop"], "passed": accuracy["passed"],
                 "drop": accuracy["drop"], "fp32_map50_95": accuracy["fp32"]["map50_95"],
@@ -546,8 +549,9 @@ def run(args: argparse.Namespace) -> int:
           f"{len(calibration['fp16_layers'])} layer(s) kept in FP16")
     for variant, record in calibration["variants"].items():
         for version, entry in record["caches"].items():
+            cached = len(calibration["tensors"][variant]) - len(record["uncached_tensors"])
             print(f"  TensorRT {version} {variant}: {bundle.root / entry['file']} "
-                  f"({entry['header']}, {len(record['tensors'])} tensors)")
+                  f"({entry['header']}, {cached} tensors)")
     if calibration["algorithm"] != TRTEXEC_ALGORITHM:
         print(f"  note: trtexec --calib reads only {TRTEXEC_ALGORITHM} caches; these are "
               f"{calibration['algorithm']}: build with `jetyolo build`, or calibrate with "

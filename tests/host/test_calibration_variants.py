@@ -80,10 +80,12 @@ def test_each_variant_cache_covers_its_own_graph(
     head = set(calibrated.manifest["head"]["postprocess_nodes"])
     nms_nodes = {n.name for n in model.graph.node if n.name.startswith("/nms/")}
     expected = _expected_tensors(model, head | nms_nodes)
-    record = calibrated.manifest["calibration"]["variants"][variant]
+    calibration = calibrated.manifest["calibration"]
+    record = calibration["variants"][variant]
     cache = read_cache(calibrated.path(record["caches"][version]["file"]))
-    assert list(cache.scales) == expected["cached"] == record["tensors"]
+    assert list(cache.scales) == expected["cached"]
     assert record["uncached_tensors"] == expected["float"]
+    assert sorted(calibration["tensors"][variant]) == sorted(expected["cached"] + expected["float"])
     assert nms_nodes <= set(record["fp16_layers"]) and head <= set(record["fp16_layers"])
     assert cache.header == record["caches"][version]["header"]
 
@@ -188,3 +190,27 @@ def test_frame_input_prologue_follows_the_contract() -> None:
     with pytest.raises(JetyoloError, match=r"tensor 'resized' has no calibrated range"):
         cache_variants.variant_cache("frame", _frame_prologue("cubic"), "uint8", {}, [], set(),
                                      {"scale": 1 / 255})
+
+
+@pytest.mark.parametrize("variant", ["fp32", "uint8", "nms"])
+@pytest.mark.parametrize("version", ["10.3", "8.6.2"])
+def test_each_variant_builds_int8_from_its_cache_on_the_standin(
+    calibrated: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str,
+    version: str,
+) -> None:
+    """The device picks the variant's own cache and it covers the parsed network (TensorRT
+    stand-in: tests/trt_standin; not a TensorRT result)."""
+    from trt_standin.standin import install
+
+    from device.backends.tensorrt import TensorRTBuildOps
+    from device.engine import BuildRequest, ensure_engine
+
+    world = install(monkeypatch, version)
+    log: List[str] = []
+    request = BuildRequest(precision="int8", int8_from="cache", variant=variant,
+                           cache_dir=tmp_path / "engines")
+    result = ensure_engine(calibrated, request, TensorRTBuildOps(), log.append)
+    assert result.built and result.key.int8_source == "cache"
+    assert world.builds[-1]["onnx"].endswith(calibrated.variant(variant)["file"])
+    assert any(f"trt-{'10.3.0' if version == '10.3' else version}" in line and "fits" in line
+               for line in log), log

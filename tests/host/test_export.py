@@ -65,8 +65,8 @@ def error_line(stderr: str) -> str:
 def test_manifest_lists_every_variant_with_its_input(full_bundle: Path) -> None:
     bundle = Bundle.load(full_bundle)  # schema + hashes
     variants = bundle.manifest["variants"]
-    assert set(variants) == {"fp32", "uint8", "nms"}
-    models = {"model.onnx", "model_uint8.onnx", "model_nms.onnx"}
+    assert set(variants) == {"fp32", "uint8", "nms", "fp16"}  # fp16: every export (TensorRT 11)
+    models = {"model.onnx", "model_uint8.onnx", "model_nms.onnx", "model_fp16.onnx"}
     reference = {f"reference/{name}.json" for name in ("inputs", "outputs", "detections")}
     assert set(bundle.manifest["files"]) == models | reference  # export records the reference
     assert bundle.manifest["reference"]["num"] == 16
@@ -143,7 +143,7 @@ def test_bundle_verify_accepts_the_export(
     full_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["bundle", "verify", str(full_bundle)]) == 0
-    assert "OK (6 files" in capsys.readouterr().out  # 3 models + 3 reference files
+    assert "OK (7 files" in capsys.readouterr().out  # 4 models + 3 reference files
 
 
 # ---- parity: the failing case -------------------------------------------------------------------
@@ -446,7 +446,7 @@ def test_synth_train_export_verify(tmp_path: Path, capsys: pytest.CaptureFixture
     printed = capsys.readouterr().out
     assert "parity (4 images" in printed and "agreement" in printed
     assert main(["bundle", "verify", str(out)]) == 0
-    assert "OK (5 files" in capsys.readouterr().out  # 2 models + 3 reference files
+    assert "OK (6 files" in capsys.readouterr().out  # 3 models (one fp16) + 3 reference files
 
 
 def _dead_pid() -> int:
