@@ -74,15 +74,16 @@ def test_the_default_engine_builds_loads_and_runs(standin: World, bundle_dir: Pa
     bundle, log = Bundle.load(bundle_dir), []
     result = build(bundle, tmp_path, log)
     # the default precision per version: fp16 through the FP16 flag on 8.5-10.x; TensorRT 11 has
-    # no FP16 flag and this bundle no fp16 graph, so fp32 (device.build_plan.default_precision)
-    assert result.key.precision == ("fp32" if standin.profile.major >= 11 else "fp16")
+    # no FP16 flag: the bundle's fp16 graph, strongly typed (device.build_plan.default_precision)
+    assert result.key.precision == "fp16"
+    assert result.key.variant == ("fp16" if standin.profile.major >= 11 else "fp32")
     assert ("FP16" in standin.builds[-1]["flags"]) is (standin.profile.major < 11)
     opened = open_chosen(BackendChoice("tensorrt", cache_dir=tmp_path / "engines"), bundle)
     assert opened.precision == result.key.precision  # what run reports: the engine's own
     assert len(standin.builds) == 1  # run opens the plan build wrote
     frame = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
     with TensorRTBackend(result.plan) as engine, \
-            OnnxRuntimeBackend(bundle.model_path("fp32")) as reference:
+            OnnxRuntimeBackend(bundle.model_path(result.key.variant)) as reference:
         buffer = engine.input_buffer
         np.copyto(buffer, frame)
         found, expected = engine.infer({"images": buffer}), reference.infer({"images": frame})
@@ -110,6 +111,10 @@ def test_fp16_on_tensorrt_11_builds_the_fp16_graph_or_says_it_is_missing(
 ) -> None:
     world = install(monkeypatch, "11")
     bundle = copy_bundle(bundle_dir, tmp_path)
+    manifest = dict(bundle.manifest, variants={name: variant for name, variant in
+                                               bundle.manifest["variants"].items()
+                                               if name != "fp16"})
+    bundle = Bundle(bundle.root, manifest)  # a bundle exported before the fp16 variant existed
     with pytest.raises(JetyoloError, match=r"no 'fp16' variant; re-export"):
         build(bundle, tmp_path, [], precision="fp16")
     with pytest.raises(JetyoloError, match=r"--variant uint8"):
