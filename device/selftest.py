@@ -28,9 +28,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from device.bundle import Bundle, atomic_write_bytes
+from device.bundle import Bundle
 from device.calibcache import parse_trt_version
 from device.errors import JetyoloError
+from device.files import atomic_write_bytes
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 PASS, FAIL, SKIP = "pass", "fail", "skip"
