@@ -39,7 +39,7 @@ class Fp16Tolerance:
 
     boxes_atol: float = 2.0  # input pixels
     scores_atol: float = 1e-2
-    min_agreement: float = 0.98
+    min_agreement: float = 0.95  # a detection near the confidence threshold may flip in fp16
 
 
 def fp16_model(model: Any, keep_float_nodes: Iterable[str]) -> Any:

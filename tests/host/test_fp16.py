@@ -59,6 +59,4 @@ def test_a_damaged_fp16_model_fails_parity(bundle: Bundle, tmp_path: Path) -> No
     refused = r"fp16 variant is not at parity with fp32 on ONNX Runtime: boxes differ"
     with pytest.raises(JetyoloError, match=refused):
         fp16.checked_fp16(bundle.model_path("fp32"), damaged, frames, bundle.input_size)
-    ok = fp16.checked_fp16(bundle.model_path("fp32"), bundle.model_path("fp16"), frames,
-                           bundle.input_size)
-    assert ok["detections"]["agreement"] >= fp16.Fp16Tolerance().min_agreement
+    # the undamaged model's figures on the 16 parity frames: test_fp16_parity_is_recorded_...
