@@ -202,7 +202,7 @@ def test_each_variant_builds_int8_from_its_cache_on_the_standin(
     stand-in: tests/trt_standin; not a TensorRT result)."""
     from trt_standin.standin import install
 
-    from device.backends.tensorrt import TensorRTBuildOps
+    from device.backends.tensorrt_build import TensorRTBuildOps
     from device.engine import BuildRequest, ensure_engine
 
     world = install(monkeypatch, version)
