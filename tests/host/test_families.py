@@ -178,8 +178,10 @@ def test_calibrate_and_gate(case: Case, exported: Bundle, synth_dataset: Path,
     target = tmp_path / "bundle"
     shutil.copytree(exported.root, target)
     images = synth_dataset.parent / "train" / "images"
+    # 8 calibration and 8 val images: the drop is noise-sized (YOLO12: Q/DQ 0.64, cache
+    # simulation 1.60 points); this checks that calibrate and both gates run, not the accuracy
     recipe = dict(DEFAULT_RECIPE, num=8, min_images=8, sensitivity_images=2, max_fp16_layers=2,
-                  trt_versions=["10.3.0"])
+                  trt_versions=["10.3.0"], max_drop=3.0)
     calibrated = calibrate(target, images, recipe, data_yaml=synth_dataset, eval_limit=8)
     section = calibrated.manifest["variants"]["int8-qdq"]
     assert section["contract"] == exported.manifest["variants"]["fp32"]["contract"]
