@@ -53,7 +53,7 @@ from device.config import RunConfig, config_from_mapping  # noqa: E402
 from device.detections import FrameResult  # noqa: E402
 from device.errors import JetyoloError  # noqa: E402
 from device.pipeline import Pipeline  # noqa: E402
-from device.preprocess import Preprocessor  # noqa: E402
+from device.preprocess import FRAME_INPUT, FrameCopier, Preprocessor  # noqa: E402
 from device.setup import open_configured_backend, run_configured  # noqa: E402
 from device.sources import open_source  # noqa: E402
 
@@ -154,12 +154,14 @@ def first_frame(source: str) -> np.ndarray:
 
 def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
     bundle = Bundle.load(config.bundle)
-    backend = open_configured_backend(config, bundle)
     image = first_frame(config.source)
+    backend = open_configured_backend(config, bundle, lambda: (image.shape[1], image.shape[0]))
     with backend:
         spec = backend.input_spec
         buffer = backend.input_buffer
-        Preprocessor(bundle.input_size, spec.dtype.name, buffer=buffer)(image)
+        preprocess = FrameCopier(bundle.input_size, buffer) if spec.name == FRAME_INPUT \
+            else Preprocessor(bundle.input_size, spec.dtype.name, buffer=buffer)
+        preprocess(image)
         outputs = backend.allocate_outputs()
         feed = {spec.name: buffer}
         backend.infer(feed, out=outputs)
