@@ -126,7 +126,8 @@ class RunConfig:
                                        "infer_workers (default: one per core)", low=1, high=256)
     infer_workers: Optional[int] = key(None, "ONNX Runtime inferences run at once on consecutive "
                                              "frames, frame order kept; threads are shared among "
-                                             "them (default 1)", low=1, high=16)
+                                             "them (default: one per core, at most 2, each with "
+                                             "one thread; 1 when threads is set)", low=1, high=16)
     report: str = key("every", "which frames are published: every frame, frames with "
                                "detections, at most report_max_rate_hz per source, or none "
                                "(events: only tracking events and zone counts)",
