@@ -244,15 +244,10 @@ def test_gate_catches_calibration_on_black_images(
     assert after == before  # nothing partial
 
 
-def test_gate_keeps_the_measured_culprit_in_fp16(
-    bundle_dir: Path, calib_images: Path, synth_dataset: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """One range sabotaged (clipped to 1/64): sensitivity must rank its layer first, and the
-    gate must pass by keeping exactly that layer in FP16 (in the Q/DQ model and fp16_layers)."""
+def sabotage_range(monkeypatch: pytest.MonkeyPatch, tensor: str) -> None:
+    """Calibration ranges as collected, except ``tensor``'s, clipped to 1/64 of its range."""
     from onnxruntime.quantization.calibrate import TensorData
 
-    tensor, layer = "/model.3/act/Mul_output_0", "/model.4/cv1/conv/Conv"  # its only consumer
     real_collect = quantize.collect_ranges
 
     def sabotaged(*args: Any, **kwargs: Any) -> quantize.Ranges:
@@ -264,6 +259,16 @@ def test_gate_keeps_the_measured_culprit_in_fp16(
         return ranges
 
     monkeypatch.setattr(quantize, "collect_ranges", sabotaged)
+
+
+def test_gate_keeps_the_measured_culprit_in_fp16(
+    bundle_dir: Path, calib_images: Path, synth_dataset: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One range sabotaged (clipped to 1/64): sensitivity must rank its layer first, and the
+    gate must pass by keeping exactly that layer in FP16 (in the Q/DQ model and fp16_layers)."""
+    tensor, layer = "/model.3/act/Mul_output_0", "/model.4/cv1/conv/Conv"  # its only consumer
+    sabotage_range(monkeypatch, tensor)
     target = tmp_path / "bundle"
     shutil.copytree(bundle_dir, target)
     bundle = calibrate(target, calib_images, dict(TEST_RECIPE, max_fp16_layers=4),
@@ -290,20 +295,8 @@ def test_gate_catches_what_only_the_cache_quantizes(
     """A sabotaged range on a tensor no Conv reads (a SiLU's Sigmoid): the Q/DQ model never
     quantizes it and keeps its mAP, TensorRT's implicit INT8 would; the gate must fail on the
     cache simulation's figure."""
-    from onnxruntime.quantization.calibrate import TensorData
-
     tensor = "/model.2/cv1/act/Sigmoid_output_0"
-    real_collect = quantize.collect_ranges
-
-    def sabotaged(*args: Any, **kwargs: Any) -> quantize.Ranges:
-        ranges = real_collect(*args, **kwargs)
-        amax = ranges.amax(tensor) / 64
-        ranges.values[tensor] = (-amax, amax)
-        ranges.tensors_data.data[tensor] = TensorData(lowest=np.float32(-amax),
-                                                      highest=np.float32(amax))
-        return ranges
-
-    monkeypatch.setattr(quantize, "collect_ranges", sabotaged)
+    sabotage_range(monkeypatch, tensor)
     target = tmp_path / "bundle"
     shutil.copytree(bundle_dir, target)
     with pytest.raises(JetyoloError, match=r"INT8 loses .* more than --max-drop") as failure:
