@@ -65,7 +65,7 @@ demo: $(STAMP)
 	$(JY) bundle verify $(DEMO_BUNDLE)
 	@$(STEP) "5/10 INT8 calibration on the CPU: TensorRT caches + Q/DQ model, accuracy gate"
 	$(JY) calibrate $(DEMO_BUNDLE) --images $(DEMO)/data/train/images --num 64 \
-	  --trt-version 8.5.2 8.6.2 10.3.0 --data $(DEMO_DATA) --max-drop 1.0
+	  --trt-version 8.5.2 8.6.2 10.3.0 --data $(DEMO_DATA) --max-drop 1.5
 	@$(STEP) "6/10 accuracy: FP32 vs INT8 Q/DQ on the val split"
 	$(JY) eval $(DEMO_BUNDLE) --data $(DEMO_DATA) --variant fp32 --plots $(DEMO)/curves-fp32
 	$(JY) eval $(DEMO_BUNDLE) --data $(DEMO_DATA) --variant int8-qdq --plots $(DEMO)/curves-int8
