@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	fi
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[host,device,dev]'
+	$(BIN)/pip install -q -e '.[host,device,tracking,dev]'
 	@mkdir -p $(dir $@) && touch $@
 
 test: $(STAMP)
