@@ -14,6 +14,7 @@ WORK=$3
 SWITCHES=${4:-2}
 PYTHON=$(dirname "$JETYOLO")/python
 rm -rf "$WORK" && mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)  # absolute: the config's paths are read relative to its own folder
 DEVICE=$WORK/device
 
 "$JETYOLO" data synth "$WORK/scene" --train 1 --val 1 --imgsz 64 --video "$WORK/long.mp4" \
