@@ -145,6 +145,11 @@ def test_update_refuse_and_roll_back_a_running_service(
 
         assert update(device, config, "--rollback") == 0
         assert wait_until(lambda: runs(frame_models())[-1:] == [ids["A"]], 30)
+        # the switch back is reported by the next stats message: wait for it before stopping
+        assert wait_until(lambda: any(
+            (s.get("model_update") or {}).get("to") == ids["A"]
+            and (s.get("model_update") or {}).get("from") == ids["B"]
+            for s in subscriber.payloads("/stats")), 30)
         service.alive()
     finally:
         stderr = service.stop()
