@@ -32,7 +32,8 @@ def start_run(bundle: Path, video: Path, out: Path) -> subprocess.Popen:
 
 
 def wait_for_url(process: subprocess.Popen, lines: List[str]) -> Optional[str]:
-    assert process.stderr is not None
+    if process.stderr is None:  # Popen was asked for stderr=PIPE
+        raise RuntimeError("the run has no stderr pipe")
     for line in process.stderr:
         lines.append(line)
         if SERVING in line:

@@ -87,7 +87,8 @@ def one_run(bundle: Path, video: Path, mode: str, spool: Path,
                                text=True)
     viewer: Optional[Viewer] = None
     lines = []
-    assert process.stderr is not None
+    if process.stderr is None:  # Popen was asked for stderr=PIPE
+        raise RuntimeError("the run has no stderr pipe")
     for line in process.stderr:
         lines.append(line)
         match = SERVING.search(line)
