@@ -19,12 +19,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any, List, Optional
 
+from host.bench.live import PacedMjpegServer
+
 SERVING = "http: serving "
 
 
-def start_run(bundle: Path, video: Path, out: Path) -> subprocess.Popen:
+DEMO_FPS, DEMO_FRAMES = 15.0, 150  # the camera loops over these frames
+
+
+def start_run(bundle: Path, camera_url: str, name: str, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "device.cli", "run", str(bundle), "--source", str(video),
+        [sys.executable, "-m", "device.cli", "run", str(bundle), "--source", camera_url,
+         "--source-name", name,
          "--backend", "onnxruntime", "--sink", f"jsonl:{out / 'detections.jsonl'}",
          "--spool-dir", str(out / "spool"), "--stats-interval-s", "1",
          "--http", "127.0.0.1:0", "--http-preview-fps", "10"],
@@ -102,7 +108,13 @@ def screenshot(url: str, path: Path) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     bundle, video, out = (Path(arg) for arg in (argv or sys.argv[1:])[:3])
     out.mkdir(parents=True, exist_ok=True)
-    process = start_run(bundle, video, out)
+    # The video as a paced camera: the run lasts until it is stopped, however slow the machine
+    # (a file source could end before the browser has loaded the page).
+    with PacedMjpegServer(video, DEMO_FPS, DEMO_FRAMES) as camera:
+        return show(start_run(bundle, camera.url, video.stem, out), video, out)
+
+
+def show(process: subprocess.Popen, video: Path, out: Path) -> int:
     lines: List[str] = []
     try:
         url = wait_for_url(process, lines)
