@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from device.choice import BACKEND_KINDS, INT8_SOURCES, PRECISIONS
+from device.decode_scale import DECODE_SCALES
 from device.errors import JetyoloError
 from device.sinks.base import REPORT_MODES
 from device.sinks.urls import FORMS as SINK_FORMS
@@ -146,6 +147,11 @@ class RunConfig:
     capture_width: Optional[int] = key(None, "camera capture width (V4L2/CSI)", low=1)
     capture_height: Optional[int] = key(None, "camera capture height (V4L2/CSI)", low=1)
     capture_fps: Optional[int] = key(None, "camera frame rate (V4L2/CSI)", low=1)
+    decode_scale: str = key("auto", "MJPEG streams (http://): decode at 1/2, 1/4 or 1/8 of the "
+                                    "frame size, boxes still in source pixels; auto: the "
+                                    "largest reduction that keeps the frame at least its "
+                                    "letterboxed size (docs/runtime.md, Decoding)",
+                            choices=DECODE_SCALES)
     rtsp_latency_ms: int = key(200, "RTSP jitter buffer on the Jetson GStreamer path", low=0)
     reconnect_max_s: float = key(30.0, "longest wait between reconnect attempts of a live "
                                        "source", low=0.1)
@@ -272,6 +278,8 @@ def check_value(
         return _check_list(origin, key, value)
     if rule.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if rule.kind is str and rule.choices and isinstance(value, int) and str(value) in rule.choices:
+        value = str(value)  # `decode_scale: 2` in YAML
     if not isinstance(value, rule.kind) or (rule.kind is not bool and isinstance(value, bool)):
         raise _reject(origin, key, f"must be {rule.kind.__name__}, got {value!r} ({rule.help})")
     if isinstance(value, float) and not math.isfinite(value) and not (

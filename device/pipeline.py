@@ -435,7 +435,7 @@ class Pipeline:
                 return
             slot: _Slot = held if held is not None else self._get(self._free_inputs)
             with _Timed(self._times["preprocess"]) as timed:
-                work.geometry = slot.preprocessor(work.frame.image)
+                work.geometry = slot.preprocessor(work.frame.image, work.frame.reduction)
             work.latency_ms["preprocess"] = timed.ms
             work.slot = slot
             self._put(self._preprocessed, work)
@@ -615,7 +615,7 @@ class Pipeline:
                 source=work.frame.source or self.source_name,
                 frame_index=work.frame.index,
                 timestamp=work.frame.timestamp,
-                frame_size=(int(image.shape[1]), int(image.shape[0])),
+                frame_size=geometry.frame_size,  # the source's (a reduced decode's too)
                 detections=detections,
                 latency_ms=work.latency_ms,
                 model_id=model.model_id,

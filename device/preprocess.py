@@ -8,12 +8,13 @@ loop allocates nothing per frame once the frame size is known.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import cv2
 import numpy as np
 
+from device.decode_scale import Reduction
 from device.errors import JetyoloError
 
 PAD_VALUE = 114
@@ -41,6 +42,14 @@ class Letterbox:
         pad_h = (input_h - resized[1]) / 2
         # ultralytics rounds the two sides with a -0.1/+0.1 nudge; copy it for identical pixels.
         return cls(frame_size, input_size, scale, resized, round(pad_w - 0.1), round(pad_h - 0.1))
+
+    def decoded_at(self, reduction: Optional[Reduction]) -> Letterbox:
+        """This geometry (fitted to a frame decoded at 1/``reduction.factor``) mapping boxes to
+        the camera's own pixels: ``frame_size`` becomes the source's, ``scale`` the product of
+        the two reductions (a decoded pixel i covers source pixels [f*i, f*i + f))."""
+        if reduction is None or reduction.factor == 1:
+            return self
+        return replace(self, frame_size=reduction.source_size, scale=self.scale / reduction.factor)
 
     def to_frame(self, xyxy: np.ndarray) -> np.ndarray:
         """Map boxes from input pixels back to frame pixels, clipped to the frame."""
@@ -108,19 +117,25 @@ class Preprocessor:
             )
         self.buffer = buffer
         self._canvas = np.full((input_size[0], input_size[1], 3), PAD_VALUE, dtype=np.uint8)
-        self._geometry: Optional[Letterbox] = None
+        self._fitted: Optional[Letterbox] = None  # to the decoded frame (what the canvas holds)
+        self._geometry: Optional[Letterbox] = None  # the same, mapping to the source's pixels
 
     @staticmethod
     def input_shape(input_size: Tuple[int, int], input_dtype: str) -> Tuple[int, ...]:
         height, width = input_size
         return (1, height, width, 3) if np.dtype(input_dtype) == np.uint8 else (1, 3, height, width)
 
-    def __call__(self, frame: np.ndarray) -> Letterbox:
+    def __call__(self, frame: np.ndarray, reduction: Optional[Reduction] = None) -> Letterbox:
+        """Letterbox ``frame`` into the buffer; the geometry maps boxes to the source's pixels
+        (``reduction``: the frame was decoded smaller than the source sent it)."""
         frame_size = (frame.shape[1], frame.shape[0])
-        if self._geometry is None or self._geometry.frame_size != frame_size:
-            self._geometry = Letterbox.fit(frame_size, self.input_size)
+        if self._fitted is None or self._fitted.frame_size != frame_size:
+            self._fitted = Letterbox.fit(frame_size, self.input_size)
+            self._geometry = None
             self._canvas[...] = PAD_VALUE  # padding changes only with the frame size
-        _paste_resized(frame, self._geometry, self._canvas)
+        if self._geometry is None or self._geometry.frame_size != _source_size(frame, reduction):
+            self._geometry = self._fitted.decoded_at(reduction)
+        _paste_resized(frame, self._fitted, self._canvas)
         if self.input_dtype == np.uint8:
             cv2.cvtColor(self._canvas, cv2.COLOR_BGR2RGB, dst=self.buffer[0])
         else:
@@ -148,9 +163,10 @@ class FrameCopier:
         self.input_size = input_size
         self.buffer = buffer
         self.frame_size = (int(buffer.shape[2]), int(buffer.shape[1]))
-        self._geometry = Letterbox.fit(self.frame_size, input_size)
+        self._fitted = Letterbox.fit(self.frame_size, input_size)
+        self._geometry = self._fitted
 
-    def __call__(self, frame: np.ndarray) -> Letterbox:
+    def __call__(self, frame: np.ndarray, reduction: Optional[Reduction] = None) -> Letterbox:
         if frame.shape != self.buffer.shape[1:]:
             raise JetyoloError(
                 f"the frame-input model was set up for {self.frame_size[0]}x{self.frame_size[1]} "
@@ -158,4 +174,13 @@ class FrameCopier:
                 "camera's capture size or use another variant"
             )
         np.copyto(self.buffer[0], frame)
+        if self._geometry.frame_size != _source_size(frame, reduction):
+            self._geometry = self._fitted.decoded_at(reduction)
         return self._geometry
+
+
+def _source_size(frame: np.ndarray, reduction: Optional[Reduction]) -> Tuple[int, int]:
+    """(w, h) of the frame as the source sent it."""
+    if reduction is not None and reduction.factor != 1:
+        return reduction.source_size
+    return (frame.shape[1], frame.shape[0])

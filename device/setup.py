@@ -94,9 +94,11 @@ def source_timeout_s(config: RunConfig, env: Mapping[str, str] = os.environ) -> 
 
 
 def capture_options(
-    config: RunConfig, env: Mapping[str, str] = os.environ, entry: Optional[SourceEntry] = None
+    config: RunConfig, env: Mapping[str, str] = os.environ, entry: Optional[SourceEntry] = None,
+    model_input: Optional[Tuple[int, int]] = None,
 ) -> CaptureOptions:
-    """The config's capture settings; a ``sources:`` entry's own override them."""
+    """The config's capture settings; a ``sources:`` entry's own override them. ``model_input``
+    (h, w): what the frames are letterboxed into (``decode_scale: auto`` needs it)."""
 
     def pick(name: str) -> Any:
         value = getattr(entry, name) if entry is not None else None
@@ -105,7 +107,8 @@ def capture_options(
     return CaptureOptions(
         width=pick("capture_width"), height=pick("capture_height"), fps=pick("capture_fps"),
         rtsp_latency_ms=config.rtsp_latency_ms, reconnect_max_s=config.reconnect_max_s,
-        source_timeout_s=source_timeout_s(config, env),
+        source_timeout_s=source_timeout_s(config, env), decode_scale=config.decode_scale,
+        model_input=model_input,
     )
 
 
@@ -137,7 +140,8 @@ def source_names(entries: Sequence[SourceEntry], topic: Callable[[str], str]) ->
 
 
 def open_sources(
-    config: RunConfig, entries: Sequence[SourceEntry], names: Sequence[str], notifier: Any
+    config: RunConfig, entries: Sequence[SourceEntry], names: Sequence[str], notifier: Any,
+    model_input: Optional[Tuple[int, int]] = None,
 ) -> Source:
     """The one source, or a ``MultiSource`` over several (each opened in order; if one fails,
     those already open are closed again)."""
@@ -145,8 +149,8 @@ def open_sources(
     named: List[Tuple[str, Source]] = []
     try:
         for entry, name in zip(entries, names):
-            named.append((name, open_source(entry.source, capture_options(config, entry=entry),
-                                            reporter)))
+            options = capture_options(config, entry=entry, model_input=model_input)
+            named.append((name, open_source(entry.source, options, reporter)))
     except BaseException:
         for _, source in named:
             source.close()
@@ -238,7 +242,7 @@ def open_parts(
         tracking = source_tracking_config(config.tracker, config.tracking, name,
                                           bundle.class_names, "config", names)
         check_tracker_available(tracking.tracker)
-    source = open_sources(config, entries, names, notifier)
+    source = open_sources(config, entries, names, notifier, bundle.input_size)
     closer = _SourceCloser(source)
     stack.callback(closer.close)
     backend = open_configured_backend(config, bundle, source.frame_size)

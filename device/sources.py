@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
+from device.decode_scale import Reduction, decode_factor, reduced_size
 from device.errors import JetyoloError
 from device.redact import redact_url
 
@@ -59,6 +60,7 @@ class Frame:
     timestamp: float  # capture time, seconds since the epoch
     image: np.ndarray  # BGR, (h, w, 3) uint8
     source: Optional[str] = None  # the source's name when several share one pipeline
+    reduction: Optional[Reduction] = None  # decoded smaller than the source sent it
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,12 @@ class CaptureOptions:
     reconnect_max_s: float = 30.0
     jetson: Optional[bool] = None  # None: detect (/etc/nv_tegra_release)
     source_timeout_s: float = 0.0  # live sources: how long to wait at start (inf: forever)
+    decode_scale: str = "auto"  # MJPEG streams: device.decode_scale.DECODE_SCALES
+    model_input: Optional[Tuple[int, int]] = None  # (h, w) the frames are letterboxed into
 
 
+# A live read: (read ok, the decoded image or None when it did not decode, its reduction).
+DecodedRead = Tuple[bool, Optional[np.ndarray], Optional[Reduction]]
 # Called before each pause while a live source waits at start: (source name, pause seconds).
 WaitCallback = Callable[[str, float], None]
 FIRST_RETRY_S = 0.5
@@ -353,22 +359,108 @@ class VideoFileSource(Source):
         return _capture_size(self._capture)
 
 
+class FullDecode:
+    """Frames as OpenCV's capture decodes them: BGR at the source's own size."""
+
+    def prepare(self, capture: cv2.VideoCapture) -> cv2.VideoCapture:
+        return capture
+
+    def read(self, capture: cv2.VideoCapture) -> DecodedRead:
+        ok, image = capture.read()
+        return ok, image, None
+
+    def frame_size(self, capture: Optional[cv2.VideoCapture]) -> Optional[Tuple[int, int]]:
+        return _capture_size(capture)
+
+
+# The JPEG bytes come from OpenCV's FFmpeg backend in raw mode (CAP_PROP_FORMAT -1: its
+# mpjpeg demuxer hands out each multipart part whole) rather than from a multipart reader of our
+# own: FFmpeg keeps doing the HTTP, the boundary parsing and the reconnect-on-EOF it does for
+# every other stream, and a raw read costs ~0.1 ms per 1080p frame (docs/BENCHMARKS.md).
+REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                 8: cv2.IMREAD_REDUCED_COLOR_8}
+RAW_PACKETS = -1  # CAP_PROP_FORMAT: undecoded packets (OpenCV videoio, cap_ffmpeg_impl.hpp)
+
+
+class MjpegReducedDecode(FullDecode):
+    """An HTTP MJPEG stream decoded at 1/2, 1/4 or 1/8 (``device.decode_scale``): each JPEG is
+    decoded by ``cv2.imdecode`` with ``IMREAD_REDUCED_COLOR_N``. A stream that is not MJPEG, or
+    a reduction of 1, decodes as usual. The factor is chosen at each (re)open from the stream's
+    size, so a camera that comes back at another resolution gets its own."""
+
+    def __init__(self, name: str, setting: str, model_input: Optional[Tuple[int, int]]) -> None:
+        self.name = name
+        self.setting = setting
+        self.model_input = model_input
+        self.factor = 1  # of the open capture
+        self.source_size: Optional[Tuple[int, int]] = None
+        self._said = ""
+
+    def prepare(self, capture: cv2.VideoCapture) -> cv2.VideoCapture:
+        self.factor, self.source_size = 1, _capture_size(capture)
+        if not capture.isOpened():
+            return capture
+        factor = decode_factor(self.setting, self.source_size, self.model_input)
+        codec = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little")
+        if factor > 1 and codec == b"MJPG" and capture.set(cv2.CAP_PROP_FORMAT, RAW_PACKETS):
+            self.factor = factor
+        self._say(factor, codec)
+        return capture
+
+    def _say(self, factor: int, codec: bytes) -> None:
+        if factor == 1:
+            line = ""
+        elif self.factor == 1:
+            line = (f"source: {self.name} is not MJPEG ({codec.decode('latin-1')!r}); "
+                    f"decode_scale {self.setting} needs MJPEG, so it decodes at full size")
+        else:
+            width, height = self.source_size or (0, 0)
+            reduced = reduced_size((width, height), self.factor)
+            line = (f"source: {self.name} decodes its {width}x{height} MJPEG at 1/{self.factor} "
+                    f"({reduced[0]}x{reduced[1]}; decode_scale {self.setting})")
+        if line and line != self._said:
+            LOG.info("%s", line)
+        self._said = line
+
+    def read(self, capture: cv2.VideoCapture) -> DecodedRead:
+        if self.factor == 1 or self.source_size is None:
+            return super().read(capture)
+        ok, packet = capture.read()
+        if not ok or packet is None:
+            return False, None, None
+        image = cv2.imdecode(packet, REDUCED_FLAGS[self.factor])
+        if image is None:
+            return True, None, None  # a corrupt JPEG: skipped, the stream goes on
+        source_size = self.source_size
+        if (image.shape[1], image.shape[0]) != reduced_size(source_size, self.factor):
+            source_size = (image.shape[1] * self.factor, image.shape[0] * self.factor)
+        return True, image, Reduction(self.factor, source_size)
+
+    def frame_size(self, capture: Optional[cv2.VideoCapture]) -> Optional[Tuple[int, int]]:
+        if self.factor == 1 or self.source_size is None:
+            return super().frame_size(capture)
+        return reduced_size(self.source_size, self.factor)
+
+
 class LiveSource(Source):
     """A camera or stream: reconnects with exponential back-off after a failed read.
 
     ``opener`` is called once here (and retried for up to ``start_timeout_s``, see
-    ``open_waiting``), so a ``LiveSource`` always starts with an open device."""
+    ``open_waiting``), so a ``LiveSource`` always starts with an open device. ``decoder`` turns
+    reads into frames (default: OpenCV's own decode)."""
 
     live = True
 
     def __init__(self, name: str, opener: Callable[[], cv2.VideoCapture],
                  reconnect_max_s: float = 30.0, start_timeout_s: float = 0.0,
-                 on_wait: Optional[WaitCallback] = None) -> None:
+                 on_wait: Optional[WaitCallback] = None,
+                 decoder: Optional[FullDecode] = None) -> None:
         super().__init__(name)
-        self._opener = opener
+        self._decoder = decoder or FullDecode()
+        self._opener: Callable[[], cv2.VideoCapture] = lambda: self._decoder.prepare(opener())
         self.reconnect_max_s = reconnect_max_s
         self._capture: Optional[cv2.VideoCapture] = open_waiting(
-            name, opener, start_timeout_s, reconnect_max_s, on_wait
+            name, self._opener, start_timeout_s, reconnect_max_s, on_wait
         )
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
@@ -379,11 +471,15 @@ class LiveSource(Source):
                 self._capture = self._reopen(stop, delay)
                 delay = min(delay * 2, self.reconnect_max_s)
                 continue
-            ok, image = self._capture.read()
+            ok, image, reduction = self._decoder.read(self._capture)
             if ok and image is not None:
                 delay = FIRST_RETRY_S
-                yield Frame(index, time.time(), image)
+                yield Frame(index, time.time(), image, reduction=reduction)
                 index += 1
+                continue
+            if ok:
+                self.decode_errors += 1
+                LOG.warning("source: %s sent a frame that does not decode; skipped", self.name)
                 continue
             LOG.warning("source: %s read failed; reconnecting in %.1f s", self.name, delay)
             self._capture.release()
@@ -407,7 +503,8 @@ class LiveSource(Source):
             self._capture = None
 
     def frame_size(self) -> Optional[Tuple[int, int]]:
-        return _capture_size(self._capture)
+        """The size of the frames it hands out (reduced, when it decodes at reduced scale)."""
+        return self._decoder.frame_size(self._capture)
 
 
 def open_failure(name: str) -> str:
@@ -556,5 +653,8 @@ def open_source(
                 f"source {text!r} is not a readable video: {file_open_failure(Path(text))}"
             )
         return VideoFileSource(text, capture)
-    return LiveSource(redact_url(text), live_opener(spec, options), options.reconnect_max_s,
-                      options.source_timeout_s, on_wait)
+    name = redact_url(text)
+    decoder = MjpegReducedDecode(name, options.decode_scale, options.model_input) \
+        if spec.kind == "stream" and options.decode_scale != "1" else None
+    return LiveSource(name, live_opener(spec, options), options.reconnect_max_s,
+                      options.source_timeout_s, on_wait, decoder)

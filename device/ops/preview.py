@@ -87,13 +87,17 @@ def annotate(
     annotations: Annotations = NO_ANNOTATIONS,
 ) -> np.ndarray:
     """A new BGR image: ``image`` scaled to at most ``width`` pixels wide, with the zones and
-    lines, each box in its class colour, and ``label score #track`` tags."""
-    scale = preview_scale(image.shape[1], width)
-    if scale < 1.0:
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    lines, each box in its class colour, and ``label score #track`` tags. Boxes and zones are
+    in the source's pixels (``result.frame_size``), which ``image`` may be a reduced decode of
+    (``decode_scale``)."""
+    fit = preview_scale(image.shape[1], width)
+    if fit < 1.0:
+        size = (max(1, round(image.shape[1] * fit)), max(1, round(image.shape[0] * fit)))
         canvas = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     else:
         canvas = image.copy()
+    source_width = int(result.frame_size[0]) if result.frame_size else image.shape[1]
+    scale = canvas.shape[1] / float(source_width) if source_width > 0 else fit
     for region in annotations.regions:
         points = np.round(np.asarray(region.points, np.float32) * scale).astype(np.int32)
         cv2.polylines(canvas, [points.reshape(-1, 1, 2)], region.closed, ZONE_COLOUR, 1,

@@ -147,3 +147,14 @@ def test_track_ids_and_the_tracker_regions_reach_the_preview() -> None:
     assert annotations.track_ids == [7, -1] and len(annotations.regions) == 2
     assert annotations_of(FrameResult("gate", 0, 0.0, (320, 240),
                                       Detections.empty())).track_ids is None
+
+
+def test_boxes_in_source_pixels_land_right_on_a_reduced_decode() -> None:
+    image, result = frame_and_result()  # boxes and frame_size in the camera's 1280x720 pixels
+    reduced = cv2.resize(image, (320, 180))  # the frame decoded at 1/4 (decode_scale)
+    canvas = annotate(reduced, result, NAMES, width=640)
+    assert canvas.shape == (180, 320, 3)  # not upscaled
+    for box, class_id in zip(result.detections.xyxy, result.detections.class_id):
+        assert edge_coverage(canvas, box * 0.25, class_colour(class_id)) > 0.9
+        # the comparison can fail: drawn in decoded pixels as if they were the frame's
+        assert edge_coverage(canvas, box, class_colour(class_id)) < 0.3
