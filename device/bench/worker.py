@@ -253,6 +253,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--variant")
     parser.add_argument("--int8-from")
     parser.add_argument("--engine-cache-dir")
+    parser.add_argument("--decode-scale")
     parser.add_argument("--profile", action="store_true", help="cProfile every thread")
     return parser.parse_args(argv)
 
@@ -262,6 +263,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         "bundle": args.bundle, "source": args.source, "backend": args.backend,
         "threads": args.threads, "precision": args.precision, "variant": args.variant,
         "int8_from": args.int8_from, "engine_cache_dir": args.engine_cache_dir,
+        "decode_scale": args.decode_scale,
         "sinks": [f"jsonl:{args.work / 'detections.jsonl'}"],
         "spool_dir": str(args.work / "spool"), "stats_interval_s": 3600.0,
         # ultralytics' predict does not track: compare like with like (tracking's own cost is

@@ -39,6 +39,7 @@ from device.argtypes import finite_float
 from device.bench.common import T0_ENV
 from device.bench.tracking import markdown_lines, tracking_costs
 from device.bundle import Bundle
+from device.decode_scale import DECODE_SCALES
 from device.errors import JetyoloError
 from device.files import atomic_write_bytes, atomic_write_json
 from host.bench import report as bench_report
@@ -211,6 +212,7 @@ class Settings:
     profile: bool
     out: Path
     live_fps: Optional[float] = None  # serve the video as a camera paced at this rate
+    decode_scale: Optional[str] = None  # the pipeline's decode_scale (None: its default)
 
 
 def worker_command(
@@ -241,7 +243,8 @@ def worker_command(
     ]
     for flag, value in (("--precision", settings.precision), ("--variant", settings.variant),
                         ("--int8-from", settings.int8_from),
-                        ("--engine-cache-dir", settings.engine_cache_dir)):
+                        ("--engine-cache-dir", settings.engine_cache_dir),
+                        ("--decode-scale", settings.decode_scale)):
         if value:
             command += [flag, value]
     return command + (["--profile"] if profile else [])
@@ -342,6 +345,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve --source as an MJPEG camera paced at FPS on loopback and "
                              "measure what a camera user feels: capture->publish latency and "
                              "drops (default: read the file as fast as possible, throughput)")
+    parser.add_argument("--decode-scale", choices=DECODE_SCALES,
+                        help="the pipeline's decode_scale (MJPEG: with --live; default auto)")
     parser.add_argument("--frames", type=int, help="frames per run (default: the whole video)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="inference threads for every contender (default: all cores)")
@@ -385,6 +390,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         int8_from=args.int8_from, engine_cache_dir=args.engine_cache_dir,
         ultralytics=not args.no_ultralytics, ultralytics_model=args.ultralytics_model,
         profile=not args.no_profile, out=args.out, live_fps=args.live,
+        decode_scale=args.decode_scale,
     )
 
 

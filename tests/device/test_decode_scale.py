@@ -15,10 +15,10 @@ import pytest
 from device.config import config_from_mapping
 from device.decode_scale import Reduction, auto_factor, decode_factor, reduced_size
 from device.detections import Detections, FrameResult
-from device.matching import match_pairs
 from device.preprocess import FrameCopier, Letterbox, Preprocessor
 from device.setup import run_configured
 from device.sources import CaptureOptions, open_source
+from host.bench.decode import agreement
 from host.bench.live import PacedMjpegServer
 
 FRAMES = 24
@@ -43,6 +43,7 @@ def test_reduced_size_is_what_opencv_decodes(size: tuple) -> None:
     for factor, flag in ((2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
                          (8, cv2.IMREAD_REDUCED_COLOR_8)):
         decoded = cv2.imdecode(jpeg, flag)
+        assert decoded is not None
         assert (decoded.shape[1], decoded.shape[0]) == reduced_size(size, factor)
 
 
@@ -121,21 +122,6 @@ def served_results(bundle_dir: Path, url: str, decode_scale: str) -> Dict[int, F
     return {result.frame_index: result for result in sink.results}
 
 
-def agreement(full: Dict[int, FrameResult], reduced: Dict[int, Detections]) -> tuple:
-    """(matched / max(count), largest box-corner difference in px of the matched pairs):
-    same class at IoU >= 0.5, one to one, on the frames both runs published."""
-    matched = compared = 0
-    worst_px = 0.0
-    for index in sorted(set(full) & set(reduced)):
-        a, b = full[index].detections, reduced[index]
-        pairs = [(i, j) for i, j, _ in match_pairs(a, b, 0.5) if a.class_id[i] == b.class_id[j]]
-        matched += len(pairs)
-        compared += max(len(a), len(b))
-        for i, j in pairs:
-            worst_px = max(worst_px, float(np.abs(a.xyxy[i] - b.xyxy[j]).max()))
-    return (matched / compared if compared else 0.0), worst_px
-
-
 def unscaled(detections: Detections, factor: int) -> Detections:
     """The boxes a pipeline that forgot the reduction would report: in decoded pixels."""
     return Detections(detections.xyxy / factor, detections.confidence, detections.class_id)
@@ -151,8 +137,30 @@ def test_reduced_decode_agrees_with_the_full_decode_on_a_served_stream(
     assert all(reduced[i].frame_size == (1920, 1080) for i in common)  # source pixels
     detections = sum(len(full[i].detections) for i in common)
     assert detections >= len(common)  # the model finds the objects: the comparison means something
-    score, worst_px = agreement(full, {i: reduced[i].detections for i in reduced})
-    assert score >= 0.99, (score, worst_px)
+    indices = sorted(common)
+    expected = [full[i].detections for i in indices]
+    score, corner_px = agreement(expected, [reduced[i].detections for i in indices])
+    assert score >= 0.99, (score, max(corner_px))
     # the comparison can fail: the same detections left in decoded (1/4) pixels
-    wrong, _ = agreement(full, {i: unscaled(reduced[i].detections, 4) for i in reduced})
+    wrong, _ = agreement(expected, [unscaled(reduced[i].detections, 4) for i in indices])
     assert wrong < 0.5
+
+
+def test_a_stream_that_is_not_mjpeg_decodes_at_full_size(video_1080: Path) -> None:
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(video_1080.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{video_1080.name}"  # MPEG-4 over HTTP
+    try:
+        source = open_source(url, CaptureOptions(decode_scale="4", model_input=(320, 320)))
+        try:
+            frame = next(source.frames(threading.Event()))
+        finally:
+            source.close()
+    finally:
+        server.shutdown()
+    assert frame.image.shape == (1080, 1920, 3) and frame.reduction is None
