@@ -11,6 +11,7 @@ graph as stored; TensorRT builds an INT8 engine from it (precision int8, INT8 fr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -30,6 +31,57 @@ MIB = 1 << 20
 
 
 WORKSPACE_MIB = (16, 64 * 1024)  # the builder workspace a user may ask for
+MAX_AUTO_WORKERS = 2  # measured on 2 cores only (docs/BENCHMARKS.md); more cores: measure first
+
+
+@dataclass(frozen=True)
+class OrtThreading:
+    """How ONNX Runtime runs the model: ``workers`` calls at once over one session (consecutive
+    frames, order kept), each with ``threads_per_call`` intra-op threads (None: ORT's own
+    default, one per core), workers spinning or not between operators."""
+
+    workers: int
+    threads_per_call: Optional[int]
+    spin: bool = False
+
+    def describe(self) -> str:
+        threads = "ORT's default" if self.threads_per_call is None else self.threads_per_call
+        return (f"{self.workers} inference worker(s) x {threads} thread(s), spinning "
+                f"{'on' if self.spin else 'off'}")
+
+
+def threads_per_call(threads: Optional[int], workers: int,
+                     cores: Optional[int] = None) -> Optional[int]:
+    """Intra-op threads of each of ``workers`` calls: ``threads`` (default: the cores) shared
+    among them, at least one each; one worker with ``threads`` unset keeps ORT's default."""
+    if workers == 1:
+        return threads
+    return max(1, (threads or cores or os.cpu_count() or 1) // workers)
+
+
+def ort_threading(threads: Optional[int], infer_workers: Optional[int],
+                  cores: Optional[int] = None) -> OrtThreading:
+    """The ``threads``/``infer_workers`` auto rule (docs/runtime.md, Backends), measured on this
+    project's 2-core workstation only (docs/BENCHMARKS.md, "Doing less work per frame"):
+
+    - neither set: one worker per core, at most ``MAX_AUTO_WORKERS`` (2), the cores shared among
+      them: on 2 cores two 1-thread calls at once, 1.12x the FPS of one 2-thread call at 320 px
+      (a 2-thread call's threads wait at each operator barrier while decode or preprocess hold a
+      core). 6-12 core Orins get 2 workers of cores // 2 threads: not measured (no such machine
+      here); ``infer_workers`` and ``threads`` set it by hand.
+    - ``threads`` set alone: one worker with that many threads (the count was chosen for one
+      call, as the bench's ``--threads`` is).
+    - ``infer_workers`` set: that many, ``threads`` (default: the cores) shared among them.
+    - spinning always off: spinning workers starve capture and preprocess (2.1-3.0x the FPS
+      with spinning off on 2 busy cores).
+    """
+    if infer_workers is not None:
+        workers = infer_workers
+    elif threads is not None:
+        workers = 1
+    else:
+        workers = max(1, min(cores or os.cpu_count() or 1, MAX_AUTO_WORKERS))
+    return OrtThreading(workers, threads_per_call(threads, workers, cores))
 
 
 def parse_workspace(text: Any) -> Optional[int]:
@@ -115,6 +167,9 @@ class BackendChoice:
             cache_dir=self.cache_dir,
             force=force,
         )
+
+    def onnxruntime_threading(self, cores: Optional[int] = None) -> OrtThreading:
+        return ort_threading(self.threads, self.infer_workers, cores)
 
     def onnxruntime_precision(self) -> str:
         return "int8" if self.is_qdq else "fp32"

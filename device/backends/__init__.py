@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
@@ -108,9 +107,11 @@ def open_chosen(
     chosen = _onnxruntime_variant(bundle, choice)
     LOG.info("backend: onnxruntime on the CPU, variant %s (%s)", chosen,
              reason if choice.kind == "onnxruntime" else f"auto: {reason}")
-    workers = choice.infer_workers or auto_infer_workers(choice.threads)
+    threading_plan = choice.onnxruntime_threading()
+    LOG.info("backend: onnxruntime runs %s", threading_plan.describe())
     backend = OnnxRuntimeBackend(
-        bundle.model_path(chosen), threads=choice.threads, workers=workers,
+        bundle.model_path(chosen), threads=choice.threads, workers=threading_plan.workers,
+        spin=threading_plan.spin,
         input_shapes={FRAME_INPUT: frame_shape} if frame_shape is not None else None,
     )
     backend.precision = choice.onnxruntime_precision()
@@ -147,18 +148,6 @@ def _frame_input_shape(
             "not known before reading it; set capture_width/capture_height or use another variant"
         )
     return (1, frame_size[1], frame_size[0], 3)
-
-
-MAX_AUTO_WORKERS = 2  # measured on 2 cores only (docs/BENCHMARKS.md); more cores: measure first
-
-
-def auto_infer_workers(threads: Optional[int], cores: Optional[int] = None) -> int:
-    """ONNX Runtime workers when the config names none: with ``threads`` set, 1 (the thread
-    count was chosen for one call); else one per core, at most ``MAX_AUTO_WORKERS`` (two
-    1-thread calls at once gave 1.12x the FPS of one 2-thread call at 320 px on 2 idle cores)."""
-    if threads is not None:
-        return 1
-    return max(1, min(cores or os.cpu_count() or 1, MAX_AUTO_WORKERS))
 
 
 def _try_tensorrt(bundle: Bundle, choice: BackendChoice) -> Tuple[Optional[Backend], str]:

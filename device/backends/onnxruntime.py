@@ -14,7 +14,6 @@ call, whose workers wait at every operator barrier while decode or preprocess ho
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from device.backends.base import Backend, InferTiming, TensorSpec
+from device.choice import threads_per_call
 from device.errors import JetyoloError
 
 LOG = logging.getLogger(__name__)
@@ -85,9 +85,7 @@ class OnnxRuntimeBackend(Backend):
 
     def intra_op_threads(self) -> Optional[int]:
         """Threads per call: ``threads`` shared among the workers (None: ORT's default)."""
-        if self.workers == 1:
-            return self.threads
-        return max(1, (self.threads or os.cpu_count() or 1) // self.workers)
+        return threads_per_call(self.threads, self.workers)
 
     def activate_impl(self) -> None:
         try:

@@ -16,7 +16,7 @@ from device.backends import open_backend, open_chosen
 from device.backends.base import Backend, TensorSpec
 from device.backends.onnxruntime import OnnxRuntimeBackend
 from device.bundle import Bundle
-from device.choice import BackendChoice
+from device.choice import BackendChoice, ort_threading
 from device.errors import JetyoloError
 
 TENSORRT_PRESENT = importlib.util.find_spec("tensorrt") is not None
@@ -286,3 +286,19 @@ def test_a_backend_says_the_precision_it_runs(bundle_dir: Path, tmp_path: Path,
                            {"variants": {"int8-qdq": variant}})
     backend = open_chosen(BackendChoice("onnxruntime", **values), bundle)
     assert backend.precision == expected
+
+
+@pytest.mark.parametrize("threads, workers, cores, expected", [
+    (None, None, 2, (2, 1)),  # the measured case: two 1-thread calls at once on 2 cores
+    (None, None, 1, (1, None)),  # one core: one call, ORT's default threads
+    (None, None, 6, (2, 3)),  # an Orin NX: capped at 2 workers (6 cores not measured)
+    (2, None, 2, (1, 2)),  # threads chosen for one call (the bench's --threads)
+    (4, 2, 8, (2, 2)),  # both set: threads shared
+    (None, 3, 6, (3, 2)),  # workers set: the cores shared
+    (1, 4, 2, (4, 1)),  # at least one thread each
+])
+def test_ort_threading_rule(threads: Optional[int], workers: Optional[int], cores: int,
+                            expected: tuple) -> None:
+    plan = ort_threading(threads, workers, cores)
+    assert (plan.workers, plan.threads_per_call) == expected
+    assert not plan.spin  # spinning starves capture and preprocess on a busy machine
