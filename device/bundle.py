@@ -90,6 +90,12 @@ class Bundle:
             )
         return dict(variants[name])
 
+    def max_batch(self, variant: str = "fp32") -> int:
+        """Most frames per inference call of ``variant``: dim 0 of its manifest input shape
+        (``jetyolo export --batch N``; 1 for older bundles without a shape)."""
+        shape = self.variant(variant).get("input", {}).get("shape") or [1]
+        return int(shape[0]) if isinstance(shape[0], int) and shape[0] >= 1 else 1
+
     def path(self, relative: str) -> Path:
         """``relative`` inside the bundle, refused when it is not a plain relative name or
         resolves (through a symlink) outside the bundle."""

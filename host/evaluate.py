@@ -170,7 +170,7 @@ def evaluate_model(
                            f"{len(bundle.class_names)} ({bundle.class_names}); evaluate it on "
                            "the dataset it was trained on")
     started = time.perf_counter()
-    backend = OnnxRuntimeBackend(model_path)
+    backend = OnnxRuntimeBackend(model_path, max_batch=1)  # a --batch N graph runs 1 row too
     with tempfile.TemporaryDirectory(prefix="jetyolo-eval-") as tmp, backend:
         spec = backend.input_spec
         dtype = "uint8" if spec.dtype == np.uint8 else "float32"

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 BASE_PASSES = (surgeon.fold_constants, surgeon.remove_identity, surgeon.split_head)
 PARITY_IMAGES = 16
 FRAME_MIN_AGREEMENT = 0.99  # letterbox in the graph vs on the CPU, at the detection level
+MAX_BATCH = 64
+BATCH_ROWS_ATOL = 1e-4  # row i of a batch-N call vs the same image alone (kernels may differ)
 UINT8_ATOL = 1e-6  # the uint8 graph must compute what the fp32 one does on the device's float input
 Size = Tuple[int, int]  # (height, width) of the model input
 
@@ -94,18 +96,25 @@ FAMILY_PATTERN = re.compile(r"(yolov?\d+)", re.IGNORECASE)
 def ultralytics_onnx(
     weights: Path, workdir: Path, imgsz: Size, batch: int, opset: int, head: str = DEFAULT_HEAD
 ) -> Path:
-    """Plain ultralytics ONNX export (static shape), written in ``workdir``, not beside the .pt
-    (of a copy of ``weights`` loaded there: ultralytics writes beside the model file).
+    """Plain ultralytics ONNX export, written in ``workdir``, not beside the .pt (of a copy of
+    ``weights`` loaded there: ultralytics writes beside the model file). Batch 1: static shape.
+    Batch N > 1: ultralytics' ``dynamic=True`` (batch, height, width symbolic, every reshape
+    computed from the input's shape rather than baked), then height and width pinned again
+    (``surgeon.pin_spatial``): only dim 0 stays symbolic. A static batch-N export bakes N into
+    its reshape constants, so it could not run fewer rows.
     ``nms=False`` is ultralytics' switch to the NMS-free one-to-one head, ``None`` its default
     one-to-many head (ultralytics cfg/default.yaml, exporter: ``end2end = nms is False``)."""
     copied = workdir / weights.name
     shutil.copyfile(weights, copied)
     yolo = load_detect_model(str(copied), "export")
-    exported = yolo.export(
-        format="onnx", imgsz=list(imgsz), batch=batch, opset=opset, dynamic=False, simplify=True,
-        nms=False if head == "end2end" else None,
-    )
-    return Path(exported)
+    exported = Path(yolo.export(
+        format="onnx", imgsz=list(imgsz), batch=batch, opset=opset, dynamic=batch > 1,
+        simplify=True, nms=False if head == "end2end" else None,
+    ))
+    if batch > 1:
+        pinned = surgeon.pin_spatial(surgeon.load_onnx(exported), *imgsz)
+        require("onnx", "export").save(pinned, str(exported))
+    return exported
 
 
 def model_family(yolo: Any) -> str:
@@ -309,6 +318,12 @@ def export_bundle(
         imgsz = fitted_input(source_size, imgsz, int(max(yolo.model.stride)))
     check_shape_args(yolo, imgsz, batch)
     check_head(yolo, head, weights)
+    if frame_input and batch > 1:
+        raise JetyoloError(
+            f"--frame-input with --batch {batch}: the frame variant takes one camera frame at "
+            "the camera's own size, so it is batch 1; export the batch-N bundle without "
+            "--frame-input, or a batch-1 bundle with it"
+        )
     if nms and head == "end2end":
         raise JetyoloError(
             "--nms appends EfficientNMS_TRT to the one-to-many head; the end2end head is "
@@ -332,6 +347,10 @@ def export_bundle(
         manifest["parity"] = checked_parity(
             yolo, files["model.onnx"], frames, source, (batch, imgsz), tolerance, head
         )
+        if batch > 1:
+            manifest["parity"]["batch_rows"] = checked_batch_rows(
+                files["model.onnx"], frames, imgsz, batch
+            )
         if uint8_input:
             files["model_uint8.onnx"] = _save(
                 _variant(model, surgeon.uint8_input), workdir / "model_uint8.onnx"
@@ -432,6 +451,9 @@ def check_shape_args(yolo: Any, imgsz: Size, batch: int) -> None:
             )
     if batch < 1:
         raise JetyoloError(f"--batch must be at least 1, got {batch}")
+    if batch > MAX_BATCH:
+        raise JetyoloError(f"--batch {batch} is more than {MAX_BATCH}; one engine call rarely "
+                           "serves more cameras than that: export --batch 4 or 8")
 
 
 def fp32_model(
@@ -449,9 +471,10 @@ def fp32_model(
             f"({type(exc).__name__}: {first}); check --opset and --imgsz"
         ) from exc
     raw = surgeon.load_onnx(exported)
-    shape = [d.dim_value for d in raw.graph.input[0].type.tensor_type.shape.dim]
-    if shape != [batch, 3, *imgsz]:
-        raise JetyoloError(f"ultralytics exported input {shape}, asked for {[batch, 3, *imgsz]}")
+    shape = [d.dim_value or d.dim_param for d in raw.graph.input[0].type.tensor_type.shape.dim]
+    wanted = [batch if batch == 1 else surgeon.BATCH_DIM, 3, *imgsz]
+    if shape != wanted:
+        raise JetyoloError(f"ultralytics exported input {shape}, asked for {wanted}")
     log.info("export: graph-surgeon passes")
     model, applied = surgeon.apply_passes(raw, BASE_PASSES)
     return model, applied
@@ -536,6 +559,21 @@ def _write(
     return Bundle(out, bundle.manifest)
 
 
+def checked_batch_rows(
+    onnx_path: Path, frames: List[Any], imgsz: Size, batch: int
+) -> Dict[str, Any]:
+    """A batch-N graph must run any 1..N rows, each row as if alone (``parity.batch_rows``);
+    a constant that baked the batch would fail here, before anything is written."""
+    worst = parity.batch_rows(onnx_path, frames, imgsz, batch)
+    log.info("  batch rows 1..%d vs each image alone: max abs %.3g", batch, worst)
+    if worst > BATCH_ROWS_ATOL:
+        raise JetyoloError(
+            f"the batch-{batch} model gives a row {worst:.3g} away from the same image run "
+            f"alone (> {BATCH_ROWS_ATOL:g}); nothing was written"
+        )
+    return {"rows": list(range(1, batch + 1)), "max_abs": worst}
+
+
 def _check_uint8(
     files: Dict[str, Path], frames: List[Any], imgsz: Size, batch: int
 ) -> Dict[str, float]:
@@ -587,7 +625,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the camera's frame WIDTHxHEIGHT (e.g. 1920x1080): the input becomes the smallest "
              "stride-aligned rectangle of that aspect whose long side is --imgsz's",
     )
-    parser.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    parser.add_argument(
+        "--batch", type=int, default=1,
+        help="most frames per engine call (default 1, fully static); N > 1 makes dim 0 "
+             "symbolic, so a call may carry 1..N frames (several cameras, one engine)",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--name", help="bundle name (default: the --out folder name)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")

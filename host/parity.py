@@ -325,6 +325,30 @@ def problems_of(report: ParityReport, tolerance: Tolerance) -> List[str]:
     return problems
 
 
+def batch_rows(
+    onnx_path: Path, frames: Sequence[np.ndarray], input_size: Tuple[int, int], batch: int
+) -> float:
+    """Worst abs difference, over k = 1..``batch`` rows of distinct frames (cycled), between
+    row i of a k-row call and frame i run alone: what a graph whose dim 0 is symbolic must
+    give (0 up to kernel choice) if nothing in it depends on the batch."""
+    ort = require("onnxruntime", "export")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    preprocess = Preprocessor(input_size, "float32")
+    rows = []
+    for index in range(batch):
+        preprocess(frames[index % len(frames)])
+        rows.append(preprocess.buffer.copy())
+    alone = [session.run(None, {name: row}) for row in rows]
+    worst = 0.0
+    for count in range(1, batch + 1):
+        together = session.run(None, {name: np.concatenate(rows[:count])})
+        for index in range(count):
+            for got, want in zip(together, alone[index]):
+                worst = max(worst, float(np.max(np.abs(got[index] - want[0]))))
+    return worst
+
+
 def uint8_difference(
     fp32_path: Path,
     uint8_path: Path,

@@ -59,6 +59,35 @@ def load_onnx(path: Union[str, Path], verb: str = "export") -> Any:
     return model
 
 
+BATCH_DIM = "batch"  # the symbolic dim 0 of a --batch N graph (N > 1): 1..N rows per call
+
+
+def pin_spatial(model: Any, height: int, width: int) -> Any:
+    """A dynamic ultralytics export (``dynamic=True``: batch, height and width symbolic) with
+    height and width fixed: the input becomes ``["batch", 3, height, width]``, onnxslim re-infers
+    the shapes and folds what only depended on H x W (anchors, strides, reshape targets), and
+    dim 0 of every input and output is named ``batch``. Nothing may depend on the batch but
+    dim 0 itself; ``host.export`` checks that by running 1 and N rows."""
+    onnx = _onnx()
+    onnxslim = require("onnxslim", "export")
+    images = model.graph.input[0].type.tensor_type.shape.dim
+    if len(images) != 4:
+        raise JetyoloError(f"expected a [B,3,H,W] input, the export has {len(images)} dims")
+    for dim, size in ((images[2], height), (images[3], width)):
+        dim.Clear()
+        dim.dim_value = size
+    del model.graph.value_info[:]  # shapes inferred for a symbolic H x W
+    for output in model.graph.output:
+        for dim in list(output.type.tensor_type.shape.dim)[1:]:
+            dim.Clear()
+    slimmed = onnxslim.slim(onnx.shape_inference.infer_shapes(model))
+    for value in (*slimmed.graph.input, *slimmed.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = BATCH_DIM
+    return slimmed
+
+
 def fold_constants(graph: Graph) -> Graph:
     """Fold constant subgraphs (shape arithmetic of the head) into initializers."""
     return graph.fold_constants().cleanup()
@@ -146,7 +175,8 @@ def _split_end2end(graph: Graph) -> Graph:
     batch, count, _ = graph.outputs[0].shape
     prefix = _detect_prefix(graph)
     boxes.name, boxes.shape, boxes.dtype = "det_boxes", [batch, count, 4], np.float32
-    flat = gs.Constant(f"{prefix}split_shape", np.array([batch, count], dtype=np.int64))
+    rows = batch if isinstance(batch, int) else 0  # Reshape's 0 keeps a symbolic batch
+    flat = gs.Constant(f"{prefix}split_shape", np.array([rows, count], dtype=np.int64))
     outputs = []
     for name, tensor in (("det_scores", scores), ("det_classes", classes)):
         flattened = gs.Variable(name, dtype=np.float32, shape=[batch, count])
@@ -221,7 +251,7 @@ def frame_input(graph: Graph) -> Graph:
     images = _single_float_input(graph, "--frame-input")
     batch, _, height, width = images.shape
     if batch != 1:
-        raise JetyoloError(f"--frame-input needs a batch-1 model, this one has batch {batch}")
+        raise JetyoloError(f"--frame-input needs a batch-1 model, this one has batch {batch!r}")
     name = images.name
     images.name = f"{name}_from_frame"
     frame = gs.Variable(FRAME_INPUT, dtype=np.uint8, shape=[1, "frame_height", "frame_width", 3])

@@ -113,6 +113,7 @@ def open_chosen(
         bundle.model_path(chosen), threads=choice.threads, workers=threading_plan.workers,
         spin=threading_plan.spin,
         input_shapes={FRAME_INPUT: frame_shape} if frame_shape is not None else None,
+        max_batch=bundle.max_batch(chosen),
     )
     backend.precision = choice.onnxruntime_precision()
     return backend

@@ -16,6 +16,12 @@ Thread contract (CUDA contexts are per thread): the pipeline calls ``activate``,
 thread, its inference thread (a backend with ``concurrency`` > 1 runs the submitted calls on
 threads of its own). Buffers may be *filled* by any thread.
 
+Batch (the contract with ``jetyolo export --batch N``): ``input_spec.shape[0]`` is always the
+most frames per call, N (a backend pins a symbolic dim 0 to the manifest's N). A backend with
+``dynamic_batch`` True also takes a feed of k in 1..N frames (a leading slice ``buf[:k]`` of an
+allocated input buffer) and writes the results into ``out[name][:k]`` (outputs stay allocated
+at N); with it False the caller always sends all N rows and ignores the results of unused ones.
+
 Output ownership: without ``out`` the returned arrays belong to the backend and stay valid only
 until the next ``infer`` call. With ``out`` (a dict from ``allocate_outputs``) results are written
 into those arrays, which the caller owns; the pipeline keeps a small ring of them so
@@ -27,7 +33,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -65,6 +71,7 @@ class Backend:
 
     kind = "base"  # "onnxruntime", "tensorrt": what logs and summaries call the backend
     concurrency = 1  # calls that may be in flight at once through submit()
+    dynamic_batch = False  # feeds of 1..N frames accepted (see the module docstring)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -184,7 +191,7 @@ class Backend:
     ) -> Dict[str, np.ndarray]:
         """Run the model on ``feed`` (input name -> array); returns output name -> array."""
         self._require_active("infer()")
-        check_feed(self.name, self._input_specs, feed)
+        check_feed(self.name, self._input_specs, feed, self.dynamic_batch)
         if out is not None:
             check_out(self.name, self._output_specs, out)
         return self.infer_impl(feed, out)
@@ -210,9 +217,11 @@ class Backend:
 
 
 def check_feed(
-    backend: str, specs: Mapping[str, TensorSpec], feed: Mapping[str, np.ndarray]
+    backend: str, specs: Mapping[str, TensorSpec], feed: Mapping[str, np.ndarray],
+    dynamic_batch: bool = False,
 ) -> None:
-    """Refuse a feed whose names, shapes, dtypes or layout differ from the model's inputs."""
+    """Refuse a feed whose names, shapes, dtypes or layout differ from the model's inputs
+    (``dynamic_batch``: dim 0 may be any k in 1..N, the same k for every input)."""
     missing = sorted(set(specs) - set(feed))
     extra = sorted(set(feed) - set(specs))
     if missing or extra:
@@ -222,7 +231,15 @@ def check_feed(
             + (f" (unknown {extra})" if extra else "")
         )
     for name, spec in specs.items():
-        _check_array(backend, "input", spec, feed[name])
+        _check_array(backend, "input", spec, feed[name], dynamic_batch)
+    if dynamic_batch and len({int(feed[name].shape[0]) for name in specs}) > 1:
+        raise JetyoloError(f"backend {backend!r}: inputs have different batch sizes "
+                           f"{[list(feed[name].shape) for name in specs]}")
+
+
+def feed_batch(feed: Mapping[str, np.ndarray]) -> int:
+    """Frames in a (checked) feed: dim 0 of its inputs."""
+    return int(next(iter(feed.values())).shape[0])
 
 
 def check_out(backend: str, specs: Mapping[str, TensorSpec], out: Mapping[str, np.ndarray]) -> None:
@@ -235,16 +252,27 @@ def check_out(backend: str, specs: Mapping[str, TensorSpec], out: Mapping[str, n
         _check_array(backend, "output", spec, out[name])
 
 
-def _check_array(backend: str, role: str, spec: TensorSpec, array: np.ndarray) -> None:
+def _fits(shape: Tuple[int, ...], spec: TensorSpec, dynamic_batch: bool) -> bool:
+    if not dynamic_batch or not spec.shape or len(shape) != len(spec.shape):
+        return tuple(shape) == tuple(spec.shape)
+    return 1 <= shape[0] <= spec.shape[0] and tuple(shape[1:]) == tuple(spec.shape[1:])
+
+
+def _check_array(
+    backend: str, role: str, spec: TensorSpec, array: np.ndarray, dynamic_batch: bool = False
+) -> None:
     if not isinstance(array, np.ndarray):
         raise JetyoloError(
             f"backend {backend!r}: {role} {spec.name!r} is a {type(array).__name__}, "
             f"expected a numpy array {spec.describe()}"
         )
-    if tuple(array.shape) != tuple(spec.shape):
+    if not _fits(tuple(array.shape), spec, dynamic_batch):
+        wants: List[Any] = list(spec.shape)
+        if dynamic_batch:
+            wants[0] = f"1..{spec.shape[0]}"
         raise JetyoloError(
             f"backend {backend!r}: {role} {spec.name!r} has shape {list(array.shape)}, "
-            f"model wants {list(spec.shape)}"
+            f"model wants {wants}"
         )
     if array.dtype != spec.dtype:
         raise JetyoloError(

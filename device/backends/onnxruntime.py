@@ -9,6 +9,11 @@ thread-safe; each worker thread has its own IOBinding), each with ``threads // w
 intra-op threads (at least 1): on 2 cores two 1-thread calls in parallel beat one 2-thread
 call, whose workers wait at every operator barrier while decode or preprocess hold a core
 (docs/BENCHMARKS.md). One session means one copy of the weights.
+
+Batch: a graph from ``jetyolo export --batch N`` has a symbolic dim 0 ("batch"); ``max_batch``
+(the manifest's N) pins it, so ``input_spec.shape[0]`` is N and the backend is
+``dynamic_batch``: a feed of k <= N rows runs as k rows (ONNX Runtime sizes every op by the
+feed), its results bound into ``out[name][:k]``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from device.backends.base import Backend, InferTiming, TensorSpec
+from device.backends.base import Backend, InferTiming, TensorSpec, feed_batch
 from device.choice import threads_per_call
 from device.errors import JetyoloError
 
@@ -39,8 +44,12 @@ ORT_DTYPES = {
 }
 
 
-def _spec(node: Any, pinned: Optional[Tuple[int, ...]] = None) -> TensorSpec:
+def _spec(
+    node: Any, pinned: Optional[Tuple[int, ...]] = None, batch: Optional[int] = None
+) -> TensorSpec:
     shape = tuple(node.shape)
+    if batch is not None and shape and not isinstance(shape[0], int):
+        shape = (batch, *shape[1:])  # the symbolic batch dim of a --batch N export
     if pinned is not None and len(pinned) == len(shape) and all(
         not isinstance(dim, int) or dim == want for dim, want in zip(shape, pinned)
     ):
@@ -68,6 +77,7 @@ class OnnxRuntimeBackend(Backend):
         spin: bool = False,
         workers: int = 1,
         input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
+        max_batch: Optional[int] = None,
     ) -> None:
         super().__init__(f"onnxruntime:{Path(model_path).name}")
         if workers < 1:
@@ -79,6 +89,7 @@ class OnnxRuntimeBackend(Backend):
         self.workers = workers
         self.concurrency = workers
         self.input_shapes = dict(input_shapes or {})  # name -> shape pinning dynamic dims
+        self.max_batch = max_batch  # the manifest's N: pins a symbolic batch dim
         self._session: Any = None
         self._bindings = threading.local()  # one IOBinding per calling thread
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -117,11 +128,16 @@ class OnnxRuntimeBackend(Backend):
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="jetyolo-ort")
 
     def input_specs_impl(self) -> Dict[str, TensorSpec]:
-        return {node.name: _spec(node, self.input_shapes.get(node.name))
-                for node in self._session.get_inputs()}
+        nodes = self._session.get_inputs()
+        self.dynamic_batch = self.max_batch is not None and any(
+            node.shape and not isinstance(node.shape[0], int) for node in nodes)
+        batch = self.max_batch if self.dynamic_batch else None
+        return {node.name: _spec(node, self.input_shapes.get(node.name), batch)
+                for node in nodes}
 
     def output_specs_impl(self) -> Dict[str, TensorSpec]:
-        return {node.name: _spec(node) for node in self._session.get_outputs()}
+        batch = self.max_batch if self.dynamic_batch else None
+        return {node.name: _spec(node, batch=batch) for node in self._session.get_outputs()}
 
     def infer_impl(
         self, feed: Mapping[str, np.ndarray], out: Optional[Dict[str, np.ndarray]]
@@ -132,8 +148,12 @@ class OnnxRuntimeBackend(Backend):
             if out is None:
                 return arrays
             for name, array in arrays.items():
-                out[name][...] = array
+                out[name][: len(array)] = array  # k rows of a partial batch
             return out
+        bound = out
+        if self.dynamic_batch:  # a partial batch writes the first k rows of each output
+            rows = feed_batch(feed)
+            bound = {name: array[:rows] for name, array in out.items()}
         binding = getattr(self._bindings, "binding", None)
         if binding is None:
             binding = self._bindings.binding = self._session.io_binding()
@@ -141,7 +161,7 @@ class OnnxRuntimeBackend(Backend):
         binding.clear_binding_outputs()
         for name, array in feed.items():
             binding.bind_cpu_input(name, array)
-        for name, array in out.items():
+        for name, array in bound.items():
             binding.bind_output(
                 name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data
             )

@@ -305,6 +305,8 @@ def test_export_refuses_an_unwritable_out(
     [
         (["--imgsz", "330"], "not a multiple of the model stride 32"),  # ultralytics would round it
         (["--batch", "0"], "--batch must be at least 1"),
+        (["--batch", "65"], "--batch 65 is more than 64"),
+        (["--batch", "2", "--frame-input"], "--frame-input with --batch 2"),
         (["--parity-images", "0"], "--parity-images must be at least 1"),
         (["--data", "/nonexistent/data.yaml"], "does not exist"),  # parity images from a bad yaml
         (["--reference-images", "/nonexistent"], "--reference-images /nonexistent is not a folder"),
