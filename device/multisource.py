@@ -27,6 +27,10 @@ from device.sources import Frame, Source
 
 POLL_S = 0.05
 DOWN_AFTER_S = 5.0  # a source without a new frame for this long is reported down
+# close() waits this long for the capture threads to see the stop: a thread left inside an
+# OpenCV read when the interpreter exits aborts the process ("FATAL: exception not rethrown",
+# exit -6: two paced cameras and --max-frames did)
+CLOSE_WAIT_S = 2.0
 
 
 @dataclass
@@ -155,6 +159,9 @@ class MultiSource(Source):
         return [thread.name for thread in self._threads if thread.is_alive()]
 
     def close(self) -> None:
+        deadline = time.monotonic() + CLOSE_WAIT_S  # a live read returns within a frame
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         stuck = {name.replace("jetyolo-capture-", "") for name in self.still_reading()}
         for feed in self.feeds:
             if feed.name not in stuck:  # never release a camera under a blocked read

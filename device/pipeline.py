@@ -648,6 +648,7 @@ class Pipeline:
             self._fail(exc)
         finally:
             self._post_done.set()
+            self._stop.set()  # the end for every reader, a MultiSource's capture threads too
             for thread in self._threads:
                 thread.join(JOIN_TIMEOUT_S)
             if self.still_reading():

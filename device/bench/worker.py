@@ -13,7 +13,10 @@ ultralytics or host), so its RSS and start-up time are what a Jetson process pay
   a spinning ceiling swung the pipeline/ceiling ratio from 0.71 to 2.4 with machine load),
   TensorRT ``execute_async_v3`` plus its copies on a Jetson.
 - ``pipeline``: ``device.setup.run_configured`` (what ``jetyolo run`` calls) over the video with
-  a JSONL sink.
+  a JSONL sink; ``--source`` repeated (with ``--name``s) runs several sources in one pipeline
+  (``jetyolo bench --sources``). Besides the stage latencies it records, per source, each
+  result's wall time (comparable across processes) and capture -> publish milliseconds from
+  the frame's own capture timestamp (the source's read, before any queue).
 
 The parent passes ``JETYOLO_BENCH_T0`` (its ``time.time()`` just before starting the child), so
 cold start is process start -> first result, interpreter start-up and imports included.
@@ -69,15 +72,22 @@ class RecordingSinks:
         self.inner = inner
         self.first_result_wall: Optional[float] = None
         self.result_times: List[float] = []
+        # per source, time.time() of each result: comparable across processes
+        self.result_walls: Dict[str, List[float]] = {}
         self.latencies: List[Dict[str, float]] = []
+        # per source: capture (the source's own read time, before any queue) -> published
+        self.capture_to_publish_ms: Dict[str, List[float]] = {}
         self.detections = 0
 
     def publish_frame(self, result: FrameResult) -> Any:
-        now = time.perf_counter()
+        now, wall = time.perf_counter(), time.time()
         if self.first_result_wall is None:
-            self.first_result_wall = time.time()
+            self.first_result_wall = wall
         self.result_times.append(now)
+        self.result_walls.setdefault(result.source, []).append(round(wall, 4))
         self.latencies.append(dict(result.latency_ms))
+        self.capture_to_publish_ms.setdefault(result.source, []).append(
+            round((wall - result.timestamp) * 1000.0, 3))
         self.detections += len(result.detections)
         return self.inner.publish_frame(result)
 
@@ -218,6 +228,8 @@ def measure_pipeline(config: RunConfig, frames: int, profile: bool) -> Dict[str,
         fps=steady_fps(recorder.result_times),
         cold_start_s=(recorder.first_result_wall or time.time()) - T0,
         samples_ms=_columns(recorder.latencies),
+        result_walls=recorder.result_walls,
+        capture_to_publish_ms=recorder.capture_to_publish_ms,
         prepost_cpu_ms_per_frame=stage_cpu["prepost"],
         stage_cpu_ms_per_frame=stage_cpu,
         detections=recorder.detections,
@@ -243,12 +255,18 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("contender", choices=("ceiling", "pipeline"))
     parser.add_argument("--bundle", required=True)
-    parser.add_argument("--source", required=True)
+    parser.add_argument("--source", required=True, action="append",
+                        help="video file or stream URL; repeated: several sources in one "
+                             "process (pipeline only)")
+    parser.add_argument("--name", action="append", default=[],
+                        help="the sources' names, in --source order (default: from the source)")
     parser.add_argument("--frames", type=int, required=True)
     parser.add_argument("--result", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--work", type=Path, required=True, help="folder for the sink and spool")
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--infer-workers", type=int)
+    parser.add_argument("--batch-size", type=int, help="frames per inference call (pipeline)")
     parser.add_argument("--precision")
     parser.add_argument("--variant")
     parser.add_argument("--int8-from")
@@ -260,8 +278,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     values = {
-        "bundle": args.bundle, "source": args.source, "backend": args.backend,
-        "threads": args.threads, "precision": args.precision, "variant": args.variant,
+        "bundle": args.bundle, **source_values(args.source, args.name), "backend": args.backend,
+        "threads": args.threads, "infer_workers": args.infer_workers,
+        "batch_size": args.batch_size, "precision": args.precision, "variant": args.variant,
         "int8_from": args.int8_from, "engine_cache_dir": args.engine_cache_dir,
         "decode_scale": args.decode_scale,
         "sinks": [f"jsonl:{args.work / 'detections.jsonl'}"],
@@ -273,8 +292,20 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return config_from_mapping({k: v for k, v in values.items() if v is not None}, "bench")
 
 
+def source_values(sources: List[str], names: List[str]) -> Dict[str, Any]:
+    """The config's ``source`` (+ ``source_name``) for one source, ``sources`` for several."""
+    if names and len(names) != len(sources):
+        raise JetyoloError(f"--name given {len(names)} times for {len(sources)} --source")
+    if len(sources) == 1:
+        return {"source": sources[0], "source_name": names[0] if names else None}
+    return {"sources": [{"source": source, **({"name": names[index]} if names else {})}
+                        for index, source in enumerate(sources)]}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.contender == "ceiling" and len(args.source) > 1:
+        raise JetyoloError("the ceiling reads one --source")
     if args.frames < 1:
         raise JetyoloError(f"--frames must be at least 1, got {args.frames}")
     args.work.mkdir(parents=True, exist_ok=True)

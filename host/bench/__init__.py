@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -252,16 +252,38 @@ def worker_command(
 
 def run_worker(command: List[str], result: Path, log_path: Path) -> Dict[str, Any]:
     """Start one child (fresh process), wait, and read its JSON result."""
+    return run_workers([(command, result, log_path)])[0]
+
+
+def run_workers(jobs: Sequence[Tuple[List[str], Path, Path]]) -> List[Dict[str, Any]]:
+    """Start every ``(command, result, log)`` child at once (each a fresh process), wait for all,
+    and read their JSON results in order; a child that failed is reported with its log."""
     env = dict(os.environ)
     env.setdefault("YOLO_OFFLINE", "1")
-    result.unlink(missing_ok=True)
-    with open(log_path, "w") as log_file:
-        env[T0_ENV] = repr(time.time())
-        try:
-            code = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                  timeout=WORKER_TIMEOUT_S, check=False).returncode
-        except subprocess.TimeoutExpired:
-            code = -1
+    with contextlib.ExitStack() as stack:
+        started = []
+        for command, result, log_path in jobs:
+            result.unlink(missing_ok=True)
+            log_file = stack.enter_context(open(log_path, "w"))
+            env[T0_ENV] = repr(time.time())
+            started.append(subprocess.Popen(command, env=dict(env), stdout=log_file,
+                                            stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        codes = [_wait(child, deadline) for child in started]
+    return [_read_result(command, result, log_path, code)
+            for (command, result, log_path), code in zip(jobs, codes)]
+
+
+def _wait(child: subprocess.Popen, deadline: float) -> int:
+    try:
+        return child.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        return -1
+
+
+def _read_result(command: List[str], result: Path, log_path: Path, code: int) -> Dict[str, Any]:
     if code != 0 or not result.is_file():
         tail = log_path.read_text(errors="replace").strip().splitlines()[-LOG_TAIL_LINES:]
         raise JetyoloError(
@@ -339,7 +361,9 @@ def profile_pipeline(bundle: Bundle, settings: Settings, folder: Path) -> Dict[s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundles", nargs="+", type=Path, metavar="BUNDLE",
                         help="bundle folder(s); one section per bundle (e.g. 640 and 320)")
-    parser.add_argument("--source", type=Path, required=True, help="video file")
+    parser.add_argument("--source", type=Path,
+                        help="video file (with --sources: every source reads it; default there: "
+                             "N synthetic 1080p videos)")
     parser.add_argument("--runs", type=int, default=3, help="runs per contender (median FPS)")
     parser.add_argument("--live", type=finite_float, metavar="FPS",
                         help="serve --source as an MJPEG camera paced at FPS on loopback and "
@@ -348,7 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-scale", choices=DECODE_SCALES,
                         help="the pipeline's decode_scale (MJPEG: with --live; default auto)")
     parser.add_argument("--frames", type=int, help="frames per run (default: the whole video)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--threads", type=int,
                         help="inference threads for every contender (default: all cores)")
     parser.add_argument("--backend", choices=("onnxruntime", "tensorrt", "auto"),
                         default="onnxruntime")
@@ -370,10 +394,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              ".engine)")
     parser.add_argument("--no-profile", action="store_true",
                         help="do not profile the pipeline when a target is missed")
+    several = parser.add_argument_group(
+        "several cameras (issue 12): --sources 1,2,4 measures one process with N sources "
+        "against N single-source processes (host/bench/multicam.py); --ort-batch measures "
+        "ONNX Runtime per image at each BUNDLE's batch (host/bench/batching.py)")
+    several.add_argument("--sources", metavar="N,N,...",
+                         help="source counts, e.g. 1,2,4 (instead of the contenders)")
+    several.add_argument("--multi-bundle", type=Path, metavar="BUNDLE",
+                         help="the N-source process's bundle (e.g. one exported with --batch 4; "
+                              "default: BUNDLE)")
+    several.add_argument("--batch-size", type=int,
+                         help="the N-source process's batch_size (frames per inference call)")
+    several.add_argument("--ort-batch", action="store_true",
+                         help="raw ONNX Runtime session per image at each BUNDLE's batch "
+                              "(bundles from `jetyolo export --batch N`), instead of the "
+                              "contenders")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    if not args.source.is_file():
+    if args.source is None or not args.source.is_file():
         raise JetyoloError(f"--source {args.source}: no such video file; `jetyolo bench` needs "
                            "a file (make one with `jetyolo data synth DIR --video v.mp4`)")
     for flag, value in (("--runs", args.runs), ("--threads", args.threads),
@@ -385,7 +424,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     video_frames = bench_report.video_frame_count(args.source)
     frames = min(args.frames or video_frames, video_frames)
     return Settings(
-        source=args.source.resolve(), frames=frames, runs=args.runs, threads=args.threads,
+        source=args.source.resolve(), frames=frames, runs=args.runs,
+        threads=args.threads or os.cpu_count() or 1,
         backend=args.backend, precision=args.precision, variant=args.variant,
         int8_from=args.int8_from, engine_cache_dir=args.engine_cache_dir,
         ultralytics=not args.no_ultralytics, ultralytics_model=args.ultralytics_model,
@@ -395,6 +435,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sources is not None and args.ort_batch:
+        raise JetyoloError("--sources and --ort-batch are two benchmarks; run them one at a time")
+    if args.sources is None and (args.multi_bundle or args.batch_size):
+        raise JetyoloError("--multi-bundle and --batch-size go with --sources")
+    if args.sources is not None:
+        from host.bench import multicam
+
+        return multicam.run(args, _progress)
+    if args.ort_batch:
+        from host.bench import batching
+
+        return batching.run(args, _progress)
     settings = settings_from_args(args)
     bundles = [Bundle.load(path) for path in args.bundles]
     names = [bundle.root.name for bundle in bundles]
