@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := .work/demo
 
-.PHONY: install test lint demo bench rootfs-install service-demo update-demo clean
+.PHONY: install test lint demo bench bench-multicam rootfs-install service-demo update-demo clean
 
 install: $(STAMP)
 
@@ -116,6 +116,17 @@ bench: $(STAMP)
 	$(JY) export tests/fixtures/synth_yolo11n.pt --out $(BENCH)/synth320 --imgsz 320 --force
 	$(JY) bench $(BENCH)/synth640 $(BENCH)/synth320 --source $(BENCH)/v1080.mp4 \
 	  --runs 5 --out $(BENCH)/results --plot docs/bench.png --append-md docs/BENCHMARKS.md
+
+# Several cameras (issue 12, docs/BENCHMARKS.md): 1/2/4 sources in one process vs one process
+# each, file and live at 30 FPS; ONNX Runtime per image at batch 1/2/4. About 10 min on 2 cores.
+BENCH_MC := .work/bench-multicam
+bench-multicam: $(STAMP)
+	for b in 1 2 4; do $(JY) export tests/fixtures/synth_yolo11n.pt --out $(BENCH_MC)/b$$b \
+	  --imgsz 320 --batch $$b --force || exit 1; done
+	$(JY) bench $(BENCH_MC)/b1 $(BENCH_MC)/b2 $(BENCH_MC)/b4 --ort-batch --runs 9 --frames 12 \
+	  --out $(BENCH_MC)/ort
+	$(JY) bench $(BENCH_MC)/b1 --sources 1,2,4 --live 30 --frames 90 --runs 2 \
+	  --out $(BENCH_MC)/results
 
 # Stage jetyolo into a Jetson rootfs (Linux_for_Tegra/rootfs before flash.sh, or / on a Jetson).
 # An L4T rootfs belongs to root: sudo make rootfs-install ROOTFS=... BUNDLE=...

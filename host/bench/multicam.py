@@ -441,16 +441,18 @@ def write_plot(report: Dict[str, Any], path: Path) -> bool:
         log.warning("bench: matplotlib is not installed; no plot")
         return False
     phases = sorted({name.split("/")[0] for name in report["configurations"]})
+    counts = sorted({int(name.rsplit("-", 1)[1]) for name in report["configurations"]})
     figure, axes = plt.subplots(1, len(phases), figsize=(6 * len(phases), 4), squeeze=False)
     for axis, phase in zip(axes[0], phases):
         for offset, config in enumerate(CONFIGS):
-            points = [(int(name.rsplit("-", 1)[1]), figures["fps"] or 0.0)
+            points = [(counts.index(int(name.rsplit("-", 1)[1])), figures["fps"] or 0.0)
                       for name, figures in report["configurations"].items()
                       if name.startswith(f"{phase}/{config}-")]
             if points:
                 xs, ys = zip(*sorted(points))
                 axis.bar([x + (offset - 1) * 0.25 for x in xs], ys, width=0.25,
                          label=CONFIGS[config])
+        axis.set_xticks(range(len(counts)), [str(count) for count in counts])
         axis.set_xlabel("sources (N)")
         axis.set_ylabel("aggregate FPS (median of runs)")
         axis.set_title(f"{phase} sources")
