@@ -74,6 +74,7 @@ class MulticamSettings:
     multi_bundle: Optional[Path] = None  # the N-source process's bundle (default: bundle)
     batch_size: Optional[int] = None
     live_fps: Optional[float] = None
+    decode_scale: Optional[str] = None  # every pipeline's (None: their default)
 
     @property
     def batched(self) -> bool:
@@ -232,12 +233,13 @@ def pipeline_command(bundle: Path, sources: Sequence[Tuple[str, str]], frames: i
 def jobs_for(settings: MulticamSettings, phase: str, config: str, count: int,
              locations: Sequence[str], folder: Path) -> List[Tuple[List[str], Path, Path]]:
     named = [(f"cam{index}", location) for index, location in enumerate(locations[:count])]
+    common = ["--decode-scale", settings.decode_scale] if settings.decode_scale else []
     if config == "one":
         extra = ["--batch-size", str(settings.batch_size)] if settings.batch_size else []
-        groups = [(settings.multi_bundle or settings.bundle, named, extra)]
+        groups = [(settings.multi_bundle or settings.bundle, named, common + extra)]
     else:
         extra = ONE_THREAD if config == "procs1t" else []
-        groups = [(settings.bundle, [pair], extra) for pair in named]
+        groups = [(settings.bundle, [pair], common + extra) for pair in named]
     jobs = []
     for index, (bundle, sources, flags) in enumerate(groups):
         stem = folder / f"{phase}-{config}-{count}-p{index}"
@@ -326,7 +328,7 @@ def settings_from_args(args: argparse.Namespace) -> MulticamSettings:
         bundle=args.bundles[0].resolve(), counts=counts, videos=videos, frames=frames,
         runs=args.runs, out=args.out.resolve(), backend=args.backend,
         multi_bundle=args.multi_bundle.resolve() if args.multi_bundle else None,
-        batch_size=args.batch_size, live_fps=args.live,
+        batch_size=args.batch_size, live_fps=args.live, decode_scale=args.decode_scale,
     )
 
 
