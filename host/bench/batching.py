@@ -27,7 +27,7 @@ from device.bundle import Bundle
 from device.errors import JetyoloError
 from device.files import atomic_write_json
 from host.bench import report as bench_report
-from host.bench.multicam import uptime
+from host.bench.http import load_average as uptime
 
 WARMUP_CALLS = 3
 DEFAULT_CALLS = 40

@@ -32,7 +32,6 @@ import logging
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from device.errors import JetyoloError
 from device.files import atomic_write_bytes, atomic_write_json
 from host.bench import Target, check_targets, run_workers
 from host.bench import report as bench_report
+from host.bench.http import load_average as uptime
 from host.bench.live import PacedMjpegServer
 
 log = logging.getLogger(__name__)
@@ -330,10 +330,6 @@ def settings_from_args(args: argparse.Namespace) -> MulticamSettings:
         multi_bundle=args.multi_bundle.resolve() if args.multi_bundle else None,
         batch_size=args.batch_size, live_fps=args.live, decode_scale=args.decode_scale,
     )
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def run(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
