@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Tuple
 
 
 def finite_float(text: str) -> float:
@@ -16,3 +17,12 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def frame_size(text: str) -> Tuple[int, int]:
+    """``WIDTHxHEIGHT`` (a camera's frame, width first as cameras state it) as (w, h)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a frame size; give WIDTHxHEIGHT, "
+                                         "e.g. 1920x1080")
+    return (int(parts[0]), int(parts[1]))

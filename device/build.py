@@ -16,6 +16,11 @@ examples:
   jetyolo build --config /etc/jetyolo/config.yaml
   jetyolo build bundles/synth320 --precision int8 --int8-from cache --workspace 1024
   jetyolo build bundles/synth320 --precision int8 --trt-version-check
+  jetyolo build bundles/synth320 --variant frame --frame-size 1920x1080
+
+A bundle exported with ``--batch N`` gets an optimisation profile of 1..N frames per call (plan
+``fp16-b4.plan``); the frame variant one pinned to the camera's frame size
+(``fp16-frame-1920x1080.plan``): docs/tensorrt.md, "Optimisation profiles".
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
+from device import argtypes
 from device.backends import BACKEND_KINDS, tensorrt_missing
 from device.bundle import Bundle
 from device.choice import INT8_SOURCES, PRECISIONS, QDQ_VARIANT, BackendChoice, parse_workspace
@@ -61,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="build for DLA core N with GPU fallback (Xavier, Orin AGX/NX)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"engine cache directory (default {default_cache_dir()})")
+    parser.add_argument("--frame-size", type=argtypes.frame_size, default=None, metavar="WxH",
+                        help="the camera frame the frame variant's engine is built for (default: "
+                             "the config's capture_width x capture_height); part of its key")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches")
     parser.add_argument("--trt-version-check", action="store_true",
                         help="check that the bundle's INT8 inputs fit this device's TensorRT "
@@ -98,6 +107,19 @@ def no_engine_reason(config: RunConfig) -> Optional[str]:
     return None
 
 
+def configured_frame_size(config: RunConfig) -> Optional[Tuple[int, int]]:
+    """The camera frame size the config states: capture_width x capture_height, top level or of
+    its one ``sources:`` entry. ``jetyolo-build.service`` runs before the service opens the
+    camera, so the frame variant's engine is built for the size the config asks the camera for
+    (``jetyolo run`` probes the opened source; a camera that delivers another size gets its own
+    plan, built at start)."""
+    width, height = config.capture_width, config.capture_height
+    entries = config.sources or []
+    if (width is None or height is None) and len(entries) == 1:
+        width, height = entries[0].capture_width, entries[0].capture_height
+    return (width, height) if width is not None and height is not None else None
+
+
 def request_from_args(args: argparse.Namespace, config: RunConfig) -> BuildRequest:
     """Flag checks that need no TensorRT, so a typo fails before the (slow) TensorRT import."""
     choice = BackendChoice.from_config(config)
@@ -105,7 +127,8 @@ def request_from_args(args: argparse.Namespace, config: RunConfig) -> BuildReque
         raise JetyoloError(f"--int8-from only applies to precision int8 (precision is "
                            f"{choice.precision or 'the default'}); drop it or add "
                            "--precision int8")
-    return choice.build_request(force=args.force)
+    size = getattr(args, "frame_size", None) or configured_frame_size(config)
+    return choice.build_request(force=args.force, frame_size=size)
 
 
 def load_tensorrt_ops() -> Any:

@@ -313,3 +313,83 @@ def no_cache_message(bundle: Any, trt_version: str, versions: Sequence[str]) -> 
 def parsed_variant(build: BuildPlan, variant: str) -> str:
     """The bundle graph TensorRT parses: the recipe's own (Q/DQ, fp16) or the one asked for."""
     return build.variant if build.variant != "fp32" else variant
+
+
+# ---- the optimisation profile ------------------------------------------------------------------
+Shape = Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InputProfile:
+    """The optimisation profile of a network input with runtime dimensions (-1 after TensorRT's
+    ONNX parser reads a ``dim_param``): the shapes it must run, min <= opt <= max per dim.
+
+    TensorRT refuses to build a network with a runtime dimension and no profile ("Network has
+    dynamic or shape inputs, but no optimization profile has been defined"; NvInferRuntime.h
+    IOptimizationProfile: "users need to specify at least one optimization profile"). jetyolo
+    builds one profile (index 0, the one a context uses unless told otherwise)."""
+
+    name: str
+    min: Shape
+    opt: Shape
+    max: Shape
+    kind: str  # "batch" (export --batch N) or "frame" (the frame-input variant)
+
+    @property
+    def tag(self) -> str:
+        """What the plan name and the engine key say: ``b4`` (1..4 frames per call) or
+        ``1920x1080`` (the frame variant's camera frame, width first as cameras state it)."""
+        if self.kind == "frame":
+            return f"{self.max[2]}x{self.max[1]}"
+        return f"b{self.max[0]}"
+
+    def describe(self) -> str:
+        def text(shape: Shape) -> str:
+            return "x".join(str(dim) for dim in shape)
+
+        return f"{self.name} min {text(self.min)} opt {text(self.opt)} max {text(self.max)}"
+
+    def key(self) -> str:
+        return f"{self.tag}:{self.describe()}"
+
+    @property
+    def calibration_shape(self) -> Shape:
+        """The shape of the calibration profile (min = opt = max; TensorRT 8.5-10.x calibrate at
+        one shape: NvInfer.h setCalibrationProfile "MIN and MAX values will be overwritten by
+        kOPT"): one frame, as the host calibrated (``jetyolo calibrate`` feeds one image per
+        call) and as the cache-only calibrator's ``get_batch_size`` says."""
+        return (1, *self.max[1:])
+
+
+def input_profile(
+    variant: Mapping[str, Any], frame_size: Optional[Tuple[int, int]] = None
+) -> Optional[InputProfile]:
+    """The profile a bundle graph needs, from its manifest entry; None for a static graph.
+
+    - ``export --batch N`` (N > 1; dim 0 symbolic, H, W, C static): min 1, opt N, max N, so
+      one engine runs 1..N frames per call and is tuned for full batches.
+    - the frame-input variant ([1, frame_height, frame_width, 3]): min = opt = max =
+      1 x H x W x 3 of the camera frame (``frame_size`` (w, h)): one size, so TensorRT folds
+      the letterbox's shape arithmetic and tunes for it; another camera size is another plan.
+    """
+    from device.preprocess import FRAME_INPUT
+
+    spec = variant.get("input") or {}
+    shape = list(spec.get("shape") or [])
+    name = str(spec.get("name", "images"))
+    if name == FRAME_INPUT:
+        if frame_size is None:
+            raise JetyoloError(
+                "variant 'frame' takes the camera frame itself, and its TensorRT engine is built "
+                "for one frame size: set capture_width and capture_height in the config (or "
+                "`jetyolo build --frame-size WxH`)"
+            )
+        width, height = frame_size
+        pinned = (1, int(height), int(width), 3)
+        return InputProfile(name, pinned, pinned, pinned, "frame")
+    if len(shape) < 2 or not all(isinstance(dim, int) and dim > 0 for dim in shape):
+        return None
+    if shape[0] <= 1:
+        return None
+    batch, rest = int(shape[0]), tuple(int(dim) for dim in shape[1:])
+    return InputProfile(name, (1, *rest), (batch, *rest), (batch, *rest), "batch")

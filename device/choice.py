@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from device.errors import JetyoloError
 
@@ -154,8 +154,11 @@ class BackendChoice:
             return "qdq"
         return self.int8_from if self.precision == "int8" else None
 
-    def build_request(self, force: bool = False) -> BuildRequest:
-        """The TensorRT engine this choice names (``device.engine.ensure_engine``)."""
+    def build_request(
+        self, force: bool = False, frame_size: Optional[Tuple[int, int]] = None
+    ) -> BuildRequest:
+        """The TensorRT engine this choice names (``device.engine.ensure_engine``);
+        ``frame_size`` (w, h): the camera frame the frame variant's profile is pinned to."""
         from device.engine import BuildRequest
 
         return BuildRequest(
@@ -166,6 +169,7 @@ class BackendChoice:
             dla_core=self.dla_core,
             cache_dir=self.cache_dir,
             force=force,
+            frame_size=frame_size,
         )
 
     def onnxruntime_threading(self, cores: Optional[int] = None) -> OrtThreading:

@@ -17,6 +17,7 @@ from typing import Any, List, Optional, Tuple
 from device.build_plan import (
     FP16_VARIANT,
     BuildPlan,
+    InputProfile,
     Int8Inputs,
     LayerRecord,
     all_tensor_names,
@@ -25,6 +26,7 @@ from device.build_plan import (
     choose_int8_source,
     default_precision,
     find_int8_inputs,
+    input_profile,
     layers_to_keep_fp16,
     no_cache_message,
     parsed_variant,
@@ -90,6 +92,7 @@ class BuildRequest:
     dla_core: Optional[int] = None
     cache_dir: Optional[Path] = None  # None: default_cache_dir()
     force: bool = False
+    frame_size: Optional[Tuple[int, int]] = None  # (w, h): the frame variant's camera frame
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,13 @@ def engine_key(
     if build.keep_fp16_layers and inputs is not None:
         keep = tuple(sorted(inputs.fp16_layers + inputs.fp16_tensors))
     graph = parsed_variant(build, request.variant)
+    profile = graph_profile(bundle, graph, request)
+    if profile is not None and request.dla_core is not None and profile.min != profile.max:
+        raise JetyoloError(
+            f"--dla {request.dla_core}: DLA runs one input shape (NvInferRuntime.h "
+            f"setDimensions: min = opt = max on DLA), this bundle's engine takes "
+            f"{profile.describe()}; build it for the GPU (no --dla), or export with --batch 1"
+        )
     key = EngineKey(
         onnx_sha256=bundle.model_sha256(graph),
         variant=graph,
@@ -172,8 +182,14 @@ def engine_key(
         workspace=workspace_setting(request.workspace_bytes),
         dla_core=request.dla_core,
         fp16_layers=keep,
+        input_profile=profile.key() if profile is not None else None,
     )
     return key, build, inputs, int8_why or why
+
+
+def graph_profile(bundle: Any, graph: str, request: BuildRequest) -> Optional[InputProfile]:
+    """The optimisation profile the parsed graph needs (``build_plan.input_profile``)."""
+    return input_profile(bundle.variant(graph), request.frame_size)
 
 
 def ensure_engine(
@@ -198,6 +214,9 @@ def ensure_engine(
     fp16_layers: List[str] = []
     if build.calibrator_from_cache and inputs is not None and inputs.cache is not None:
         cache_bytes, fp16_layers = check_int8_cache(inputs, onnx_path, build, facts, ops, log)
+    profile = graph_profile(bundle, key.variant, request)
+    if profile is not None:
+        log(f"engine: optimisation profile {profile.describe()}")
     workspace = request.workspace_bytes or auto_workspace_bytes(facts.free_bytes, facts.total_bytes)
     log(
         f"engine: TensorRT {facts.trt_version} on {facts.gpu_name} (sm {facts.compute_capability})"
@@ -214,6 +233,7 @@ def ensure_engine(
             cache_dir, facts.trt_version, facts.compute_capability
         ),
         dla_core=request.dla_core,
+        input_profile=profile,
         log_progress=log,
     )
     seconds = (datetime.now(timezone.utc) - started).total_seconds()

@@ -3,7 +3,7 @@
 An engine (a serialized TensorRT plan) only works with the exact TensorRT version and GPU it was
 built on, so the device builds it and caches it::
 
-    <cache_dir>/<model_id>/<precision>[-<int8 source>][-<variant>][-dla<N>].plan   the plan
+    <cache_dir>/<model_id>/<precision>[-<int8 source>][-<variant>][-<profile>][-dla<N>].plan
     <cache_dir>/<model_id>/<same name>.plan.json                         sidecar: key + hash
     <cache_dir>/timing-trt<version>-sm<cc>.cache                         TensorRT timing cache
 
@@ -55,6 +55,10 @@ class EngineKey:
     dla_core: Optional[int] = None
     fp16_layers: Tuple[str, ...] = ()
     schema: int = KEY_SCHEMA
+    # the optimisation profile of a graph with runtime dims, ``TAG:describe()`` of
+    # ``device.build_plan.InputProfile`` ("b4:images min 1x3x640x640 opt 4x... max 4x...",
+    # "1920x1080:frame min 1x1080x1920x3 ..."); None for a static graph (and old sidecars)
+    input_profile: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         data = asdict(self)
@@ -65,7 +69,8 @@ class EngineKey:
     def from_json(cls, data: Mapping[str, Any]) -> EngineKey:
         names = {item.name for item in fields(cls)}
         unknown = sorted(set(data) - names)
-        missing = sorted(names - set(data) - {"dla_core", "fp16_layers", "schema"})
+        missing = sorted(names - set(data) - {"dla_core", "fp16_layers", "schema",
+                                              "input_profile"})
         if unknown or missing:
             raise ValueError(f"engine key has unknown fields {unknown} / misses {missing}")
         values = dict(data)
@@ -114,9 +119,11 @@ def plan_path(
     int8_source: Optional[str] = None,
     dla_core: Optional[int] = None,
     variant: str = "fp32",
+    profile_tag: Optional[str] = None,
 ) -> Path:
     name = precision + (f"-{int8_source}" if int8_source else "")
     name += f"-{_safe(variant)}" if variant != "fp32" else ""
+    name += f"-{_safe(profile_tag)}" if profile_tag else ""
     name += f"-dla{dla_core}" if dla_core is not None else ""
     return Path(cache_dir) / _safe(model_id) / f"{name}.plan"
 
@@ -197,9 +204,12 @@ def check_cache_dir(folder: Path) -> None:
 def key_plan_path(cache_dir: Union[str, Path], model_id: str, key: EngineKey) -> Path:
     """The one plan-naming rule (build, run and verify all call it): precision, INT8 source, the
     parsed graph unless the precision already says it (the fp32 graph; the Q/DQ model for
-    int8-qdq; the fp16 graph for fp16 on TensorRT >= 11, the only way there), DLA core."""
+    int8-qdq; the fp16 graph for fp16 on TensorRT >= 11, the only way there), the optimisation
+    profile's tag (``b4``: 1..4 frames per call; ``1920x1080``: the frame variant's camera size),
+    DLA core."""
     implied = key.variant == "fp32" or (key.variant == QDQ_VARIANT and key.int8_source == "qdq")
     if key.variant == FP16_VARIANT and key.precision == "fp16":
         implied = parse_trt_version(key.trt_version)[0] >= 11
+    tag = key.input_profile.partition(":")[0] if key.input_profile else None
     return plan_path(cache_dir, model_id, key.precision, key.int8_source, key.dla_core,
-                     "fp32" if implied else key.variant)
+                     "fp32" if implied else key.variant, tag)

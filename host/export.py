@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from device import argtypes
 from device.bundle import SCHEMA_VERSION, Bundle, write_new_bundle
 from device.errors import JetyoloError
 from device.files import check_output_dir, replace_dir, sha256_file
@@ -59,11 +60,7 @@ def parse_imgsz(text: str) -> Size:
 
 def parse_frame_size(text: str) -> Size:
     """``--source-size WxH`` (the camera's frame, width first as cameras state it) as (w, h)."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a frame size; give WIDTHxHEIGHT, "
-                                         "e.g. 1920x1080")
-    return (int(parts[0]), int(parts[1]))
+    return argtypes.frame_size(text)
 
 
 def rectangle_for(frame_size: Size, side: int, stride: int) -> Size:

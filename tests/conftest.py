@@ -59,6 +59,18 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory, fixture_weights: Path) 
 
 
 @pytest.fixture(scope="session")
+def batch_bundle_dir(tmp_path_factory: pytest.TempPathFactory, fixture_weights: Path) -> Path:
+    """The fixture model exported with --batch 3 (dim 0 symbolic, 1..3 frames per call) at
+    320 px with --uint8-input and --nms (read-only: copy it to change it)."""
+    from host.export import export_bundle
+
+    out = tmp_path_factory.mktemp("batch") / "synth320x3"
+    export_bundle(fixture_weights, out, imgsz=IMGSZ, batch=3, uint8_input=True, nms=True,
+                  parity_images=4, reference_num=4)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 64 px bundle around the committed tiny_detector.onnx, made with device code only: what
     the real-TensorRT tests use, so a Jetson venv with just the device extra runs them."""

@@ -45,14 +45,16 @@ def tensorrt_missing() -> Optional[str]:
     return None
 
 
-def _open_tensorrt(bundle: Bundle, choice: BackendChoice) -> Backend:
+def _open_tensorrt(
+    bundle: Bundle, choice: BackendChoice, frame_size: Optional[Tuple[int, int]] = None
+) -> Backend:
     try:
         module = importlib.import_module("device.backends.tensorrt")
     except ImportError as exc:
         raise JetyoloError(
             f"TensorRT backend cannot load ({exc}); {TENSORRT_PACKAGE_HINT}"
         ) from exc
-    backend: Backend = module.open_tensorrt(bundle, choice)
+    backend: Backend = module.open_tensorrt(bundle, choice, frame_size=frame_size)
     return backend
 
 
@@ -81,24 +83,20 @@ def open_chosen(
 ) -> Backend:
     """The backend ``choice`` names (not yet activated). ``auto`` prefers TensorRT and says why
     not. The ``frame`` variant takes the camera frame itself and needs ``frame_size()``, the
-    source's (w, h); it is asked only for that variant."""
+    source's (w, h); it is asked only for that variant. Under TensorRT that size pins the
+    engine's optimisation profile and is part of its key (another camera size, another plan)."""
     frame_shape = _frame_input_shape(bundle, choice.variant, frame_size)
-    if frame_shape is not None and choice.kind != "onnxruntime":
-        raise JetyoloError(
-            "variant 'frame' (letterbox in the graph) runs on ONNX Runtime only so far: its "
-            "TensorRT engine needs an optimisation profile pinned to the frame size, which the "
-            "engine builder does not add yet; use --backend onnxruntime or another variant"
-        )
+    frame_wh = (frame_shape[2], frame_shape[1]) if frame_shape is not None else None
     if choice.kind == "tensorrt":
         missing = tensorrt_missing()
         if missing:
             raise JetyoloError(f"--backend tensorrt: {missing}; {TENSORRT_PACKAGE_HINT}")
-        backend = _open_tensorrt(bundle, choice)
+        backend = _open_tensorrt(bundle, choice, frame_wh)
         LOG.info("backend: tensorrt (%s)", backend.name)
         return backend
     reason = "asked for"
     if choice.kind == "auto":
-        found, reason = _try_tensorrt(bundle, choice)
+        found, reason = _try_tensorrt(bundle, choice, frame_wh)
         if found is not None:
             LOG.info("backend: tensorrt (auto: %s)", found.name)
             return found
@@ -151,11 +149,13 @@ def _frame_input_shape(
     return (1, frame_size[1], frame_size[0], 3)
 
 
-def _try_tensorrt(bundle: Bundle, choice: BackendChoice) -> Tuple[Optional[Backend], str]:
+def _try_tensorrt(
+    bundle: Bundle, choice: BackendChoice, frame_size: Optional[Tuple[int, int]]
+) -> Tuple[Optional[Backend], str]:
     missing = tensorrt_missing()
     if missing:
         return None, f"TensorRT unavailable: {missing}"
     try:
-        return _open_tensorrt(bundle, choice), ""
+        return _open_tensorrt(bundle, choice, frame_size), ""
     except JetyoloError as exc:
         return None, f"TensorRT engine could not be built or loaded: {exc}"

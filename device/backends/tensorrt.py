@@ -6,6 +6,16 @@ trt/runner.py); ``open_tensorrt`` gets the plan from the engine cache, built fir
 ``set_tensor_address``, page-locked host buffers, one stream, ``execute_async_v3`` between async
 H2D and D2H copies.
 
+An input with runtime dims (-1 in ``engine.get_tensor_shape``) has optimisation profile 0
+(``device.backends.tensorrt_build``): buffers are sized for its max shape
+(``get_tensor_profile_shape(name, 0)``), and ``set_input_shape(name, shape)`` tells the context
+the shape of each call. ``set_input_shape`` is in every supported version (TensorRT 8.5.2
+pyCore.cpp binds it next to ``set_binding_shape``, which it deprecates; 10.0 removed
+``set_binding_shape``), so the runner uses it everywhere. A profile whose dim 0 spans 1..N
+(``export --batch N``) makes the backend ``dynamic_batch``: a call of k rows sets the shape
+(only when k changes), copies k rows in and k rows of each output out; a profile with
+min = max (the frame variant, pinned to the camera's size) is set once at load.
+
 CUDA graphs are not used: pycuda documents no stream-capture API, and capturing through a second
 binding (cuda-python) would mean two CUDA wrappers on the device for a gain that is the kernel
 launch overhead only. Measure it first with ``trtexec --loadEngine=X.plan --useCudaGraph`` against
@@ -16,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -67,6 +77,8 @@ class TensorRTBackend(Backend):
         self._stream: Any = None
         self._specs: Dict[str, TensorSpec] = {}
         self._inputs: List[str] = []
+        self._rows = 0  # dim 0 the context was last told (set_input_shape)
+        self._output_rows: Dict[str, int] = {}  # each output's dim 0 at that input shape
         self._device_buffers: Dict[str, Any] = {}
         self._pinned: Dict[int, np.ndarray] = {}  # data pointer -> page-locked array we made
         self._staging: Dict[str, np.ndarray] = {}
@@ -105,26 +117,67 @@ class TensorRTBackend(Backend):
                 "its log above; usually too little free GPU memory): stop other GPU processes"
             )
         self._stream = cuda.Stream()
-        for index in range(self._engine.num_io_tensors):
-            name = self._engine.get_tensor_name(index)
-            spec = self._tensor_spec(trt, name)
-            self._specs[name] = spec
-            if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                self._inputs.append(name)
+        names = [self._engine.get_tensor_name(index)
+                 for index in range(self._engine.num_io_tensors)]
+        self._inputs = [name for name in names
+                        if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
+        for name in self._inputs:
+            self._specs[name] = self._input_spec(name)
+        self._set_rows(self._specs[self._inputs[0]].shape[0] if self._inputs else 1)
+        for name in names:
+            if name not in self._specs:
+                self._specs[name] = self._output_spec(name)
+            spec = self._specs[name]
             nbytes = max(int(np.prod(spec.shape)) * spec.dtype.itemsize, 1)
             self._device_buffers[name] = cuda.mem_alloc(nbytes)
             self._context.set_tensor_address(name, int(self._device_buffers[name]))
         for name, spec in self._specs.items():
             self._staging[name] = self.allocate_impl(spec)
 
-    def _tensor_spec(self, trt: Any, name: str) -> TensorSpec:
+    def _input_spec(self, name: str) -> TensorSpec:
+        """Static shape, or profile 0's max for runtime dims; ``dynamic_batch`` when only dim 0
+        varies and it spans more than one row."""
+        dtype = numpy_dtype(self._engine.get_tensor_dtype(name), name)
         shape = tuple(int(dim) for dim in self._engine.get_tensor_shape(name))
+        if all(dim >= 0 for dim in shape):
+            return TensorSpec(name, shape, dtype)
+        low, _, high = (tuple(int(dim) for dim in limits)
+                        for limits in self._engine.get_tensor_profile_shape(name, 0))
+        if low[1:] != high[1:]:
+            raise JetyoloError(
+                f"engine input {name!r} has a profile varying beyond dim 0 ({list(low)} .. "
+                f"{list(high)}); jetyolo runs profiles of 1..N frames or one frame size"
+            )
+        self.dynamic_batch = self.dynamic_batch or low[0] < high[0]
+        return TensorSpec(name, high, dtype)
+
+    def _output_spec(self, name: str) -> TensorSpec:
+        """The output's shape at the inputs' max shape (set by ``_set_rows``)."""
+        shape = tuple(int(dim) for dim in self._context.get_tensor_shape(name))
         if any(dim < 0 for dim in shape):
             raise JetyoloError(
-                f"engine tensor {name!r} has dynamic shape {list(shape)}; jetyolo bundles are "
-                "static (`jetyolo export` without --dynamic)"
+                f"engine output {name!r} has shape {list(shape)} that depends on the data; "
+                "jetyolo reads outputs of a fixed size (re-export the bundle)"
             )
         return TensorSpec(name, shape, numpy_dtype(self._engine.get_tensor_dtype(name), name))
+
+    def _set_rows(self, rows: int) -> None:
+        """Tell the context this call's input shapes (inputs with runtime dims only)."""
+        for name in self._inputs:
+            if all(int(dim) >= 0 for dim in self._engine.get_tensor_shape(name)):
+                continue
+            shape = (rows, *self._specs[name].shape[1:])
+            if not self._context.set_input_shape(name, shape):
+                raise JetyoloError(
+                    f"TensorRT refuses input shape {list(shape)} for {name!r} of "
+                    f"{self.plan_path.name} (outside its optimisation profile); see its log"
+                )
+        self._rows = rows
+        outputs = [self._engine.get_tensor_name(index)
+                   for index in range(self._engine.num_io_tensors)]
+        self._output_rows = {
+            name: int(self._context.get_tensor_shape(name)[0]) for name in outputs
+            if name not in self._inputs and len(self._context.get_tensor_shape(name))}
 
     def input_specs_impl(self) -> Dict[str, TensorSpec]:
         return {name: self._specs[name] for name in self._inputs}
@@ -146,9 +199,12 @@ class TensorRTBackend(Backend):
         self, feed: Mapping[str, np.ndarray], out: Optional[Dict[str, np.ndarray]]
     ) -> Dict[str, np.ndarray]:
         cuda, stream = self._cuda, self._stream
+        rows = int(feed[self._inputs[0]].shape[0]) if self._inputs else self._rows
+        if rows != self._rows:  # a partial batch (dynamic_batch): k of the profile's 1..N
+            self._set_rows(rows)
         for name in self._inputs:
-            source = self._pinned_or_staging(name, feed[name])
-            if source is not feed[name]:
+            source = self._pinned_or_staging(name, feed[name])[:rows]
+            if source.ctypes.data != feed[name].ctypes.data:
                 np.copyto(source, feed[name])
             cuda.memcpy_htod_async(self._device_buffers[name], source, stream)
         if not self._context.execute_async_v3(stream.handle):
@@ -156,21 +212,24 @@ class TensorRTBackend(Backend):
         targets = {name: self._staging[name] for name in self.output_specs_impl()}
         if out is not None:
             targets = {name: out[name] for name in targets}
-        pinned_targets = {name: self._pinned_or_staging(name, array)
-                          for name, array in targets.items()}
-        for name, target in pinned_targets.items():
+        filled = {name: array[: self._output_rows.get(name, len(array))]
+                  for name, array in targets.items()}
+        pinned = {name: self._pinned_or_staging(name, array)[: len(filled[name])]
+                  for name, array in targets.items()}
+        for name, target in pinned.items():
             cuda.memcpy_dtoh_async(target, self._device_buffers[name], stream)
         stream.synchronize()
-        for name, target in targets.items():
-            if pinned_targets[name] is not target:
-                np.copyto(target, pinned_targets[name])
-        return targets
+        for name, target in filled.items():
+            if pinned[name].ctypes.data != target.ctypes.data:
+                np.copyto(target, pinned[name])
+        return targets if out is not None else filled
 
     def deactivate_impl(self) -> None:
         for buffer in self._device_buffers.values():
             buffer.free()
         self._device_buffers, self._staging, self._pinned = {}, {}, {}
-        self._specs, self._inputs = {}, []
+        self._specs, self._inputs, self._output_rows, self._rows = {}, [], {}, 0
+        self.dynamic_batch = False
         self._context = self._engine = self._runtime = self._stream = None
         if self._context_stack is not None:
             self._context_stack.pop()
@@ -179,10 +238,13 @@ class TensorRTBackend(Backend):
 
 
 def open_tensorrt(
-    bundle: Any, choice: BackendChoice, log: Callable[[str], None] = LOG.info
+    bundle: Any, choice: BackendChoice, log: Callable[[str], None] = LOG.info,
+    frame_size: Optional[Tuple[int, int]] = None,
 ) -> Backend:
-    """The TensorRT backend for ``bundle``: the cached engine, built first when needed."""
+    """The TensorRT backend for ``bundle``: the cached engine, built first when needed
+    (``frame_size`` (w, h): the camera frame of the frame variant, part of its engine's key)."""
     from device.backends.tensorrt_build import TensorRTBuildOps
 
-    result = ensure_engine(bundle, choice.build_request(), TensorRTBuildOps(), log)
+    request = choice.build_request(frame_size=frame_size)
+    result = ensure_engine(bundle, request, TensorRTBuildOps(), log)
     return TensorRTBackend(result.plan, precision=result.key.precision)

@@ -4,7 +4,8 @@ Every decision (which flags, which cache, reuse or rebuild) is made in ``device.
 ``device.engine`` and tested there; this module carries them out with the TensorRT 8.5-11 Python
 API: ``trt.Builder`` -> ``create_network`` (EXPLICIT_BATCH on 8.x, STRONGLY_TYPED where the
 recipe says) -> ``OnnxParser.parse_from_file`` -> ``IBuilderConfig`` (workspace pool limit,
-precision flags set and cleared, ``int8_calibrator``, layer precisions, timing cache, DLA) ->
+precision flags set and cleared, ``int8_calibrator``, the optimisation profile of an input with
+runtime dims (and its calibration profile), layer precisions, timing cache, DLA) ->
 ``build_serialized_network``. INT8 from a cache uses a calibrator that only hands TensorRT the
 cache bytes: ``get_batch`` returns None, and if TensorRT asks for a batch at all (it rejected the
 cache) the engine is refused.
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from device.backends.tensorrt_util import cuda_init, import_pycuda, import_tensorrt, trt_logger
-from device.build_plan import BuildPlan, LayerRecord
+from device.build_plan import BuildPlan, InputProfile, LayerRecord
 from device.engine import DeviceFacts, TensorRTOps
 from device.errors import JetyoloError
 from device.files import PRIVATE_FILE, atomic_write_bytes
@@ -238,6 +239,42 @@ def _configure_dla(trt: Any, builder: Any, config: Any, dla_core: int) -> None:
     config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
 
 
+def _network_shape(network: Any, name: str) -> Tuple[int, ...]:
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        if tensor.name == name:
+            return tuple(int(dim) for dim in tensor.shape)
+    raise JetyoloError(f"the parsed network has no input {name!r}; re-export the bundle")
+
+
+def _add_profile(
+    builder: Any, network: Any, config: Any, profile: Optional[InputProfile], calibrated: bool
+) -> None:
+    """Optimisation profile 0 for the input with runtime dims (-1: onnx-tensorrt reads a
+    ``dim_param`` as -1, onnx_utils.hpp); the calibration profile too when a calibrator is set
+    (NvInfer.h setCalibrationProfile, 8.5.2-10.x: "must be set if int8 calibration is used to
+    set scales for a network with runtime dimensions"; the API is gone in 11, as calibration)."""
+    if profile is None:
+        return
+    shape = _network_shape(network, profile.name)
+    fixed = [index for index, dim in enumerate(shape) if dim >= 0
+             and not profile.min[index] == profile.max[index] == dim]
+    if len(shape) != len(profile.max) or fixed:
+        raise JetyoloError(
+            f"input {profile.name} is {list(shape)} in the ONNX graph, but the bundle asks for "
+            f"{profile.describe()}: a dimension TensorRT sees as static cannot vary; re-export "
+            "the bundle with this jetyolo (`jetyolo export --batch N` makes only dim 0 symbolic)"
+        )
+    optimization = builder.create_optimization_profile()
+    optimization.set_shape(profile.name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(optimization)
+    if calibrated and any(dim < 0 for dim in shape):
+        one = profile.calibration_shape
+        calibration = builder.create_optimization_profile()
+        calibration.set_shape(profile.name, one, one, one)
+        config.set_calibration_profile(calibration)
+
+
 def build_engine(
     onnx_path: Path,
     build: BuildPlan,
@@ -247,6 +284,7 @@ def build_engine(
     timing_cache_path: Optional[Path] = None,
     dla_core: Optional[int] = None,
     log_progress: Callable[[str], None] = print,
+    input_profile: Optional[InputProfile] = None,
 ) -> bytes:
     """Serialized engine for ``onnx_path`` following ``build`` (``device.build_plan.plan_build``).
     Writes the updated timing cache back atomically."""
@@ -267,6 +305,7 @@ def build_engine(
             raise JetyoloError("INT8 from a calibration cache needs the cache; none was given")
         calibrator = make_cache_calibrator(trt, calib_cache)
         config.int8_calibrator = calibrator
+    _add_profile(builder, network, config, input_profile, calibrator is not None)
     if build.keep_fp16_layers and head_fp16_layers:
         count = _set_layer_precisions(trt, network, head_fp16_layers)
         log_progress(f"engine: {count} head layer(s) constrained to FP16")

@@ -131,3 +131,20 @@ def test_tensorrt_config_goes_on_to_the_build(
     captured = capsys.readouterr()
     assert "no TensorRT engine is needed" not in captured.out
     assert "jetyolo: error:" in captured.err and "missing" in captured.err
+
+
+def test_the_frame_size_comes_from_the_capture_size_or_the_flag(tmp_path: Path) -> None:
+    """jetyolo-build.service runs before the camera is opened: the frame variant's engine is
+    built for the capture size the config asks for (top level, or the one source's)."""
+    top = write_config(tmp_path, backend="tensorrt", capture_width=1280, capture_height=720)
+    assert request_for(["--config", str(top)]).frame_size == (1280, 720)
+    assert request_for(["--config", str(top), "--frame-size", "640x360"]).frame_size == (640, 360)
+    one = tmp_path / "one"
+    one.mkdir()
+    entry = {"source": "/dev/video0", "capture_width": 1920, "capture_height": 1080}
+    single = one / "config.yaml"
+    single.write_text(yaml.safe_dump({"bundle": "b", "backend": "tensorrt", "sources": [entry]}))
+    assert request_for(["--config", str(single)]).frame_size == (1920, 1080)
+    assert request_for(["b", "--backend", "tensorrt"]).frame_size is None
+    with pytest.raises(SystemExit):
+        parse(["b", "--frame-size", "1920"])

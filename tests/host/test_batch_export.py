@@ -2,7 +2,7 @@
 records N; every variant runs 1..N rows on ONNX Runtime and row i equals the batch-1 export's
 output for the same image; parity, the reference, calibration and verify work at N.
 
-One batch-3 export (320 px, like the session's batch-1 ``bundle_dir``) is shared by the module.
+One batch-3 export (conftest ``batch_bundle_dir``, 320 px like the batch-1 ``bundle_dir``).
 """
 
 from __future__ import annotations
@@ -21,18 +21,16 @@ from device.cli import main
 from device.errors import JetyoloError
 from device.preprocess import Preprocessor
 from host import parity
-from host.export import checked_batch_rows, export_bundle
+from host.export import checked_batch_rows
 
 BATCH = 3
 IMGSZ = 320
 
 
 @pytest.fixture(scope="module")
-def batch_bundle(tmp_path_factory: pytest.TempPathFactory, fixture_weights: Path) -> Path:
-    out = tmp_path_factory.mktemp("batch") / "synth320x3"
-    export_bundle(fixture_weights, out, imgsz=IMGSZ, batch=BATCH, uint8_input=True, nms=True,
-                  parity_images=4, reference_num=4)
-    return out
+def batch_bundle(batch_bundle_dir: Path) -> Path:
+    """conftest's session bundle: the fixture weights at --batch 3, 320 px."""
+    return batch_bundle_dir
 
 
 def dims(value: Any) -> List[Any]:

@@ -222,11 +222,10 @@ def test_jetyolo_run_on_the_frame_variant_agrees_with_the_cpu_letterbox(
     assert sum(match_detections(cpu[i], graph[i]) for i in cpu) / total >= 0.99
 
 
-def test_the_frame_variant_refuses_tensorrt_and_an_unknown_frame_size(rect_bundle: Bundle) -> None:
+def test_the_frame_variant_refuses_an_unknown_frame_size(rect_bundle: Bundle) -> None:
+    """(Its TensorRT engine, pinned to the frame size: tests/device/test_tensorrt_profiles.py.)"""
     from device.backends import open_backend
 
-    with pytest.raises(JetyoloError, match="runs on ONNX Runtime only so far"):
-        open_backend("tensorrt", rect_bundle, variant="frame", frame_size=lambda: (1920, 1080))
     with pytest.raises(JetyoloError, match="frame size is not known"):
         open_backend("onnxruntime", rect_bundle, variant="frame", frame_size=lambda: None)
     backend = open_backend("onnxruntime", rect_bundle, variant="frame", frame_size=lambda: (64, 48))

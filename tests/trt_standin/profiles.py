@@ -102,6 +102,23 @@ class Profile:
         return int(self.version.split(".")[0])
 
     @property
+    def set_binding_shape(self) -> bool:
+        """[src 8.5.2] pyCore.cpp:808 and [src v8.6.1] :840 bind IExecutionContext
+        ``set_binding_shape`` (deprecated, pointing to ``set_input_shape``); [src v10.3.0],
+        [src v10.13.3] and [src v11.1] pyCore.cpp do not. ``set_input_shape`` is bound at every
+        tag (8.5.2:819, v8.6.1:851, v10.3.0:1050, v10.13.3:1332, v11.1:1309), as are
+        ``create_optimization_profile``, ``IOptimizationProfile.set_shape``,
+        ``add_optimization_profile`` and ``ICudaEngine.get_tensor_profile_shape``."""
+        return self.major < 10
+
+    @property
+    def calibration_profile(self) -> bool:
+        """[src 8.5.2] pyCore.cpp:1081, [src v8.6.1] :1200, [src v10.3.0] :1458 ("Deprecated in
+        TensorRT 10.1. Superseded by explicit quantization.") and [src v10.13.3] :1796 bind
+        IBuilderConfig ``set_calibration_profile``; [src v11.1] does not (no calibration)."""
+        return bool(self.calibrators)
+
+    @property
     def cache_version_int(self) -> int:
         """The calibration cache header number this version writes (NOTES.md; TRT-101303 for
         10.13.3)."""

@@ -201,6 +201,10 @@ class _Parser:
         return True
 
     def _dtype(self, name: str) -> Any:
+        if name == "INT64" and not hasattr(self._trt.DataType, "INT64"):
+            # [parser 8.5-GA] onnx2trt_utils.cpp:361 convertDtype: INT64 -> kINT32 (TensorRT 8
+            # has no INT64; the parser warns "Attempting to cast down to INT32", :377)
+            name = "INT32"
         return getattr(self._trt.DataType, name)
 
     def _unique(self, basename: str) -> str:
@@ -227,8 +231,11 @@ class _Parser:
         info: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
         for value in (*graph.input, *graph.value_info, *graph.output):
             kind = value.type.tensor_type
+            # [parser 8.5-GA] onnx_utils.hpp:57 convertOnnxDims: a dim_param (or no value) is -1,
+            # a runtime dimension
             info[value.name] = (_ONNX_TYPES.get(kind.elem_type, "FLOAT"),
-                                tuple(int(dim.dim_value) for dim in kind.shape.dim))
+                                tuple(int(dim.dim_value) if dim.HasField("dim_value") else -1
+                                      for dim in kind.shape.dim))
         constants = {init.name: (_ONNX_TYPES.get(init.data_type, "FLOAT"), tuple(init.dims))
                      for init in graph.initializer}
         for node in graph.node:
@@ -278,6 +285,30 @@ class _TimingCache:
         return True
 
 
+class _OptimizationProfile:
+    """[src 8.5.2] pyCore.cpp opt_profile_set_shape: setDimensions for MIN, OPT and MAX, each
+    failure a RuntimeError "Shape provided for min|opt|max is inconsistent with other shapes."
+    (NvInferRuntime.h setDimensions: ranks equal, 0 <= min <= opt <= max)."""
+
+    def __init__(self) -> None:
+        self.shapes: Dict[str, Tuple[Tuple[int, ...], ...]] = {}
+
+    def set_shape(self, input: str, min: Sequence[int], opt: Sequence[int],
+                  max: Sequence[int]) -> None:
+        low, mid, high = (tuple(int(dim) for dim in shape) for shape in (min, opt, max))
+        for label, shape in (("opt", mid), ("max", high)):
+            if len(shape) != len(low) or any(a > b for a, b in zip(low if label == "opt" else mid,
+                                                                   shape)):
+                raise RuntimeError(f"Shape provided for {label} is inconsistent with other "
+                                   "shapes.")
+        if any(dim < 0 for dim in low):
+            raise RuntimeError("Shape provided for min is inconsistent with other shapes.")
+        self.shapes[input] = (low, mid, high)
+
+    def get_shape(self, input: str) -> List[Tuple[int, ...]]:
+        return list(self.shapes.get(input, ()))
+
+
 class _Config:
     def __init__(self, trt: Any, world: World) -> None:
         self._trt, self._world = trt, world
@@ -285,6 +316,8 @@ class _Config:
         self._flags = {trt.BuilderFlag.TF32}
         self._timing: Optional[_TimingCache] = None
         self.pool_limits: Dict[Any, int] = {}
+        self.profiles: List[_OptimizationProfile] = []
+        self.calibration_profile: Optional[_OptimizationProfile] = None
         self.default_device_type = trt.DeviceType.GPU
         self.DLA_core = -1
         if world.profile.calibrators:
@@ -298,6 +331,22 @@ class _Config:
                                         else profile.progress_monitor):
             raise AttributeError(f"'tensorrt.IBuilderConfig' object has no attribute '{name}'")
         object.__setattr__(self, name, value)
+
+    def add_optimization_profile(self, profile: _OptimizationProfile) -> int:
+        """[src NvInferRuntime.h 8.5.2] addOptimizationProfile: the profile's index."""
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    @property
+    def num_optimization_profiles(self) -> int:
+        return len(self.profiles)
+
+    def set_calibration_profile(self, profile: _OptimizationProfile) -> bool:
+        if not self._world.profile.calibration_profile:  # see Profile.calibration_profile
+            raise AttributeError("'tensorrt.IBuilderConfig' object has no attribute "
+                                 "'set_calibration_profile'")
+        self.calibration_profile = profile
+        return True
 
     def set_flag(self, flag: Any) -> None:
         self._flags.add(flag)
@@ -352,6 +401,9 @@ class _Builder:
     def create_builder_config(self) -> _Config:
         return _Config(self._trt, self._world)
 
+    def create_optimization_profile(self) -> _OptimizationProfile:
+        return _OptimizationProfile()
+
     def build_serialized_network(self, network: _Network, config: _Config) -> Optional[bytes]:
         return _build(self._trt, self._world, network, config)
 
@@ -393,9 +445,53 @@ def _calibrated_tensors(trt: Any, world: World, network: _Network, config: _Conf
     return {"int8": [name for name in activations if name in scales], "fallback": fallback}
 
 
+def _checked_profiles(trt: Any, world: World, network: _Network, config: _Config
+                      ) -> Optional[Dict[str, List[List[int]]]]:
+    """Profile 0 of the network's inputs, or None (build refused) as TensorRT refuses:
+    - a runtime dimension (-1) and no profile: "Network has dynamic or shape inputs, but no
+      optimization profile has been defined." then "Network validation failed."
+      (TensorRT's log as quoted in NVIDIA/TensorRT#768, #1116, onnx/onnx-tensorrt#518);
+    - a profile breaking NvInferRuntime.h setDimensions (3): "if networkDims.d[i] != -1, then
+      minDims.d[i] == optDims.d[i] == maxDims.d[i] == networkDims.d[i]" (the stand-in's words);
+    - a runtime dimension the profile does not cover (the stand-in's words);
+    - INT8 calibration of a network with runtime dims and no calibration profile: NvInfer.h
+      setCalibrationProfile (8.5.2, v10.3.0) "must be set if int8 calibration is used to set
+      scales for a network with runtime dimensions". What TensorRT does when it is missing is
+      not written down; the stand-in refuses (the stricter reading)."""
+    dynamic = [tensor for tensor in network.inputs if any(dim < 0 for dim in tensor.shape)]
+    if dynamic and not config.profiles:
+        world.log += ["[E] Network has dynamic or shape inputs, but no optimization profile has "
+                      "been defined.", "[E] Network validation failed."]
+        return None
+    shapes = config.profiles[0].shapes if config.profiles else {}
+    for tensor in network.inputs:
+        limits = shapes.get(tensor.name)
+        if limits is None:
+            if tensor in dynamic:
+                world.log.append(f"[E] (stand-in) profile 0 has no shape for {tensor.name}")
+                return None
+            continue
+        if any(len(limit) != len(tensor.shape) for limit in limits) or any(
+                dim >= 0 and not limits[0][i] == limits[2][i] == dim
+                for i, dim in enumerate(tensor.shape)):
+            world.log.append(f"[E] (stand-in) profile 0 for {tensor.name} {list(limits)} does "
+                             f"not match network definition {list(tensor.shape)}")
+            return None
+    calibrating = config.get_flag(getattr(trt.BuilderFlag, "INT8", None)) and getattr(
+        config, "int8_calibrator", None) is not None
+    if dynamic and calibrating and config.calibration_profile is None:
+        world.log.append("[E] (stand-in) calibration profile not set for a network with runtime "
+                         "dimensions (NvInfer.h setCalibrationProfile)")
+        return None
+    return {name: [list(limit) for limit in limits] for name, limits in shapes.items()}
+
+
 def _build(trt: Any, world: World, network: _Network, config: _Config) -> Optional[bytes]:
     if network.onnx_path is None:
         world.log.append("[E] network has no layers")
+        return None
+    profiles = _checked_profiles(trt, world, network, config)
+    if profiles is None:
         return None
     int8 = None
     if world.profile.calibrators and config.int8_calibrator is not None and \
@@ -410,6 +506,9 @@ def _build(trt: Any, world: World, network: _Network, config: _Config) -> Option
         "flags": _flag_names(trt, config), "strongly_typed": network.strongly_typed,
         "int8": int8, "layer_precisions": layer_precisions,
         "device_type": config.default_device_type.name, "dla_core": config.DLA_core,
+        "profiles": profiles,
+        "calibration_profile": config.calibration_profile.shapes
+        if config.calibration_profile is not None else None,
         "io": [[tensor.name, "INPUT", tensor.dtype.name, list(tensor.shape)]
                for tensor in network.inputs]
         + [[tensor.name, "OUTPUT", tensor.dtype.name, list(tensor.shape)]
@@ -443,7 +542,15 @@ class _Engine:
         return getattr(self._trt.DataType, self._io[name][1])
 
     def get_tensor_shape(self, name: str) -> Tuple[int, ...]:
+        """[src NvInferRuntime.h] getTensorShape: runtime dimensions are -1 in the engine."""
         return self._io[name][2]
+
+    def get_tensor_profile_shape(self, name: str, profile_index: int) -> List[Tuple[int, ...]]:
+        """[src 8.5.2] pyCore.cpp get_tensor_profile_shape: [min, opt, max] of profile N."""
+        limits = self.record.get("profiles", {}).get(name) if profile_index == 0 else None
+        if limits is None:
+            raise RuntimeError(f"no profile {profile_index} shape for {name}")
+        return [tuple(limit) for limit in limits]
 
     def create_execution_context(self) -> _Context:
         return _Context(self)
@@ -454,22 +561,66 @@ class _Context:
         self._engine = engine
         self._addresses: Dict[str, int] = {}
         self._session: Any = None
+        self._shapes = {name: shape for name, (mode, _, shape) in engine._io.items()
+                        if mode == "INPUT"}
+        if engine._world.profile.set_binding_shape:  # see Profile.set_binding_shape
+            self.set_binding_shape = self._set_binding_shape
 
     def set_tensor_address(self, name: str, address: int) -> bool:
         self._addresses[name] = int(address)
         return True
+
+    def set_input_shape(self, name: str, shape: Sequence[int]) -> bool:
+        """[src v10.3.0 NvInferRuntime.h] setInputShape: "false if the provided name does not
+        map to an input tensor, or if some other error occurred"; "Each dimension must agree
+        with the network dimension unless the latter was -1"; a shape outside profile 0 is an
+        error (TensorRT logs it; the stand-in's words)."""
+        network = self._shapes.get(name) and self._engine._io[name][2]
+        wanted = tuple(int(dim) for dim in shape)
+        if not network or len(wanted) != len(network):
+            return False
+        limits = self._engine.record.get("profiles", {}).get(name)
+        for index, dim in enumerate(wanted):
+            if network[index] >= 0 and dim != network[index]:
+                return False
+            if network[index] < 0 and not limits[0][index] <= dim <= limits[2][index]:
+                self._engine._world.log.append(
+                    f"[E] (stand-in) {name} {list(wanted)} is outside profile 0 {limits}")
+                return False
+        self._shapes[name] = wanted
+        return True
+
+    def _set_binding_shape(self, binding: int, shape: Sequence[int]) -> bool:
+        return self.set_input_shape(self._engine._names[binding], shape)
+
+    def get_tensor_shape(self, name: str) -> Tuple[int, ...]:
+        """Inputs: as set (-1 until set_input_shape). Outputs: the engine's, a -1 in dim 0 taken
+        from the inputs' dim 0 (the batch; jetyolo's graphs have no other runtime output dim)."""
+        if name in self._shapes:
+            return self._shapes[name]
+        shape = self._engine._io[name][2]
+        rows = {value[0] for value in self._shapes.values() if value}
+        if shape and shape[0] < 0 and len(rows) == 1:
+            shape = (next(iter(rows)), *shape[1:])
+        return tuple(shape)
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         """Runs the ONNX model on ONNX Runtime (CPU, FP32) with the bound device buffers."""
         import onnxruntime as ort
 
         engine, memory = self._engine, self._engine._world.memory
+        unset = [name for name, shape in self._shapes.items() if any(dim < 0 for dim in shape)]
+        if unset:  # [src NvInferRuntime.h] getTensorShape: -1 "if setInputShape() has not yet
+            # been called"; enqueueV3 returns false ("True if the kernels were enqueued")
+            engine._world.log.append(f"[E] (stand-in) enqueueV3: input shape of {unset} not set")
+            return False
         if self._session is None:
             self._session = ort.InferenceSession(engine.record["onnx"],
                                                  providers=["CPUExecutionProvider"])
         feed = {}
-        for name, (mode, dtype, shape) in engine._io.items():
+        for name, (mode, dtype, _) in engine._io.items():
             if mode == "INPUT":
+                shape = self._shapes[name]
                 raw = memory[self._addresses[name]]
                 feed[name] = raw[: int(np.prod(shape)) * np.dtype(_NUMPY[dtype]).itemsize] \
                     .view(_NUMPY[dtype]).reshape(shape)
