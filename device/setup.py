@@ -9,7 +9,7 @@
         source  = open the source          (a bad --source fails before a minutes-long build;
                                              a live one is waited for, source_timeout_s)
         backend = open the backend         (TensorRT engine loaded or built; not yet active)
-        sinks   = open the sinks           (they announce the device online only now)
+        sinks   = open the sinks           (``online`` only with the first result)
         pipeline = Pipeline(backend, source, ..., sinks)
         attach_tracking(pipeline, ...)     (config.tracker: track ids, zones, lines, events)
         for extension in extensions:       (an HTTP endpoint, a reload handler...)

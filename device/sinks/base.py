@@ -170,6 +170,10 @@ class Sink:
     def depth(self) -> Dict[str, Any]:
         return {"queue": self._queue.qsize(), "dropped": self.dropped + self.failed}
 
+    def go_online(self) -> None:
+        """The first inference result exists: a sink that ``handles_availability`` says
+        ``online`` now (and at every reconnect from now on); the others get it as a message."""
+
     def request_stop(self, deadline: float) -> None:
         """Finish what is queued (until ``deadline``, a ``time.monotonic()`` value), then stop."""
         self._deadline = deadline

@@ -119,6 +119,7 @@ class MqttSink(Sink):
         self._acked: Deque[int] = collections.deque()  # mids, appended by paho's thread
         self._last_handed = 0  # highest outbox row id given to paho in this process
         self._connected = threading.Event()
+        self._online = threading.Event()  # go_online was called: "online" at every connect
         self._spool_warned_at = float("-inf")
         self._oldest_time: Optional[float] = None  # of the oldest spooled message
         self._oldest_checked_at = float("-inf")
@@ -165,11 +166,19 @@ class MqttSink(Sink):
             return
         self.last_error = self._last_logged = None
         self._connected.set()
-        client.publish(self._availability, "online", qos=1, retain=True)
+        if self._online.is_set():
+            client.publish(self._availability, "online", qos=1, retain=True)
         for message in self._announcements:  # acks carry no outbox row: _apply_acks skips them
             client.publish(message.topic, message.payload, qos=1, retain=message.retain)
         logger.info("%s: connected (session present: %s); %d message(s) spooled",
                     self.name, bool(flags.session_present), self._spool.depth)
+
+    def go_online(self) -> None:
+        # Set before reading _connected (and _on_connect sets _connected before reading
+        # _online): a connect racing this call publishes "online" twice at worst, never not.
+        self._online.set()
+        if self._connected.is_set():
+            self._client.publish(self._availability, "online", qos=1, retain=True)
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         was_connected = self._connected.is_set()

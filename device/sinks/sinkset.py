@@ -3,6 +3,10 @@
 The inference loop calls ``publish_frame``: a report-policy check and a ``put_nowait``, nothing
 else. A dispatcher thread numbers each message (``seq``), builds and serialises it once, and puts
 it on every sink's own queue. Each sink sends from its own thread.
+
+Availability: the sinks announce the device ``online`` only once the first inference result
+arrived (the first ``publish_frame``, reported or not), so a model that fails to load or to run
+never says ``online``; ``offline`` is sent at close either way.
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ class SinkSet:
         self._policy = ReportPolicy(options.report, options.max_rate_hz)
         self._intake: queue.Queue[_Item] = queue.Queue(maxsize=options.queue_size)
         self._stopping = threading.Event()
+        self._first_result = threading.Event()  # set by the publishing thread, once
+        self._online_due = False  # the publishing thread's own flag for it
+        self._online = False  # announced (the dispatcher's own flag)
         self._dispatcher = threading.Thread(target=self._dispatch, name="sinks", daemon=True)
         self._closed = False
         self.frames_reported = 0
@@ -96,6 +103,9 @@ class SinkSet:
         """Report one frame. Never blocks: a full queue drops the frame and counts it."""
         if self._closed:
             return
+        if not self._online_due:
+            self._online_due = True  # one bool per frame; the Event is set once
+            self._first_result.set()
         if not self._policy.should_report(result):
             self.frames_skipped += 1
             return
@@ -132,8 +142,15 @@ class SinkSet:
     def start(self) -> None:
         for sink in self.sinks:
             sink.start()
-        self._announce("online")
         self._dispatcher.start()
+
+    def _go_online(self) -> None:
+        """On the dispatcher, before the first result's messages: ``online`` everywhere."""
+        self._online = True
+        self._announce("online")
+        for sink in self.sinks:
+            if sink.handles_availability:
+                sink.go_online()
 
     def _announce(self, state: str) -> None:
         """Availability for the line sinks (the MQTT sink has its own, with a last will)."""
@@ -145,9 +162,14 @@ class SinkSet:
 
     def _dispatch(self) -> None:
         while True:
+            item: Optional[_Item]
             try:
                 item = self._intake.get(timeout=0.05)
             except queue.Empty:
+                item = None
+            if not self._online and self._first_result.is_set():
+                self._go_online()  # set before the first frame was queued: announced before it
+            if item is None:
                 if self._stopping.is_set():
                     return
                 continue

@@ -16,6 +16,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
+from mqtt_broker import MosquittoBroker, Subscriber
+from polling import wait_until
 
 from device.cli import main
 from device.config import config_from_mapping
@@ -191,6 +193,7 @@ def test_jetyolo_run_writes_jsonl_and_prints_the_summary(
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     frames = [line["payload"] for line in lines if is_detections(line["payload"])]
     assert [f["frame_index"] for f in frames] == list(range(6))
+    assert lines[0]["payload"] == "online"  # said once the model gave its first result
     # the source is named after the file (synth.mp4 -> synth) in messages and topics
     assert {f["source"] for f in frames} == {"synth"}
     assert all(
@@ -286,6 +289,46 @@ def test_bad_input_is_one_line_and_exit_2(
     error_lines = [line for line in err.splitlines() if line.startswith("jetyolo: error: ")]
     assert len(error_lines) == 1 and message in error_lines[0], err
     assert out == ""
+
+
+def broken_model_bundle(bundle_dir: Path, tmp_path: Path) -> Path:
+    """A bundle whose model.onnx is random bytes with its manifest hash rewritten to match (it
+    passes the bundle's file check; ONNX Runtime cannot load it)."""
+    import hashlib
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    garbage = np.random.default_rng(0).bytes(4096)
+    (copy / "model.onnx").write_bytes(garbage)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256(garbage).hexdigest(),
+                                       "size": len(garbage)}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is not installed")
+def test_a_model_that_cannot_load_never_says_online(
+    bundle_dir: Path, synth_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    broker: MosquittoBroker,
+) -> None:
+    subscriber = Subscriber(broker.port)
+    out = tmp_path / "out.jsonl"
+    try:
+        code, _, err = run_cli(
+            ["run", str(broken_model_bundle(bundle_dir, tmp_path)), "--source", str(synth_video),
+             "--backend", "onnxruntime", "--sink", f"jsonl:{out}",
+             "--sink", f"mqtt://127.0.0.1:{broker.port}", "--device-id", "broken",
+             "--spool-dir", str(tmp_path / "spool")], capsys)
+        assert code == 2 and "ONNX Runtime cannot load" in err, err
+        # the MQTT sink's clean stop says "offline"; "online" was never said
+        assert wait_until(lambda: ("jetyolo/broken/available", b"offline")
+                          in subscriber.messages, timeout=15)
+        assert ("jetyolo/broken/available", b"online") not in subscriber.messages
+    finally:
+        subscriber.close()
+    states = [json.loads(line)["payload"] for line in out.read_text().splitlines()]
+    assert states == ["offline"]
 
 
 @pytest.mark.parametrize(

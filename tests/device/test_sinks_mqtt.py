@@ -90,10 +90,31 @@ def test_round_trip_every_message_arrives_schema_valid_in_order(
         stats = subscriber.payloads("/stats")[0]
         assert stats["seq"] == seqs[-1] + 1
         assert stats["sinks"]["frames_reported"] == 200
-        # availability: online at connect, offline (retained) at close
+        # availability: online with the first result, offline (retained) at close
         assert _wait(lambda: subscriber.messages[-1] == ("jetyolo/test-dev/available", b"offline"))
         assert ("jetyolo/test-dev/available", b"online") in subscriber.messages
         assert _spooled_seqs(tmp_path / "spool", f"mqtt://127.0.0.1:{broker.port}") == []
+    finally:
+        subscriber.close()
+
+
+def test_online_only_once_the_first_result_exists(
+    tmp_path: Path, broker: MosquittoBroker, make_result: Callable[..., FrameResult]
+) -> None:
+    available = ("jetyolo/test-dev/available", b"online")
+    subscriber = Subscriber(broker.port)
+    try:
+        with open_sinks([f"mqtt://127.0.0.1:{broker.port}"], _options(tmp_path)) as sinks:
+            assert _wait(lambda: _mqtt_state(sinks)["connected"])
+            # a stats message before any frame: it arrives, and "online" did not come with it
+            sinks.publish_stats({"fps": 0.0, "backend": "onnxruntime"})
+            assert _wait(lambda: len(subscriber.payloads("/stats")) == 1)
+            assert available not in subscriber.messages
+            sinks.publish_frame(make_result(0))
+            assert _wait(lambda: len(subscriber.payloads()) == 1)
+            topics = [topic for topic, _ in subscriber.messages]
+            assert available in subscriber.messages
+            assert topics.index(available[0]) < topics.index("jetyolo/test-dev/cam0/detections")
     finally:
         subscriber.close()
 
