@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from device.bundle import Bundle
 from device.errors import JetyoloError
+from device.postprocess import class_count_problem, model_class_count
 
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8"}
 
@@ -108,13 +109,11 @@ def _contract(bundle: Bundle, name: str, variant: Mapping[str, Any], path: Any) 
         raise _fail(bundle, f"variant {name!r}: the model has no output {missing[0]!r} (it has "
                     f"{sorted(outputs)})")
     done.append(f"outputs {', '.join(sorted(outputs))}")
-    scores = outputs.get("scores")
-    if scores is not None and len(scores) == 3 and isinstance(scores[1], int):
-        classes = len(bundle.class_names)
-        if scores[1] != classes:
-            raise _fail(bundle, f"variant {name!r}: the model scores {scores[1]} classes, "
-                        f"class_names has {classes}")
-        done.append(f"{classes} classes = class_names")
+    problem = class_count_problem(bundle.class_names, outputs)
+    if problem is not None:
+        raise _fail(bundle, f"variant {name!r}: {problem}")
+    if model_class_count(outputs) is not None:
+        done.append(f"{len(bundle.class_names)} classes = class_names")
     return done
 
 

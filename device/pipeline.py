@@ -67,7 +67,7 @@ from device.backends.base import Backend, InferTiming, TensorSpec
 from device.detections import FrameResult
 from device.errors import JetyoloError
 from device.jetson_stats import jetson_readings
-from device.postprocess import PostprocessConfig, postprocess
+from device.postprocess import PostprocessConfig, class_count_problem, postprocess
 from device.preprocess import FRAME_INPUT, FrameCopier, Letterbox, Preprocessor
 from device.sources import Frame, Source
 from device.stats import RateMeter, RunSummary, StageStats
@@ -204,6 +204,16 @@ _IDLE = _Work(Frame(-1, 0.0, np.zeros((1, 1, 3), np.uint8)), 0.0, {})  # "nothin
 
 def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
+
+
+def check_class_names(backend: Backend, model: ModelInfo) -> None:
+    """Refuse an (active) backend whose outputs score another number of classes than the
+    model's ``class_names`` (at the start and at each swap; ``bundle verify`` asks the same)."""
+    shapes = {name: spec.shape for name, spec in backend.output_specs.items()}
+    problem = class_count_problem(model.class_names, shapes) if model.class_names else None
+    if problem is not None:
+        raise JetyoloError(f"model {model.model_id}: {problem} in its manifest, which does not "
+                           "belong to this model; re-create the bundle with `jetyolo export`")
 
 
 class Pipeline:
@@ -444,6 +454,7 @@ class Pipeline:
         self.backend.activate()
         try:
             self._check_input(self.backend)
+            check_class_names(self.backend, self.model)
             self._add_generation(self.backend)
             self._ready.set()
             self._infer_frames()
@@ -580,6 +591,7 @@ class Pipeline:
             if new.input_spec != self._input_spec:
                 raise JetyoloError(f"its input {new.input_spec.describe()} differs from the "
                                    f"running model's {self._describe_input()}")
+            check_class_names(new, model or self.model)
         except Exception as exc:  # a bad new model must not stop the running one
             new.deactivate()
             self._swap_result = f"refused: {exc}"

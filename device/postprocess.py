@@ -13,7 +13,7 @@ Anything else is refused with one line naming the outputs found.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -111,6 +111,28 @@ def contract_of(output_names: Iterable[str]) -> str:
         f"model outputs {sorted(names)} are no output layout jetyolo decodes ({known}); "
         "re-export the model with `jetyolo export`"
     )
+
+
+def model_class_count(output_shapes: Mapping[str, Sequence[Any]]) -> Optional[int]:
+    """How many classes the outputs score: dim 1 of split_head's ``scores`` [batch, nc, N];
+    None where the outputs do not say (end2end and efficient_nms carry class ids only, or a
+    symbolic dim)."""
+    scores = output_shapes.get("scores")
+    if scores is None or len(scores) != 3 or not isinstance(scores[1], int):
+        return None
+    return int(scores[1])
+
+
+def class_count_problem(
+    class_names: Sequence[str], output_shapes: Mapping[str, Sequence[Any]]
+) -> Optional[str]:
+    """What is wrong when the model scores another number of classes than ``class_names``
+    names (messages would carry labels "2", "3" or miss classes); None when they agree or the
+    outputs do not say. ``bundle verify`` and the run (each backend it activates) ask this."""
+    count = model_class_count(output_shapes)
+    if count is None or count == len(class_names):
+        return None
+    return f"the model scores {count} classes, class_names has {len(class_names)}"
 
 
 def postprocess(

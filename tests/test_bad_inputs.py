@@ -171,6 +171,19 @@ def _bad_manifest_value(s: Scratch) -> List[str]:
             "--backend", "onnxruntime", "--sink", f"jsonl:{s.root / 'out.jsonl'}"]
 
 
+def _class_names(count: int) -> Callable[[Scratch], List[str]]:
+    """The manifest names ``count`` classes for the 4-class fixture model (hashes untouched:
+    the manifest itself is not hashed)."""
+
+    def setup(s: Scratch) -> List[str]:
+        names = [f"class{index}" for index in range(count)]
+        _edit_manifest(s.bundle, lambda m: m.update(class_names=names))
+        return ["run", str(s.bundle), "--source", str(s.data.parent / "valid" / "images"),
+                "--backend", "onnxruntime", "--spool-dir", str(s.root / "spool")]
+
+    return setup
+
+
 def _config_with_secret(s: Scratch) -> List[str]:
     config = s.root / "run.yaml"
     config.write_text(f"bundle: {s.bundle}\nsource: {s.data.parent}/valid/images\n"
@@ -238,6 +251,9 @@ ROWS = [
     # a manifest value of the wrong type: refused at load, before any sink hears "online"
     Row("manifest-wrong-type", _bad_manifest_value, "postprocess.conf must be a number",
         leftovers=["out.jsonl"]),
+    # class_names shorter or longer than the model's classes: refused by the run itself too
+    Row("run-class-names-short", _class_names(3), "the model scores 4 classes, class_names has 3"),
+    Row("run-class-names-long", _class_names(5), "the model scores 4 classes, class_names has 5"),
     # a video passed as weights: one line, not "'str' object has no attribute 'stride'"
     Row("export-video-as-weights", _video_as_weights, "is not ultralytics weights (.mp4",
         leftovers=[".out*", "out"]),

@@ -499,7 +499,7 @@ def test_frames_carry_the_model_whose_backend_inferred_them() -> None:
     from device.pipeline import ModelInfo
 
     old, new = EchoBackend(delay_s=0.002), EchoBackend(delay_s=0.002)
-    first, second = ModelInfo("a@1", ("car",)), ModelInfo("b@2", ("truck",))
+    first, second = ModelInfo("a@1", ("car", "bus")), ModelInfo("b@2", ("truck", "van"))
     sink = CollectingSink()
     pipeline = make_pipeline(FakeSource(30), old, sink, model=first)
     sink.on_frame = lambda count: pipeline.swap_backend(new, second) if count == 10 else None
@@ -509,7 +509,24 @@ def test_frames_carry_the_model_whose_backend_inferred_them() -> None:
     # One switch, at the first frame the new backend inferred; nothing after it is "a@1".
     assert models == ["a@1"] * switch + ["b@2"] * (30 - switch)
     assert switch >= 10 and new.calls == 30 - switch
-    assert sink.results[-1].class_names == ("truck",)
+    assert sink.results[-1].class_names == ("truck", "van")
+
+
+def test_a_model_scoring_other_classes_than_its_names_is_refused_at_start_and_at_a_swap() -> None:
+    from device.pipeline import ModelInfo
+
+    two, three = ModelInfo("a@1", ("car", "bus")), ModelInfo("b@2", ("car", "bus", "van"))
+    source = FakeSource(3)
+    with pytest.raises(JetyoloError, match="model b@2: the model scores 2 classes, "
+                                           "class_names has 3"):
+        make_pipeline(source, EchoBackend(), CollectingSink(), model=three).run()
+    assert source.captured == 0
+    old, new, sink = EchoBackend(), EchoBackend(), CollectingSink()
+    pipeline = make_pipeline(FakeSource(20), old, sink, model=two)
+    sink.on_frame = lambda count: pipeline.swap_backend(new, three) if count == 5 else None
+    assert pipeline.run().frames == 20 and old.calls == 20 and new.calls == 0
+    assert pipeline.swap_result().startswith("refused: model b@2: the model scores 2 classes")
+    assert {result.model_id for result in sink.results} == {"a@1"}
 
 
 def test_max_frames_counts_published_frames_on_a_live_source_too() -> None:
