@@ -5,6 +5,7 @@ Examples:
   jetyolo run bundle/ --source /dev/video0 --sink mqtt://broker:1883 --backend tensorrt
   jetyolo run --config /etc/jetyolo/run.yaml                  # the service's form
   jetyolo run bundle/ --source video.mp4 --sink jsonl:out.jsonl --max-frames 300
+  jetyolo run bundle/ --source cut.mp4 --verbose                # FFmpeg's own lines too
 
 Flags override the config file. The summary (frames, seconds, FPS and per-stage p50/p90/p99)
 goes to stderr at the end, so stdout stays one JSON message per line.
@@ -13,6 +14,7 @@ goes to stderr at the end, so stdout stays one JSON message per line.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any, Dict
 
@@ -21,6 +23,7 @@ from device.ops.extension import http_extensions
 from device.reload import Reloader, crash_guard
 from device.sdnotify import Notifier
 from device.setup import run_configured
+from device.sources import quiet_native_logs
 
 # Every config key is also a flag: ``stats_interval_s`` <-> ``--stats-interval-s``.
 EXPLICIT_FLAGS = ("bundle", "source", "sinks", "sources")
@@ -31,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", action="append",
                         help=FIELD_RULES["source"].help + "; repeat for several sources")
     parser.add_argument("--config", help="YAML file with the same keys (docs/runtime.md)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show FFmpeg's and OpenCV's own log lines and jetyolo's debug "
+                             "lines (off by default: jetyolo says what they mean in its own)")
     parser.add_argument("--sink", dest="sinks", action="append",
                         help=f"{FIELD_RULES['sinks'].help}; repeat for several (default stdout)")
     for key, rule in FIELD_RULES.items():
@@ -44,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    overrides: Dict[str, Any] = {key: value for key, value in vars(args).items() if key != "config"}
+    overrides: Dict[str, Any] = {key: value for key, value in vars(args).items()
+                                 if key not in ("config", "verbose")}
     sources = overrides.pop("source", None) or []
     if len(sources) == 1:
         overrides["source"] = sources[0]
@@ -54,6 +61,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.verbose:
+        quiet_native_logs(False)  # before the first source opens: FFmpeg reads it then
+        logging.getLogger("device").setLevel(logging.DEBUG)
     config = config_from_args(args)
     crash_guard(config)  # a model that keeps crashing the service is rolled back first
     notifier = Notifier.from_env()

@@ -331,6 +331,28 @@ def test_a_model_that_cannot_load_never_says_online(
     assert states == ["offline"]
 
 
+def test_ffmpeg_own_lines_only_with_verbose(bundle_dir: Path, tmp_path: Path) -> None:
+    """A cut MP4: FFmpeg prints "[mov,mp4,... @ 0x...] moov atom not found" past our logging;
+    only --verbose lets it through (jetyolo's own error line says it either way)."""
+    from test_sources import _cut_mp4  # tests/device is on sys.path
+
+    cut = _cut_mp4(tmp_path / "cut.mp4")
+    env = {key: value for key, value in os.environ.items() if key != "OPENCV_FFMPEG_LOGLEVEL"}
+    command = [sys.executable, "-c", "import sys; from device.cli import main; sys.exit(main())",
+               "run", str(bundle_dir), "--source", str(cut), "--backend", "onnxruntime"]
+
+    def ffmpeg_lines(*extra: str) -> List[str]:
+        done = subprocess.run([*command, *extra], capture_output=True, text=True, env=env,
+                              timeout=120)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("jetyolo: error:")]
+        assert done.returncode == 2 and len(errors) == 1 and "moov atom" in errors[0], done.stderr
+        return [line for line in done.stderr.splitlines()
+                if "moov atom not found" in line and not line.startswith("jetyolo: error:")]
+
+    assert ffmpeg_lines() == []
+    assert ffmpeg_lines("--verbose")
+
+
 @pytest.mark.parametrize(
     ("sinks", "message"),
     [
