@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -13,11 +14,12 @@ import numpy as np
 class MjpegCamera:
     """Serves ~20 fps of 320x240 JPEG frames at ``url``.
 
-    It starts listening ``delay_s`` after construction (a camera booting after the detector);
+    It starts listening ``delay_s`` after construction, or when ``start()`` is called
+    (``delay_s=None``: a camera booting after the detector, at a moment the test chooses);
     while ``flowing`` is cleared it holds connections open but silent (a stalled camera).
     """
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: Optional[float] = 0.0) -> None:
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -28,13 +30,19 @@ class MjpegCamera:
         self.flowing = threading.Event()
         self.flowing.set()
         self.closed = threading.Event()
+        self._go = threading.Event()
         self.sent = 0
         threading.Thread(target=self._serve, daemon=True).start()
         if delay_s == 0:
             self.started.wait(5.0)
 
+    def start(self) -> None:
+        """Start listening now (a camera made with ``delay_s=None``)."""
+        self._go.set()
+
     def _serve(self) -> None:
-        if self.closed.wait(self.delay_s):
+        self._go.wait(self.delay_s)
+        if self.closed.is_set():
             return
         server = socket.socket()
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -72,3 +80,4 @@ class MjpegCamera:
 
     def close(self) -> None:
         self.closed.set()
+        self._go.set()

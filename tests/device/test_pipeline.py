@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 import pytest
@@ -61,6 +61,7 @@ class EchoBackend(Backend):
         self.torn_reads = 0
         self.threads: set = set()
         self.deactivated = False
+        self.between_reads: Optional[Callable[[], None]] = None  # a test's writer, if any
 
     def activate_impl(self) -> None:
         self.threads.add(threading.get_ident())
@@ -83,6 +84,8 @@ class EchoBackend(Backend):
         self.calls += 1
         first = float(feed["images"][0, 0, 5, 5])
         time.sleep(self.delay_s)
+        if self.between_reads is not None:
+            self.between_reads()
         if float(feed["images"][0, 0, 5, 5]) != first:
             self.torn_reads += 1
         if out is None:
@@ -167,13 +170,28 @@ def test_file_source_every_frame_in_order_from_its_own_buffer() -> None:
 def test_the_buffer_check_would_catch_a_shared_buffer() -> None:
     # a pipeline whose preprocess wrote into the buffer under inference would tear reads:
     # simulate that by writing into the fed buffer from another thread during infer
-    backend = EchoBackend(delay_s=0.02)
+    backend = EchoBackend()
+    first_read, written = threading.Event(), threading.Event()
+
+    def write_when_read() -> None:
+        if first_read.wait(30):
+            buffer.fill(0.5)
+        written.set()
+
+    def hold_second_read() -> None:
+        first_read.set()
+        assert written.wait(30), "the writer thread did not run"
+
     with backend:
         buffer = backend.input_buffer
-        writer = threading.Timer(0.005, lambda: buffer.fill(0.5))
+        buffer.fill(0.0)
+        backend.between_reads = hold_second_read
+        writer = threading.Thread(target=write_when_read)
         writer.start()
         backend.infer({"images": buffer}, out=backend.allocate_outputs())
-        writer.join()
+        writer.join(30)
+        backend.between_reads = None
+        backend.infer({"images": buffer}, out=backend.allocate_outputs())  # nothing writes
     assert backend.torn_reads == 1
 
 

@@ -177,12 +177,17 @@ def test_waiting_is_reported_to_systemd(notify_socket: Tuple[socket.socket, str]
 
 
 def test_a_camera_that_starts_late_is_waited_for_then_delivers() -> None:
-    camera = MjpegCamera(delay_s=2.0)
+    camera = MjpegCamera(delay_s=None)
     pauses: List[float] = []
+
+    def waited(_name: str, pause: float) -> None:
+        pauses.append(pause)
+        if len(pauses) == 2:
+            camera.start()  # the camera comes up after two failed attempts, however slow they are
+
     try:
-        source = open_source(camera.url, CaptureOptions(source_timeout_s=30.0,
-                                                        reconnect_max_s=1.0),
-                             on_wait=lambda _name, pause: pauses.append(pause))
+        source = open_source(camera.url, CaptureOptions(source_timeout_s=60.0,
+                                                        reconnect_max_s=1.0), on_wait=waited)
         assert isinstance(source, LiveSource) and camera.started.is_set()
         assert len(pauses) >= 2  # it did wait
         stop = threading.Event()
@@ -202,7 +207,7 @@ def test_jetyolo_run_under_systemd_waits_for_the_camera_then_runs(
     notify_socket: Tuple[socket.socket, str], bundle_dir: Path, tmp_path: Path
 ) -> None:
     sock, path = notify_socket
-    camera = MjpegCamera(delay_s=3.0)
+    camera = MjpegCamera(delay_s=None)
     out = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "device.cli", "run", str(bundle_dir), "--source", camera.url,
                "--backend", "onnxruntime", "--threads", "1", "--max-frames", "5",
@@ -210,15 +215,24 @@ def test_jetyolo_run_under_systemd_waits_for_the_camera_then_runs(
     env = {**os.environ, "NOTIFY_SOCKET": path}  # no --source-timeout: wait forever
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
+    waiting_line = f"STATUS=waiting for camera {camera.url}"
+    messages: List[str] = []
     try:
+        # the camera comes up once the run has said twice that it waits (however slowly it
+        # started): a fixed delay let a slow start find the camera already up
+        deadline = time.monotonic() + 120
+        while messages.count(waiting_line) < 2 and process.poll() is None \
+                and time.monotonic() < deadline:
+            messages += datagrams(sock, 0.2)
+        camera.start()
         stderr = process.communicate(timeout=120)[1]
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         camera.close()
     assert process.returncode == 0, stderr
-    messages = datagrams(sock)
-    waiting = [m for m in messages if m == f"STATUS=waiting for camera {camera.url}"]
+    messages += datagrams(sock)
+    waiting = [m for m in messages if m == waiting_line]
     assert len(waiting) >= 2, messages
     assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages)
     first_ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))

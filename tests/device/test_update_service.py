@@ -238,7 +238,8 @@ def test_rate_guard_rolls_back_a_model_whose_detections_collapse(
         service.wait_ready()
         assert wait_until(lambda: len(subscriber.payloads("/detections")) > 60, 60)
         assert update(device, config, bad, "--rate-guard", "0.5") == 0  # verify passes
-        assert wait_until(lambda: store.active_id() == model_id(bundles["A"]), 120)
+        assert wait_until(lambda: store.active_id() == model_id(bundles["A"])
+                          and "last_rollback" in store.read_state(), 120)
         assert "rate guard" in store.read_state()["last_rollback"]["reason"]
         assert wait_until(lambda: runs([m["model_id"] for m in subscriber.payloads(
             "/detections")])[-1:] == [model_id(bundles["A"])], 30)
