@@ -116,7 +116,8 @@ def configured_frame_size(config: RunConfig) -> Optional[Tuple[int, int]]:
     width, height = config.capture_width, config.capture_height
     entries = config.sources or []
     if (width is None or height is None) and len(entries) == 1:
-        width, height = entries[0].capture_width, entries[0].capture_height
+        entry = entries[0]
+        width, height = entry.get("capture_width", config), entry.get("capture_height", config)
     return (width, height) if width is not None and height is not None else None
 
 

@@ -66,18 +66,25 @@ def key(
     return field(default=default, metadata=rule)
 
 
+# The keys a ``sources:`` entry may set for itself, with the top-level key's rule (declared
+# once, in RunConfig); an entry's ``name`` is the top-level ``source_name``.
+SOURCE_OVERRIDES = ("capture_width", "capture_height", "capture_fps", "conf", "classes",
+                    "report")
+
+
 @dataclass
 class SourceEntry:
-    """One entry of ``sources:``: a string (the source) or a mapping with these keys."""
+    """One entry of ``sources:``: a string (the source) or a mapping of ``source``, ``name``
+    and the ``SOURCE_OVERRIDES`` keys (unset: the top-level value)."""
 
-    source: str = key("", "video file, image folder/glob, /dev/videoN, csi://N, rtsp://URL or "
-                          "a GStreamer pipeline")
-    name: Optional[str] = key(None, "topic level and name in messages (default: from the "
-                                    "source)")
-    capture_width: Optional[int] = key(None, "camera capture width (default: the top-level "
-                                             "key)", low=1)
-    capture_height: Optional[int] = key(None, "camera capture height", low=1)
-    capture_fps: Optional[int] = key(None, "camera frame rate", low=1)
+    source: str = ""
+    name: Optional[str] = None
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, config: Any) -> Any:
+        """This entry's ``key``, else ``config``'s."""
+        value = self.overrides.get(key)
+        return value if value is not None else getattr(config, key)
 
 
 @dataclass
@@ -95,6 +102,8 @@ class RunConfig:
                                          "model", choices=INT8_SOURCES)
     conf: Optional[float] = key(None, "confidence threshold (default: the bundle's)",
                                 low=0.0, high=1.0)
+    classes: Optional[List[str]] = key(None, "publish only these classes, by name or id "
+                                             "(default: every class)")
     iou: Optional[float] = key(None, "NMS IoU threshold (default: the bundle's)",
                                low=0.0, high=1.0)
     max_det: Optional[int] = key(None, "most detections per frame (default: the bundle's)", low=1)
@@ -106,9 +115,15 @@ class RunConfig:
                                            "stream's host)")
     sources: Optional[List[SourceEntry]] = key(
         None, "several sources in one process, one engine: a list of sources, each a string or "
-              "a mapping with source, name, capture_width, capture_height, capture_fps "
-              "(instead of source; a repeated --source makes one)",
+              "a mapping with source, name and its own capture_width, capture_height, "
+              "capture_fps, conf, classes, report (instead of source; a repeated --source "
+              "makes one)",
         entries=SourceEntry)
+    batch_size: Optional[int] = key(None, "frames per inference call, at most the engine's "
+                                          "batch (default: the engine's batch; `jetyolo export "
+                                          "--batch N`)", low=1)
+    batch_timeout_ms: float = key(5.0, "longest wait for more frames to fill a batch once its "
+                                       "first frame is in; 0 sends what is ready", low=0.0)
     spool_dir: Optional[str] = key(None, "on-disk spool for MQTT messages not yet acknowledged "
                                          "(default: `$JETYOLO_HOME/spool`, else "
                                          "`~/.jetyolo/spool`)")
@@ -210,7 +225,10 @@ def rules_of(cls: type) -> Dict[str, Rule]:
 
 
 FIELD_RULES: Dict[str, Rule] = rules_of(RunConfig)
-SOURCE_RULES: Dict[str, Rule] = rules_of(SourceEntry)
+SOURCE_RULES: Dict[str, Rule] = {
+    "source": FIELD_RULES["source"], "name": FIELD_RULES["source_name"],
+    **{name: FIELD_RULES[name] for name in SOURCE_OVERRIDES},
+}
 
 
 def docs_table() -> str:
@@ -275,6 +293,9 @@ def check_value(
     if rule.entries is not None:
         return _check_entries(origin, key, value)
     if rule.kind is list:
+        if key == "classes" and isinstance(value, list):  # `classes: [0, person]` in YAML
+            value = [str(item) if isinstance(item, int) and not isinstance(item, bool) else item
+                     for item in value]
         return _check_list(origin, key, value)
     if rule.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -329,10 +350,10 @@ def _check_entries(origin: str, key: str, value: Any) -> List[SourceEntry]:
             item = {"source": item}
         if not isinstance(item, dict):
             raise JetyoloError(f"{where}: must be a string or a mapping, got {item!r}")
-        checked = checked_values(item, where, SOURCE_RULES)
-        if not checked.get("source"):
+        if "source" not in item:
             raise JetyoloError(f"{where}: source is not set; give `source: ...`")
-        entries.append(SourceEntry(**checked))
+        checked = checked_values(item, where, SOURCE_RULES)
+        entries.append(SourceEntry(checked.pop("source"), checked.pop("name", None), checked))
     return entries
 
 

@@ -10,9 +10,10 @@ One engine serves every camera (one copy of the weights, one CUDA context). Per 
 - round-robin hand-out: at most one frame per source per turn, so a fast camera cannot starve a
   slow one.
 
-The pipeline then treats the whole as one non-live source (its queues never drop what was
-handed out: the dropping happened here, per source, where it is fair). The run ends when every
-source has ended.
+The pipeline takes frames with ``take`` when it has an input buffer free for them (so a frame
+waits in its own source's queue, where a newer one replaces it, never in a pipeline queue) and
+gathers what is ready into one batch; it treats the whole as one non-live source (the dropping
+happened here, per source, where it is fair). The run ends when every source has ended.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from device.sources import Frame, Source
 
@@ -31,6 +32,14 @@ DOWN_AFTER_S = 5.0  # a source without a new frame for this long is reported dow
 # OpenCV read when the interpreter exits aborts the process ("FATAL: exception not rethrown",
 # exit -6: two paced cameras and --max-frames did)
 CLOSE_WAIT_S = 2.0
+
+
+class Taken(NamedTuple):
+    """A frame as ``take`` hands it out."""
+
+    frame: Frame
+    captured_at: float  # perf_counter when the source's thread had it in hand
+    read_ms: float  # how long the read took
 
 
 @dataclass
@@ -58,6 +67,7 @@ class MultiSource(Source):
         self._arrived = threading.Event()
         self._turn = 0
         self._threads: List[threading.Thread] = []
+        self._started = False
 
     # counters summed over the sources (the pipeline's totals)
     @property
@@ -89,33 +99,67 @@ class MultiSource(Source):
                 "last_frame_age_s": age, "up": age is not None and age < DOWN_AFTER_S,
                 "ended": feed.ended}
 
-    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+    def start(self, stop: threading.Event) -> None:
+        """Start each source's capture thread (once)."""
+        if self._started:
+            return
+        self._started = True
         for feed in self.feeds:
             thread = threading.Thread(target=self._capture, args=(feed, stop),
                                       name=f"jetyolo-capture-{feed.name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
         while True:
-            frame = self._next(stop)
-            if frame is None:
+            taken = self.take(stop)
+            if taken is None:
                 return
-            yield frame
+            yield taken.frame
+
+    def take(self, stop: threading.Event, timeout_s: Optional[float] = None) -> Optional[Taken]:
+        """The next frame round-robin, waiting at most ``timeout_s`` (None: until one comes);
+        None when none came in time, or at the end (``exhausted``). Re-raises a source's
+        error."""
+        self.start(stop)
+        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+        while True:
+            self._arrived.clear()
+            taken = self._next_waiting()
+            if taken is not None:
+                return taken
+            if self.exhausted(stop):
+                return None
+            wait = POLL_S if deadline is None else min(POLL_S, deadline - time.perf_counter())
+            if wait <= 0:
+                return None
+            self._arrived.wait(wait)
+
+    def exhausted(self, stop: threading.Event) -> bool:
+        """True on stop, or when every source has ended and its queue is empty."""
+        return stop.is_set() or all(feed.ended and feed.waiting.empty() for feed in self.feeds)
 
     def _capture(self, feed: _Feed, stop: threading.Event) -> None:
         try:
-            for frame in feed.source.frames(stop):
+            frames = feed.source.frames(stop)
+            while True:
+                started = time.perf_counter()
+                frame = next(frames, None)
+                if frame is None:
+                    return
+                in_hand = time.perf_counter()
                 frame.source = feed.name
                 feed.captured += 1
                 feed.last_frame = time.monotonic()
-                self._queue(feed, frame, stop)
+                self._queue(feed, Taken(frame, in_hand, (in_hand - started) * 1000.0), stop)
                 self._arrived.set()
-        except BaseException as exc:  # handed to the pipeline by _next
+        except BaseException as exc:  # handed to the pipeline by take
             feed.error = exc
         finally:
             feed.ended = True
             self._arrived.set()
 
-    def _queue(self, feed: _Feed, frame: Frame, stop: threading.Event) -> None:
+    def _queue(self, feed: _Feed, frame: Taken, stop: threading.Event) -> None:
         if feed.source.live:  # keep the newest frame; the older one is dropped and counted
             while True:
                 try:
@@ -134,25 +178,21 @@ class MultiSource(Source):
             except queue.Full:
                 continue
 
-    def _next(self, stop: threading.Event) -> Optional[Frame]:
-        """The next frame round-robin; None when every source has ended (or on stop)."""
-        while True:
-            self._arrived.clear()
-            count = len(self.feeds)
-            for offset in range(count):
-                feed = self.feeds[(self._turn + offset) % count]
-                if feed.error is not None:
-                    raise feed.error
-                try:
-                    frame: Frame = feed.waiting.get_nowait()
-                except queue.Empty:
-                    continue
-                self._turn = (self._turn + offset + 1) % count
-                feed.handed += 1
-                return frame
-            if stop.is_set() or all(feed.ended and feed.waiting.empty() for feed in self.feeds):
-                return None
-            self._arrived.wait(POLL_S)
+    def _next_waiting(self) -> Optional[Taken]:
+        """A waiting frame, round-robin from the source after the last one served."""
+        count = len(self.feeds)
+        for offset in range(count):
+            feed = self.feeds[(self._turn + offset) % count]
+            if feed.error is not None:
+                raise feed.error
+            try:
+                taken: Taken = feed.waiting.get_nowait()
+            except queue.Empty:
+                continue
+            self._turn = (self._turn + offset + 1) % count
+            feed.handed += 1
+            return taken
+        return None
 
     def still_reading(self) -> List[str]:
         """Names of the sources whose capture thread is still in a read."""

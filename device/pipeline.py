@@ -1,13 +1,26 @@
-"""The loop: capture -> preprocess -> infer -> postprocess/publish, one thread per stage.
+"""The loop: capture -> batch + preprocess -> infer -> postprocess/publish, a thread per stage.
 
 ::
 
-    capture thread     preprocess thread        inference thread          main thread
-    source.frames() -> [captured q] -> slot k <- [free input slots] ...
-                                      letterbox into buffer k -> [preprocessed q] ->
+    capture thread     batching thread           inference thread          main thread
+    source.frames() -> slot k <- [free input slots]
+                       [captured q] -> up to B frames, letterboxed into rows of buffer k
+                                    -> [preprocessed q] ->
                                                  infer(buffer k, out set j) -> slot k freed
-                                                 -> [inferred q] -> postprocess, frame hooks,
-                                                                    publish, out set j freed
+                                                 -> [inferred q] -> per frame: postprocess,
+                                                                    source filter, frame hooks,
+                                                                    publish; out set j freed
+
+Several sources (``device.multisource.MultiSource``) have a capture thread each; the batching
+thread then takes their frames itself (``take``, round-robin) once it holds a free buffer.
+
+Batching: the engine's input has a batch dimension N (1 unless ``jetyolo export --batch N``);
+a batch is up to ``batch_size`` frames (default N). The batching thread holds a free buffer,
+waits for a first frame, then adds the frames that arrive within ``batch_timeout_ms`` of it
+(0: only those already waiting) and sends what it has: a live source never waits longer than
+that for a slow one. A ``dynamic_batch`` backend runs k < N frames as k rows; another one gets
+all N rows and the unused ones are ignored. Batches finish in the order they were submitted and
+rows are published in the order they were taken, so each source's frames keep their order.
 
 The pipeline receives ready-built parts (``device.setup`` builds them from the config; this
 module imports neither the config nor the bundle) and owns none of them: the caller opens and
@@ -21,7 +34,8 @@ inference of frame k is reading, and postprocessing of frame k reads outputs tha
 frame k+1 does not overwrite. No stage allocates model-sized arrays per frame.
 
 Queues are bounded. A file source blocks when the pipeline is behind (no frame is lost); a live
-source drops the oldest captured frame instead (counted in ``dropped``). ``request_stop`` (wired to
+source drops the oldest captured frame instead (counted in ``dropped``; several sources: per
+source, in ``MultiSource``). ``request_stop`` (wired to
 SIGTERM/SIGINT by ``stop_on_signals``) stops capture; the frames already in flight are finished and
 published before ``run`` returns. A second signal aborts without draining.
 
@@ -36,8 +50,8 @@ Extension points (what later capabilities plug into; each is safe to use while `
   the result (the HTTP endpoint's metrics and preview). Keep it cheap too.
 - ``add_stats(provider)``: ``provider() -> dict`` is merged into every stats message (tracking's
   cumulative line counts and zone occupancy).
-- ``counters()``: a snapshot dict of live figures (frames, dropped, fps since start, per-stage
-  time, queue depths, backend swaps), safe to call from any thread (an HTTP ``/metrics``).
+- ``counters()``: a snapshot dict of live figures (frames, batches, dropped, fps since start,
+  per-stage time, queue depths, backend swaps), safe to call from any thread (an HTTP ``/metrics``).
   ``stats_message`` is the periodic message built from the same figures.
 - ``stage_times()``: per-stage calls, wall and CPU (``time.thread_time``) seconds, recorded by
   the stages themselves (as polygraphy's runners record ``inference_time``); the bench reads it.
@@ -51,22 +65,36 @@ Extension points (what later capabilities plug into; each is safe to use while `
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import signal
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple, Union
+from typing import (
+    AbstractSet,
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 
 from device.backends.base import Backend, InferTiming, TensorSpec
-from device.detections import FrameResult
+from device.detections import Detections, FrameResult
 from device.errors import JetyoloError
 from device.jetson_stats import jetson_readings
+from device.multisource import MultiSource, Taken
 from device.postprocess import PostprocessConfig, class_count_problem, postprocess
 from device.preprocess import FRAME_INPUT, FrameCopier, Letterbox, Preprocessor
 from device.sources import Frame, Source
@@ -77,6 +105,7 @@ POLL_S = 0.1  # how often blocked stages look at the stop/abort flags
 JOIN_TIMEOUT_S = 5.0
 DRAIN_TIMEOUT_S = 10.0  # frames in flight after a stop are a handful; more means a stuck read
 TIMED_STAGES = ("preprocess", "infer", "postprocess")
+SOURCE_WINDOW = 2000  # per-source latency samples kept (the stats window is far shorter)
 
 FrameHook = Callable[[FrameResult], FrameResult]
 FrameObserver = Callable[[np.ndarray, FrameResult], None]
@@ -95,7 +124,7 @@ class ProgressNotifier(Protocol):
 
     def ready(self, text: Optional[str] = None) -> bool: ...
 
-    def frame_done(self, count: int = 1) -> bool: ...
+    def frame_done(self, count: int = 1, source: Optional[str] = None) -> bool: ...
 
     def stopping(self, text: Optional[str] = None) -> bool: ...
 
@@ -106,10 +135,11 @@ class _Aborted(Exception):
 
 @dataclass
 class _Slot:
-    """One input buffer, the preprocessor that writes into it, and the backend it came from."""
+    """One input buffer (N rows), a preprocessor writing into each row, and the backend it
+    came from."""
 
     buffer: np.ndarray
-    preprocessor: Union[Preprocessor, FrameCopier]
+    preprocessors: List[Union[Preprocessor, FrameCopier]]
     generation: int
 
 
@@ -118,10 +148,26 @@ class _Work:
     frame: Frame
     captured_at: float  # perf_counter when the frame was in hand
     latency_ms: Dict[str, float]
-    slot: Optional[_Slot] = None
     geometry: Optional[Letterbox] = None
+
+
+@dataclass
+class _Batch:
+    """Frames preprocessed into the rows of one input buffer, inferred in one call."""
+
+    works: List[_Work]
+    slot: _Slot
     outputs: Optional[Dict[str, np.ndarray]] = None
     model: Optional[ModelInfo] = None  # the model whose backend inferred it
+
+
+@dataclass(frozen=True)
+class SourceFilter:
+    """A source's own settings over the model's: its confidence threshold and the class ids it
+    publishes (None: the model's threshold, every class)."""
+
+    conf: Optional[float] = None
+    class_ids: Optional[AbstractSet[int]] = None
 
 
 @dataclass(frozen=True)
@@ -136,9 +182,9 @@ class ModelInfo:
 
 @dataclass
 class _InFlight:
-    """A frame whose inference was submitted and is not yet passed on."""
+    """A batch whose inference was submitted and is not yet passed on."""
 
-    work: _Work
+    batch: _Batch
     outputs: Dict[str, np.ndarray]
     future: Future[InferTiming]
     submitted_at: float
@@ -192,6 +238,7 @@ class _Retiring:
 @dataclass
 class _Counters:
     frames: int = 0
+    batches: int = 0
     dropped: int = 0
     backend_swaps: int = 0
     first_capture: Optional[float] = None
@@ -199,7 +246,7 @@ class _Counters:
     errors: List[BaseException] = field(default_factory=list)
 
 
-_IDLE = _Work(Frame(-1, 0.0, np.zeros((1, 1, 3), np.uint8)), 0.0, {})  # "nothing arrived yet"
+_IDLE = _Batch([], _Slot(np.zeros(1), [], 0))  # "nothing arrived yet"
 
 
 def _ms(since: float) -> float:
@@ -216,10 +263,19 @@ def check_class_names(backend: Backend, model: ModelInfo) -> None:
                            "belong to this model; re-create the bundle with `jetyolo export`")
 
 
+def batch_above_engine(batch_size: int, engine_batch: int) -> str:
+    """The refusal of a ``batch_size`` the engine cannot run (setup says it before anything
+    opens, from the manifest; the pipeline again from the active backend)."""
+    return (f"batch_size {batch_size} is above the engine's batch {engine_batch}; lower "
+            f"batch_size to {engine_batch} or less, or export a bundle that takes "
+            f"{batch_size} frames per call with `jetyolo export --batch {batch_size}`")
+
+
 class Pipeline:
-    """One source, one backend, one set of sinks, all opened by the caller. ``run()`` returns
-    when the source ends, after ``max_frames``, or after ``request_stop``; errors in any stage
-    are re-raised there. See the module docstring for the extension points."""
+    """One source (or a ``MultiSource``), one backend, one set of sinks, all opened by the
+    caller. ``run()`` returns when the source ends, after ``max_frames``, or after
+    ``request_stop``; errors in any stage are re-raised there. See the module docstring for the
+    extension points."""
 
     def __init__(
         self,
@@ -237,9 +293,15 @@ class Pipeline:
         readings: Callable[[], Dict[str, Any]] = jetson_readings,
         source_name: Optional[str] = None,
         model: Optional[ModelInfo] = None,
+        batch_size: Optional[int] = None,
+        batch_timeout_ms: float = 0.0,
+        source_filters: Optional[Mapping[str, SourceFilter]] = None,
     ) -> None:
         if buffers < 2:
             raise ValueError("the pipeline needs at least 2 input buffers to overlap stages")
+        if (batch_size is not None and batch_size < 1) or not 0 <= batch_timeout_ms < math.inf:
+            raise ValueError(f"batch_size {batch_size} / batch_timeout_ms {batch_timeout_ms}: "
+                             "at least 1 / a finite number >= 0")
         self.backend = backend
         self.source = source
         self.source_name = source_name or source.name  # what topics and messages call it
@@ -254,8 +316,17 @@ class Pipeline:
         self.notifier = notifier
         self.precision = precision  # what the stats message reports
         self.readings = readings  # device health for the stats message ({}: none)
+        self.requested_batch = batch_size  # None: the engine's batch
+        self.batch_size = 1  # frames per call, known once the backend is active
+        self.batch_timeout_s = batch_timeout_ms / 1000.0
+        self.source_filters = dict(source_filters or {})  # source name -> its own settings
+        # several sources: the batching thread takes their frames (no pipeline capture thread)
+        self._pulled = source if isinstance(source, MultiSource) else None
         self.started = time.monotonic()
         self.stats = StageStats()
+        self.source_stats: Dict[str, StageStats] = {}  # capture -> publish ms, per source
+        self._source_frames: Dict[str, int] = {}  # published, per source
+        self._source_rate: Dict[str, Tuple[float, int]] = {}  # at the last stats: time, frames
         self.stopped_by = "end of source"
         self._hooks: List[FrameHook] = []
         self._observers: List[FrameObserver] = []
@@ -279,6 +350,7 @@ class Pipeline:
         self._pending_model: Optional[ModelInfo] = None
         self._swap_result = "no swap requested"
         self._counters = _Counters()
+        self._taken = 0  # frames the batching thread took from a MultiSource
         self._stop_requested_at: Optional[float] = None
         self._lock = threading.Lock()
         self._threads: List[threading.Thread] = []
@@ -323,6 +395,8 @@ class Pipeline:
             seconds = time.perf_counter() - counters.first_capture
         return {
             "frames": counters.frames,
+            "batches": counters.batches,
+            "batch_size": self.batch_size,
             "dropped_frames": counters.dropped,
             "decode_errors": self.source.decode_errors,
             "reconnects": self.source.reconnects,
@@ -432,23 +506,79 @@ class Pipeline:
                 self._put(self._captured, work)
         self._put(self._captured, None)
 
-    def _preprocess_loop(self) -> None:
+    # ---- batching ------------------------------------------------------------------------------
+    def _batch_loop(self) -> None:
+        """Batches of up to ``batch_size`` frames, each in the rows of one free input buffer;
+        see the module docstring."""
         while True:
-            # Live: hold a free buffer first, then take the newest frame, so the frame never
-            # waits for a buffer while newer ones arrive (a standing queue of stale frames).
-            held: Optional[_Slot] = self._get(self._free_inputs) if self.source.live else None
-            work = self._get(self._captured)
-            if work is None:
-                if held is not None:
-                    self._free_inputs.put(held)
+            # hold a free buffer first, then take frames, so a frame never waits for a buffer
+            # while newer ones arrive (a standing queue of stale frames)
+            slot: _Slot = self._get(self._free_inputs)
+            first = self._first_frame()
+            if first is None:
+                self._free_inputs.put(slot)
                 self._put(self._preprocessed, None)
                 return
-            slot: _Slot = held if held is not None else self._get(self._free_inputs)
-            with _Timed(self._times["preprocess"]) as timed:
-                work.geometry = slot.preprocessor(work.frame.image, work.frame.reduction)
-            work.latency_ms["preprocess"] = timed.ms
-            work.slot = slot
-            self._put(self._preprocessed, work)
+            works = [first]
+            self._preprocess(first, slot, 0)
+            deadline = time.perf_counter() + self.batch_timeout_s
+            while len(works) < self.batch_size:
+                work = self._more_frame(deadline)
+                if work is None:
+                    break
+                self._preprocess(work, slot, len(works))
+                works.append(work)
+            self._put(self._preprocessed, _Batch(works, slot))
+
+    def _preprocess(self, work: _Work, slot: _Slot, row: int) -> None:
+        with _Timed(self._times["preprocess"]) as timed:
+            work.geometry = slot.preprocessors[row](work.frame.image, work.frame.reduction)
+        work.latency_ms["preprocess"] = timed.ms
+
+    def _first_frame(self) -> Optional[_Work]:
+        """The next frame, waiting as long as it takes; None at the end."""
+        if self._pulled is None:
+            work: Optional[_Work] = self._get(self._captured)
+            return work
+        while True:
+            if self._abort.is_set():
+                raise _Aborted
+            if self._pulled_enough():
+                return None
+            taken = self._pulled.take(self._stop, POLL_S)
+            if taken is not None:
+                return self._pulled_work(taken)
+            if self._pulled.exhausted(self._stop):
+                return None
+
+    def _more_frame(self, deadline: float) -> Optional[_Work]:
+        """A frame that is ready by ``deadline`` (perf_counter), else None."""
+        wait = max(0.0, deadline - time.perf_counter())
+        if self._pulled is None:
+            try:
+                work: Optional[_Work] = (self._captured.get(timeout=wait) if wait > 0
+                                         else self._captured.get_nowait())
+            except queue.Empty:
+                return None
+            if work is None:  # the end: left for _first_frame (the capture thread is done)
+                self._captured.put_nowait(None)
+            return work
+        if self._pulled_enough():
+            return None
+        taken = self._pulled.take(self._stop, wait)
+        return self._pulled_work(taken) if taken is not None else None
+
+    def _pulled_enough(self) -> bool:
+        if self.max_frames is None or self._taken < self.max_frames:
+            return False
+        self.stopped_by = "max frames"
+        return True
+
+    def _pulled_work(self, taken: Taken) -> _Work:
+        self._taken += 1
+        if self._counters.first_capture is None:
+            self._counters.first_capture = taken.captured_at - taken.read_ms / 1000.0
+        return _Work(taken.frame, taken.captured_at, {"capture": taken.read_ms})
 
     def _infer_loop(self) -> None:
         self.backend.activate()
@@ -466,9 +596,9 @@ class Pipeline:
             self.backend.deactivate()
 
     def _infer_frames(self) -> None:
-        """Up to ``backend.concurrency`` frames in flight, finished (and passed on) in frame
-        order; a swap is applied only with nothing in flight. Live sources: the newest
-        preprocessed frame wins, older ones waiting behind it are dropped."""
+        """Up to ``backend.concurrency`` batches in flight, finished (and passed on) in the
+        order submitted; a swap is applied only with nothing in flight. One live source: the
+        newest preprocessed batch wins, older ones waiting behind it are dropped."""
         in_flight: Deque[_InFlight] = deque()
         while True:
             if not in_flight:
@@ -477,40 +607,41 @@ class Pipeline:
             if in_flight and (not room or self._preprocessed.empty()):
                 self._finish(in_flight.popleft())
                 continue
-            work = self._get(self._preprocessed)
-            if work is not None and self.source.live:
-                work = self._newest(work)
-            if work is None:
+            batch = self._get(self._preprocessed)
+            if batch is not None and self.source.live:
+                batch = self._newest(batch)
+            if batch is None:
                 while in_flight:
                     self._finish(in_flight.popleft())
                 self._put(self._inferred, None)
                 return
-            in_flight.append(self._submit(work))
+            in_flight.append(self._submit(batch))
 
-    def _newest(self, work: _Work) -> Optional[_Work]:
-        """The newest preprocessed frame; the ones before it are dropped (buffers returned)."""
+    def _newest(self, batch: _Batch) -> Optional[_Batch]:
+        """The newest preprocessed batch; the ones before it are dropped (buffers returned)."""
         while True:
             try:
-                newer: Optional[_Work] = self._preprocessed.get_nowait()
+                newer: Optional[_Batch] = self._preprocessed.get_nowait()
             except queue.Empty:
-                return work
-            if newer is None:  # the end: keep it for after this frame
+                return batch
+            if newer is None:  # the end: keep it for after this batch
                 self._preprocessed.put_nowait(None)
-                return work
-            if work.slot is not None:
-                self._return_slot(work.slot)
-            self._counters.dropped += 1
-            work = newer
+                return batch
+            self._return_slot(batch.slot)
+            self._counters.dropped += len(batch.works)
+            batch = newer
 
-    def _submit(self, work: _Work) -> _InFlight:
+    def _submit(self, batch: _Batch) -> _InFlight:
         outputs = self._current_outputs()
-        slot = work.slot
-        if slot is None or self._input_spec is None:
-            raise RuntimeError("frame reached inference without an input buffer")
-        work.model = self.model  # the model of the backend this frame is submitted to
+        if self._input_spec is None:
+            raise RuntimeError("a batch reached inference before the input was known")
+        batch.model = self.model  # the model of the backend this batch is submitted to
+        buffer = batch.slot.buffer
+        if self.backend.dynamic_batch:  # k frames run as k rows; else all N (extra ignored)
+            buffer = buffer[: len(batch.works)]
         submitted_at = time.perf_counter()  # before: a synchronous backend runs in submit()
-        future = self.backend.submit({self._input_spec.name: slot.buffer}, outputs)
-        return _InFlight(work, outputs, future, submitted_at)
+        future = self.backend.submit({self._input_spec.name: buffer}, outputs)
+        return _InFlight(batch, outputs, future, submitted_at)
 
     def _finish(self, flight: _InFlight) -> None:
         timing = flight.future.result()  # re-raises what the call raised
@@ -518,23 +649,27 @@ class Pipeline:
         stage.calls += 1
         stage.wall_s += timing.wall_s
         stage.cpu_s += timing.cpu_s
-        work = flight.work
-        work.latency_ms["infer"] = _ms(flight.submitted_at)
-        if work.slot is not None:
-            self._return_slot(work.slot)
-        work.outputs = flight.outputs
-        self._put(self._inferred, work)
+        batch = flight.batch
+        infer_ms = _ms(flight.submitted_at)
+        for work in batch.works:
+            work.latency_ms["infer"] = infer_ms
+        self._return_slot(batch.slot)
+        batch.outputs = flight.outputs
+        self._put(self._inferred, batch)
 
     def _check_input(self, backend: Backend) -> None:
         spec = backend.input_spec
-        if spec.name == FRAME_INPUT:  # the camera frame itself: FrameCopier checks each frame
-            return
-        expected = Preprocessor.input_shape(self.input_size, spec.dtype.name)
-        if tuple(spec.shape) != expected:
-            raise JetyoloError(
-                f"model input {spec.describe()} does not fit the bundle's preprocess size "
-                f"{list(self.input_size)} (expected {list(expected)}); re-export the bundle"
-            )
+        engine_batch = int(spec.shape[0]) if spec.shape else 0
+        if spec.name != FRAME_INPUT:  # the camera frame itself: FrameCopier checks each frame
+            expected = Preprocessor.input_shape(self.input_size, spec.dtype.name)
+            if tuple(spec.shape[1:]) != expected[1:] or engine_batch < 1:
+                raise JetyoloError(
+                    f"model input {spec.describe()} does not fit the bundle's preprocess size "
+                    f"{list(self.input_size)} (expected {list(expected)}); re-export the bundle"
+                )
+        if self.requested_batch is not None and self.requested_batch > engine_batch:
+            raise JetyoloError(batch_above_engine(self.requested_batch, engine_batch))
+        self.batch_size = self.requested_batch or engine_batch
 
     def _add_generation(self, backend: Backend) -> None:
         """Input slots and output sets from ``backend`` (active), into the free lists."""
@@ -542,11 +677,13 @@ class Pipeline:
         spec = backend.input_spec
         self._input_spec = spec
         for buffer in backend.allocate_inputs(self.buffers):
-            preprocessor: Union[Preprocessor, FrameCopier] = (
-                FrameCopier(self.input_size, buffer) if spec.name == FRAME_INPUT
-                else Preprocessor(self.input_size, spec.dtype.name, buffer=buffer)
-            )
-            self._free_inputs.put(_Slot(buffer, preprocessor, self._generation))
+            rows = [buffer[row:row + 1] for row in range(len(buffer))]
+            preprocessors: List[Union[Preprocessor, FrameCopier]] = [
+                FrameCopier(self.input_size, row) if spec.name == FRAME_INPUT
+                else Preprocessor(self.input_size, spec.dtype.name, buffer=row)
+                for row in rows
+            ]
+            self._free_inputs.put(_Slot(buffer, preprocessors, self._generation))
         for _ in range(self.buffers):
             outputs = backend.allocate_outputs()
             self._output_generation[id(outputs)] = self._generation
@@ -609,22 +746,28 @@ class Pipeline:
     def _describe_input(self) -> str:
         return self._input_spec.describe() if self._input_spec is not None else "(none)"
 
-    def _publish(self, work: _Work) -> None:
-        outputs = work.outputs if work.outputs is not None else {}
-        if self.max_frames is not None and self._counters.frames >= self.max_frames:
-            self._free_outputs.put(outputs)  # a live frame still in flight past max_frames
-            self._counters.dropped += 1
-            return
+    def _publish(self, batch: _Batch) -> None:
+        outputs = batch.outputs if batch.outputs is not None else {}
+        self._counters.batches += 1
+        model = batch.model or self.model
+        for row, work in enumerate(batch.works):
+            if self.max_frames is not None and self._counters.frames >= self.max_frames:
+                self._counters.dropped += 1  # a live frame still in flight past max_frames
+                continue
+            self._publish_one(work, {name: array[row:row + 1] for name, array in outputs.items()},
+                              model)
+        self._free_outputs.put(outputs)
+
+    def _publish_one(self, work: _Work, outputs: Dict[str, np.ndarray], model: ModelInfo) -> None:
         geometry = work.geometry
         if geometry is None:
             raise RuntimeError("frame reached postprocess without letterbox geometry")
+        name = work.frame.source or self.source_name
         with _Timed(self._times["postprocess"]) as timed:
-            model = work.model or self.model
-            detections = postprocess(outputs, geometry, model.postprocess)
-            self._free_outputs.put(outputs)
+            detections = self._detections(outputs, geometry, model, name)
             image = work.frame.image
             result = FrameResult(
-                source=work.frame.source or self.source_name,
+                source=name,
                 frame_index=work.frame.index,
                 timestamp=work.frame.timestamp,
                 frame_size=geometry.frame_size,  # the source's (a reduced decode's too)
@@ -639,10 +782,34 @@ class Pipeline:
         work.latency_ms["total"] = _ms(work.captured_at)
         self.sinks.publish_frame(result)
         self.stats.record(work.latency_ms)
+        self._record_source(name, work.latency_ms)
         self._counters.frames += 1
         self._counters.last_publish = time.perf_counter()
+        if self.notifier is not None:
+            self._notify_progress(name)
         for observer in self._observers:
             observer(image, result)
+
+    def _detections(
+        self, outputs: Dict[str, np.ndarray], geometry: Letterbox, model: ModelInfo, source: str
+    ) -> Detections:
+        """The frame's detections under its source's threshold and class filter."""
+        own = self.source_filters.get(source)
+        if own is None:
+            return postprocess(outputs, geometry, model.postprocess)
+        config = model.postprocess if own.conf is None else replace(model.postprocess,
+                                                                    conf=own.conf)
+        detections = postprocess(outputs, geometry, config)
+        if own.class_ids is not None and len(detections):
+            detections = detections[np.isin(detections.class_id, sorted(own.class_ids))]
+        return detections
+
+    def _record_source(self, name: str, latency_ms: Dict[str, float]) -> None:
+        stats = self.source_stats.get(name)
+        if stats is None:
+            stats = self.source_stats[name] = StageStats(("total",), window=SOURCE_WINDOW)
+        stats.record(latency_ms)
+        self._source_frames[name] = self._source_frames.get(name, 0) + 1
 
     # ---- main ----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -651,8 +818,9 @@ class Pipeline:
         try:
             infer = self._stage("infer", self._infer_loop)
             if self._wait_ready(infer):
-                self._stage("capture", self._capture_loop)
-                self._stage("preprocess", self._preprocess_loop)
+                if self._pulled is None:  # a MultiSource runs its own capture threads
+                    self._stage("capture", self._capture_loop)
+                self._stage("batch", self._batch_loop)
                 self._publish_loop()
         except _Aborted:
             pass
@@ -676,8 +844,8 @@ class Pipeline:
         while not self._ready.wait(POLL_S):
             if self._abort.is_set() or not infer_thread.is_alive():
                 return False
-        LOG.info("pipeline: %s ready after %.1f s; reading %s", self.backend.name,
-                 time.monotonic() - started, self.source.name)
+        LOG.info("pipeline: %s ready after %.1f s (batch %d); reading %s", self.backend.name,
+                 time.monotonic() - started, self.batch_size, self.source.name)
         return True
 
     def _publish_loop(self) -> None:
@@ -685,16 +853,15 @@ class Pipeline:
         next_stats = time.monotonic() + self.stats_interval_s
         while True:
             try:
-                work: Optional[_Work] = self._inferred.get(timeout=POLL_S)
+                batch: Optional[_Batch] = self._inferred.get(timeout=POLL_S)
             except queue.Empty:
-                work = _IDLE
+                batch = _IDLE
             if self._abort.is_set():
                 raise _Aborted
-            if work is None:
+            if batch is None:
                 break
-            if work is not _IDLE:
-                self._publish(work)
-                self._notify_progress()
+            if batch is not _IDLE:
+                self._publish(batch)
             elif self._drain_overdue():
                 raise _Aborted
             if time.monotonic() >= next_stats:
@@ -715,12 +882,14 @@ class Pipeline:
         self._abort.set()
         return True
 
-    def _notify_progress(self) -> None:
+    def _notify_progress(self, source: str) -> None:
+        """READY=1 after the first frame; then each frame of any source counts for the watchdog
+        (it fires only when no source makes progress) and STATUS='s per-source FPS."""
         if self.notifier is None:
             return
         if self._counters.frames == 1:
             self.notifier.ready(f"running: {self.backend.kind} on {self.source_name}")
-        self.notifier.frame_done()
+        self.notifier.frame_done(1, source)
 
     def _raise_errors(self) -> None:
         if self._counters.errors:
@@ -744,9 +913,8 @@ class Pipeline:
                        "preprocessed": self._preprocessed.qsize(),
                        "inferred": self._inferred.qsize()},
         }
-        per_source = getattr(self.source, "per_source", None)  # several cameras (MultiSource)
-        if per_source is not None:
-            message["sources"] = per_source()
+        if self._pulled is not None:  # several cameras
+            message["sources"] = self._per_source(self._pulled.per_source())
         if self.precision is not None:
             message["precision"] = self.precision
         readings = self.readings()
@@ -755,6 +923,21 @@ class Pipeline:
         for provider in self._stats_providers:
             message.update(provider())
         return message
+
+    def _per_source(self, sections: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+        """Each source's section with its published fps since the last stats message and its
+        capture -> publish latency percentiles over those frames."""
+        now = time.monotonic()
+        for name, section in sections.items():
+            published = self._source_frames.get(name, 0)
+            since, before = self._source_rate.get(name, (self.started, 0))
+            self._source_rate[name] = (now, published)
+            section["fps"] = round((published - before) / (now - since), 2) if now > since else 0.0
+            stats = self.source_stats.get(name)
+            total = stats.percentiles(last=max(1, published - before)).get("total") \
+                if stats is not None else None
+            section["latency_ms"] = {key: total[key] for key in ("p50", "p99")} if total else {}
+        return sections
 
     def summary(self) -> RunSummary:
         counters = self._counters
@@ -772,7 +955,18 @@ class Pipeline:
             backend=self.backend.kind,
             source=self.source_name,
             stopped_by=self.stopped_by,
+            batch_size=self.batch_size,
+            sources=self._source_summary() if self._pulled is not None else {},
         )
+
+    def _source_summary(self) -> Dict[str, Dict[str, Any]]:
+        summary: Dict[str, Dict[str, Any]] = {}
+        for name, stats in self.source_stats.items():
+            total = stats.percentiles().get("total", {})
+            summary[name] = {"frames": self._source_frames.get(name, 0),
+                             "latency_ms": {key: total[key] for key in ("p50", "p99")
+                                            if key in total}}
+        return summary
 
 
 class stop_on_signals:

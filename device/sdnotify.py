@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import time
-from typing import Callable, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 LOG = logging.getLogger(__name__)
 STATUS_EVERY_S = 5.0  # STATUS= refresh when no watchdog is configured
@@ -55,7 +55,9 @@ class Watchdog:
 
     ``frame_done()`` counts frames; when ``interval`` seconds have passed since the last ping,
     it sends ``WATCHDOG=1`` and ``STATUS=<fps>`` in one datagram. With no watchdog configured it
-    still refreshes ``STATUS=`` every ``STATUS_EVERY_S``. No frames, no ping.
+    still refreshes ``STATUS=`` every ``STATUS_EVERY_S``. No frames, no ping: with several
+    sources a frame of any one counts, so the watchdog fires only when none makes progress, and
+    ``STATUS=`` adds each source's FPS (``; door 14.9 fps, yard 0.0 fps``).
     """
 
     def __init__(
@@ -73,22 +75,40 @@ class Watchdog:
         self.pings = 0
         self._last_time = clock()
         self._last_frames = 0
+        self._source_frames: Dict[str, int] = {}  # per source name, since the start
+        self._source_last: Dict[str, int] = {}  # at the last datagram
         self.note = ""  # appended to STATUS= (the model and its last update, device.reload)
 
-    def frame_done(self, count: int = 1) -> bool:
-        """Record ``count`` processed frames; returns True when a datagram was sent."""
+    def frame_done(self, count: int = 1, source: Optional[str] = None) -> bool:
+        """Record ``count`` processed frames (of ``source``); returns True when a datagram was
+        sent."""
         self.frames += count
+        if source is not None:
+            self._source_frames[source] = self._source_frames.get(source, 0) + count
         now = self.clock()
         elapsed = now - self._last_time
         if elapsed < self.interval:
             return False
         fps = (self.frames - self._last_frames) / elapsed if elapsed > 0 else 0.0
+        per_source = self._per_source_fps(elapsed)
         self._last_time, self._last_frames = now, self.frames
-        state = f"STATUS=running: {fps:.1f} fps, {self.frames} frames{self.note}"
+        state = f"STATUS=running: {fps:.1f} fps, {self.frames} frames{per_source}{self.note}"
         if self.enabled:
             state = "WATCHDOG=1\n" + state
             self.pings += 1
         return self.send(state)
+
+
+    def _per_source_fps(self, elapsed: float) -> str:
+        """``; door 14.9 fps, yard 0.0 fps`` with two or more sources, else empty."""
+        if len(self._source_frames) < 2:
+            return ""
+        parts = []
+        for name, frames in self._source_frames.items():
+            fps = (frames - self._source_last.get(name, 0)) / elapsed if elapsed > 0 else 0.0
+            parts.append(f"{name} {fps:.1f} fps")
+        self._source_last = dict(self._source_frames)
+        return "; " + ", ".join(parts)
 
 
 class Notifier:
@@ -152,8 +172,8 @@ class Notifier:
         """``WatchdogSec=`` in seconds, or None when no watchdog is armed for this process."""
         return self.watchdog_s
 
-    def frame_done(self, count: int = 1) -> bool:
-        return self.progress.frame_done(count)
+    def frame_done(self, count: int = 1, source: Optional[str] = None) -> bool:
+        return self.progress.frame_done(count, source)
 
     def close(self) -> None:
         if self._socket is not None:

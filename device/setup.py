@@ -5,6 +5,8 @@
 
     check the sink URLs and TLS files      (a --sink typo fails before any wait or build)
     check the sources' names               (two on one topic, a name that is no topic level)
+    check each source's classes, report    (a class the bundle lacks)
+    check batch_size                       (above the bundle's batch)
     with ExitStack() as stack:
         source  = open the source          (a bad --source fails before a minutes-long build;
                                              a live one is waited for, source_timeout_s)
@@ -30,8 +32,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from device.backends import Backend, FrameSizeProbe, open_chosen
 from device.bundle import Bundle
@@ -41,7 +43,15 @@ from device.detections import FrameResult
 from device.errors import JetyoloError
 from device.message import detections_topic
 from device.multisource import MultiSource
-from device.pipeline import FrameSink, ModelInfo, Pipeline, ProgressNotifier, stop_on_signals
+from device.pipeline import (
+    FrameSink,
+    ModelInfo,
+    Pipeline,
+    ProgressNotifier,
+    SourceFilter,
+    batch_above_engine,
+    stop_on_signals,
+)
 from device.postprocess import PostprocessConfig
 from device.sdnotify import Notifier
 from device.sinks import SinkOptions, check_sinks, open_checked_sinks
@@ -67,6 +77,7 @@ class RunParts:
     sinks: FrameSink
     closer: _SourceCloser
     source_name: str = ""  # topics and messages (several sources: their names, comma-joined)
+    filters: Dict[str, SourceFilter] = field(default_factory=dict)  # per source name
 
 
 # ---- config -> settings ------------------------------------------------------------------------
@@ -101,8 +112,7 @@ def capture_options(
     (h, w): what the frames are letterboxed into (``decode_scale: auto`` needs it)."""
 
     def pick(name: str) -> Any:
-        value = getattr(entry, name) if entry is not None else None
-        return value if value is not None else getattr(config, name)
+        return entry.get(name, config) if entry is not None else getattr(config, name)
 
     return CaptureOptions(
         width=pick("capture_width"), height=pick("capture_height"), fps=pick("capture_fps"),
@@ -137,6 +147,46 @@ def source_names(entries: Sequence[SourceEntry], topic: Callable[[str], str]) ->
                                f"topic {topic(name)}; give each a distinct `name:`")
         names.append(name)
     return names
+
+
+def class_ids(classes: Sequence[str], class_names: Sequence[str], where: str) -> FrozenSet[int]:
+    """``classes`` (names or ids) as the bundle's class ids; refuses one the bundle lacks."""
+    ids = set()
+    for item in classes:
+        if item.isdigit() and int(item) < len(class_names):
+            ids.add(int(item))
+        elif item in class_names:
+            ids.add(list(class_names).index(item))
+        else:
+            shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
+            raise JetyoloError(f"{where}: class {item!r} is not in the bundle ({shown}); use a "
+                               f"class name or an id 0..{len(class_names) - 1}")
+    return frozenset(ids)
+
+
+def source_filters(
+    config: RunConfig, entries: Sequence[SourceEntry], names: Sequence[str],
+    class_names: Sequence[str],
+) -> Dict[str, SourceFilter]:
+    """Each source's own threshold and class filter (``sources:`` conf and classes, else the
+    top-level classes); sources with neither are left out."""
+    filters: Dict[str, SourceFilter] = {}
+    for index, (entry, name) in enumerate(zip(entries, names)):
+        own = "classes" in entry.overrides
+        classes = entry.get("classes", config)
+        ids = class_ids(classes, class_names, f"sources[{index}]: classes" if own
+                        else "classes") if classes else None
+        conf = entry.overrides.get("conf")
+        if conf is not None or ids is not None:
+            filters[name] = SourceFilter(conf, ids)
+    return filters
+
+
+def check_batch_size(config: RunConfig, bundle: Bundle) -> None:
+    """``batch_size`` within the bundle's batch (the manifest's input dim 0)."""
+    engine_batch = bundle.max_batch()
+    if config.batch_size is not None and config.batch_size > engine_batch:
+        raise JetyoloError(f"{bundle.root}: {batch_above_engine(config.batch_size, engine_batch)}")
 
 
 def open_sources(
@@ -234,10 +284,15 @@ def open_parts(
     closed by ``stack``. The sink URLs and TLS files are checked before anything opens."""
     bundle = Bundle.load(config.bundle)
     options = sink_options(config, bundle)
-    checked = check_sinks(config.sinks, options) if sinks is None else []
     entries = source_entries(config)
     names = source_names(entries, lambda name: detections_topic(options.prefix,
                                                                 options.device_id, name))
+    options.source_reports = {name: entry.overrides["report"] for entry, name in
+                              zip(entries, names) if "report" in entry.overrides}
+    options.check()
+    checked = check_sinks(config.sinks, options) if sinks is None else []
+    filters = source_filters(config, entries, names, bundle.class_names)
+    check_batch_size(config, bundle)
     for name in names:  # every source's tracking checked before anything opens
         tracking = source_tracking_config(config.tracker, config.tracking, name,
                                           bundle.class_names, "config", names)
@@ -249,7 +304,7 @@ def open_parts(
     stack.callback(backend.deactivate)  # a no-op when the inference thread already did
     if sinks is None:
         sinks = stack.enter_context(open_checked_sinks(checked, options))
-    return RunParts(bundle, source, backend, sinks, closer, ",".join(names))
+    return RunParts(bundle, source, backend, sinks, closer, ",".join(names), filters)
 
 
 def build_pipeline(
@@ -266,6 +321,9 @@ def build_pipeline(
         precision=parts.backend.precision,
         source_name=parts.source_name or None,
         model=model_info(config, parts.bundle),
+        batch_size=config.batch_size,
+        batch_timeout_ms=config.batch_timeout_ms,
+        source_filters=parts.filters,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -89,6 +89,9 @@ class RunSummary:
     backend: str = ""
     source: str = ""
     stopped_by: str = "end of source"  # or "max frames", "signal SIGTERM", ...
+    batch_size: int = 1  # frames per inference call at most
+    # several sources: per source name, frames and capture -> publish ms {"p50", "p99"}
+    sources: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> Dict[str, object]:
         return {
@@ -96,6 +99,7 @@ class RunSummary:
             "latency_ms": self.latency_ms, "dropped": self.dropped,
             "decode_errors": self.decode_errors, "reconnects": self.reconnects,
             "backend": self.backend, "source": self.source, "stopped_by": self.stopped_by,
+            "batch_size": self.batch_size, **({"sources": self.sources} if self.sources else {}),
         }
 
     def format_lines(self) -> List[str]:
@@ -108,4 +112,10 @@ class RunSummary:
             f"  dropped {self.dropped}, decode errors {self.decode_errors}, "
             f"reconnects {self.reconnects}; backend {self.backend}; stopped by {self.stopped_by}"
         )
+        if self.batch_size > 1:
+            lines.append(f"  batch size {self.batch_size}")
+        for source, counts in self.sources.items():
+            latency: Dict[str, float] = counts.get("latency_ms") or {}
+            shown = "  ".join(f"{name} {value:.1f}" for name, value in latency.items())
+            lines.append(f"  source {source}: {counts.get('frames', 0)} frames, total ms {shown}")
         return lines

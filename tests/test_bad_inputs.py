@@ -239,6 +239,15 @@ ROWS = [
     # config: a key twice, NaN from YAML
     Row("config-key-twice", _config("conf: 0.3\nconf: 0.9\n"), "key 'conf' is given twice"),
     Row("config-nan", _config("iou: .nan\n"), "iou: nan is not a finite number"),
+    # batching: a batch the bundle's engine cannot take, a timeout that is no wait
+    Row("batch-above-engine", _config("batch_size: 4\n"),
+        "batch_size 4 is above the engine's batch 1; lower batch_size to 1 or less, or export"),
+    Row("batch-timeout-nan", _config("batch_timeout_ms: .nan\n"),
+        "batch_timeout_ms: nan is not a finite number"),
+    Row("batch-timeout-negative", _config("batch_timeout_ms: -1\n"),
+        "batch_timeout_ms: -1.0 is below the minimum 0"),
+    # a class filter naming a class the bundle does not have
+    Row("classes-unknown", _config("classes: [zebra]\n"), "class 'zebra' is not in the bundle"),
     # a folder where the data.yaml belongs
     Row("data-check-folder", _args("data", "check", "{root}"), "is a folder, not a data.yaml"),
     # a word for a number: one line, not 22 lines of usage

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from device.errors import JetyoloError
 
@@ -60,6 +60,7 @@ class SinkOptions:
     spool_max_messages: int = 100_000
     report: str = "every"  # "every" | "non-empty" | "max-rate" | "events"
     max_rate_hz: float = 0.0  # frames per second per source, for report="max-rate"
+    source_reports: Mapping[str, str] = field(default_factory=dict)  # a source's own report
     mqtt_ca: Optional[Path] = None
     mqtt_cert: Optional[Path] = None
     mqtt_key: Optional[Path] = None
@@ -80,6 +81,10 @@ class SinkOptions:
         self.mqtt_cert = _optional_path(self.mqtt_cert)
         self.mqtt_key = _optional_path(self.mqtt_key)
         self.class_names = list(self.class_names)
+        self.check()
+
+    def check(self) -> None:
+        """Refuse inconsistent options (again after a caller changed them)."""
         for problem in self._problems():
             raise JetyoloError(problem)
 
@@ -94,10 +99,14 @@ class SinkOptions:
             problems.append(
                 f"topic prefix {self.prefix!r} must not be empty or hold '+', '#', spaces"
             )
-        if self.report not in REPORT_MODES:
-            problems.append(f"report mode {self.report!r} is not one of {', '.join(REPORT_MODES)}")
-        if self.report == "max-rate" and not self.max_rate_hz > 0:
-            problems.append("report mode 'max-rate' needs a max rate above 0 frames/s")
+        for source, mode in {"": self.report, **self.source_reports}.items():
+            where = f"source {source!r}: " if source else ""
+            if mode not in REPORT_MODES:
+                problems.append(f"{where}report mode {mode!r} is not one of "
+                                f"{', '.join(REPORT_MODES)}")
+            elif mode == "max-rate" and not self.max_rate_hz > 0:
+                problems.append(f"{where}report mode 'max-rate' needs a max rate above 0 "
+                                "frames/s (report_max_rate_hz)")
         if self.qos not in (0, 1, 2):
             problems.append(f"MQTT QoS must be 0, 1 or 2, got {self.qos}")
         if self.spool_max_messages < 1 or self.queue_size < 1:

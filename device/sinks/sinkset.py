@@ -48,20 +48,24 @@ class ReportPolicy:
     objects leave. "max-rate" spaces messages by capture time, per source.
     """
 
-    def __init__(self, mode: str, max_rate_hz: float = 0.0) -> None:
+    def __init__(
+        self, mode: str, max_rate_hz: float = 0.0, per_source: Optional[Mapping[str, str]] = None
+    ) -> None:
         self.mode = mode
+        self.per_source = dict(per_source or {})  # a source's own mode (``sources:`` report)
         self._min_gap_s = 1.0 / max_rate_hz if max_rate_hz > 0 else 0.0
         self._last_sent: Dict[str, float] = {}
         self._last_nonempty: Dict[str, bool] = {}
         self._lock = threading.Lock()
 
     def should_report(self, result: FrameResult) -> bool:
-        if self.mode == "every":
+        mode = self.per_source.get(result.source, self.mode)
+        if mode == "every":
             return True
-        if self.mode == "events":
+        if mode == "events":
             return False
         with self._lock:
-            if self.mode == "non-empty":
+            if mode == "non-empty":
                 has_detections = len(result.detections) > 0
                 had_detections = self._last_nonempty.get(result.source, False)
                 self._last_nonempty[result.source] = has_detections
@@ -84,7 +88,7 @@ class SinkSet:
         self.options = options
         self._seq = seq
         self._lock = lock
-        self._policy = ReportPolicy(options.report, options.max_rate_hz)
+        self._policy = ReportPolicy(options.report, options.max_rate_hz, options.source_reports)
         self._intake: queue.Queue[_Item] = queue.Queue(maxsize=options.queue_size)
         self._stopping = threading.Event()
         self._first_result = threading.Event()  # set by the publishing thread, once

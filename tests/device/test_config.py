@@ -223,7 +223,8 @@ def test_sources_list_entries_and_the_single_source_form(tmp_path: Path) -> None
     config = run_config_from([], tmp_path, text)
     assert [e.source for e in config.sources or []] == ["cam.mp4", "rtsp://host/x"]
     door = (config.sources or [])[1]
-    assert (door.name, door.capture_fps) == ("door", 15) and config.source == ""
+    assert (door.name, door.get("capture_fps", config)) == ("door", 15) and config.source == ""
+    assert door.get("capture_width", config) is None  # unset: the top-level value
     # --source replaces the file's sources; repeated, it makes a list
     assert run_config_from(["--source", "a.mp4"], tmp_path, text).sources is None
     repeated = run_config_from(["b", "--source", "a.mp4", "--source", "c.mp4"], tmp_path)
@@ -239,8 +240,35 @@ def test_sources_list_entries_and_the_single_source_form(tmp_path: Path) -> None
         ({"sources": [{"source": "a", "capture_fps": 0}]}, "below the minimum 1"),
         ({"sources": ["a"], "source": "b"}, "give source or sources, not both"),
         ({"sources": [7]}, "must be a string or a mapping"),
+        ({"sources": [{"source": "a", "conff": 0.5}]}, "did you mean 'conf'"),
+        ({"sources": [{"source": "a", "conf": 2}]},
+         r"sources\[0\]: conf: 2.0 is above the maximum 1"),
+        ({"sources": [{"source": "a", "report": "often"}]}, "'often' is not allowed; use one of"),
+        ({"sources": [{"source": "a", "classes": []}]}, "classes: must be a non-empty list"),
+        ({"source": "a", "batch_size": 0}, "batch_size: 0 is below the minimum 1"),
+        ({"source": "a", "batch_timeout_ms": float("nan")}, "batch_timeout_ms: nan is not a"),
+        ({"source": "a", "batch_timeout_ms": float("inf")}, "batch_timeout_ms: inf is not a"),
+        ({"source": "a", "batch_timeout_ms": -1}, "batch_timeout_ms: -1.0 is below the min"),
     ],
 )
 def test_bad_sources_are_one_line(values: Dict[str, Any], message: str) -> None:
     with pytest.raises(JetyoloError, match=message):
         config_from_mapping({"bundle": "b", **values})
+
+
+def test_a_source_entry_overrides_conf_classes_and_report_with_the_top_level_rules(
+    tmp_path: Path,
+) -> None:
+    from device.config import FIELD_RULES, SOURCE_RULES
+
+    text = ("bundle: b\nconf: 0.4\nclasses: [person]\nsources:\n  - cam.mp4\n"
+            "  - source: door.mp4\n    conf: 0.6\n    classes: [0, car]\n    report: non-empty\n")
+    config = run_config_from([], tmp_path, text)
+    plain, door = config.sources or []
+    assert (plain.get("conf", config), plain.get("classes", config)) == (0.4, ["person"])
+    assert (door.get("conf", config), door.get("classes", config),
+            door.get("report", config)) == (0.6, ["0", "car"], "non-empty")
+    assert plain.get("report", config) == "every"
+    for key in ("conf", "classes", "report", "capture_fps"):  # one declaration, one rule
+        assert SOURCE_RULES[key] is FIELD_RULES[key]
+    assert SOURCE_RULES["name"] is FIELD_RULES["source_name"]

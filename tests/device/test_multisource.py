@@ -102,5 +102,8 @@ def test_the_stats_message_with_sources_matches_the_schema() -> None:
     stats = {**pipeline.stats_message(1.0), "sinks": sinks}
     message = json.loads(json.dumps(build_stats_message(stats, 1, options, 0.0)))
     assert set(message["sources"]) == {"a", "b"} and list(validator.iter_errors(message)) == []
-    message["sources"]["a"]["up"] = "yes"
-    assert list(validator.iter_errors(message))  # the check can fail
+    assert set(message["sources"]["a"]["latency_ms"]) == {"p50", "p99"}
+    for broken in ({"up": "yes"}, {"fps": -1}, {"latency_ms": {"p50": 1.0, "p95": 2.0}}):
+        copy = json.loads(json.dumps(message))
+        copy["sources"]["a"].update(broken)
+        assert list(validator.iter_errors(copy))  # the check can fail

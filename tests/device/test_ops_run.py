@@ -253,3 +253,21 @@ def test_the_example_config_http_lines_are_valid_settings() -> None:
     checked = checked_values(values, "config.example.yaml")
     assert checked["http"] == "127.0.0.1:8080" and checked["http_allow_remote"] is False
     assert "http" not in yaml.safe_load(text)  # off by default
+
+
+def test_the_example_config_several_cameras_block_is_valid_settings() -> None:
+    """The commented-out sources/batch block of systemd/config.example.yaml, uncommented, is a
+    valid config (three cameras, per-camera overrides, a batch)."""
+    import yaml
+
+    from device.config import config_from_mapping
+
+    text = (Path(__file__).resolve().parents[2] / "systemd/config.example.yaml").read_text()
+    lines = text.splitlines()
+    start = lines.index("# sources:")
+    block = [line[2:] for line in lines[start:] if line.startswith("# ")]
+    block = block[:next(i for i, line in enumerate(block) if line.startswith("batch_timeout_ms"))
+                  + 1]
+    config = config_from_mapping({"bundle": "b", **yaml.safe_load("\n".join(block))})
+    assert [entry.name for entry in config.sources or []] == [None, "door", "yard"]
+    assert config.batch_size == 3 and (config.sources or [])[2].overrides["report"] == "non-empty"

@@ -130,7 +130,7 @@ class RecordingNotifier:
         self.events.append("status")
         return True
 
-    def frame_done(self, count: int = 1) -> bool:
+    def frame_done(self, count: int = 1, source: Optional[str] = None) -> bool:
         self.events.append("frame")
         return True
 

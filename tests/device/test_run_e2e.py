@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -493,3 +493,36 @@ def test_two_sources_in_one_process_one_seq_per_device_and_the_single_source_det
         assert [p["frame_index"] for p in mine] == list(range(40))
         assert [len(p["detections"]) for p in mine] == expected
     assert err.count("frames 80,") == 1  # the summary counts both sources
+
+
+@pytest.fixture(scope="module")
+def batch2_bundle(fixture_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from host.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle_batch2") / "synth320b2"
+    export_bundle(fixture_weights, out, imgsz=320, batch=2, parity_images=2)
+    return out
+
+
+def test_two_sources_on_a_batch2_engine_give_the_single_source_detections(
+    batch2_bundle: Path, synth_video: Path, video_results: List[FrameResult]
+) -> None:
+    config = config_from_mapping({
+        "bundle": str(batch2_bundle), "backend": "onnxruntime", "threads": 2,
+        "sources": [{"source": str(synth_video), "name": "left"},
+                    {"source": str(synth_video), "name": "right"}],
+        "batch_timeout_ms": 50,
+    })
+    sink = Collect()
+    built: List[Any] = []
+    summary = run_configured(config, sinks=sink, handle_signals=False,
+                             extensions=[lambda pipeline, *_: built.append(pipeline)])
+    assert summary.frames == 80 and built[0].batch_size == 2
+    assert built[0].counters()["batches"] < 80  # some calls took both cameras' frames
+    assert sum(len(r.detections) for r in video_results) > 40
+    for name in ("left", "right"):
+        mine = [r for r in sink.results if r.source == name]
+        assert [r.frame_index for r in mine] == list(range(40))
+        for batched, single in zip(mine, video_results):
+            assert batched.detections.class_id.tolist() == single.detections.class_id.tolist()
+            np.testing.assert_allclose(batched.detections.xyxy, single.detections.xyxy, atol=0.5)

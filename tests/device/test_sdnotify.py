@@ -126,6 +126,30 @@ def test_watchdog_pings_only_while_frames_progress() -> None:
     assert sent[-1].startswith("WATCHDOG=1\n")
 
 
+def test_several_sources_status_has_each_fps_and_one_live_source_keeps_the_watchdog_fed() -> None:
+    sent: List[str] = []
+    clock = FakeClock()
+    dog = Watchdog(recorder(sent), timeout_s=2.0, clock=clock)
+    for step in range(20):  # 2 s: door at 10 fps, yard at 5 fps
+        clock.now += 0.1
+        dog.frame_done(1, "door")
+        if step % 2:
+            dog.frame_done(1, "yard")
+    assert sent[-1].endswith("STATUS=running: 15.0 fps, 29 frames; door 10.0 fps, yard 5.0 fps")
+    for _ in range(20):  # yard is down: door alone still earns the pings, yard shows 0
+        clock.now += 0.1
+        dog.frame_done(1, "door")
+    assert sent[-1].startswith("WATCHDOG=1\nSTATUS=running: 10.0 fps, ")
+    assert sent[-1].endswith("frames; door 10.0 fps, yard 0.0 fps")
+    before = len(sent)
+    clock.now += 60  # no source progresses: no ping
+    assert len(sent) == before
+    one = Watchdog(recorder(sent), timeout_s=2.0, clock=clock)
+    clock.now += 1.5
+    one.frame_done(1, "door")
+    assert sent[-1].endswith("frames")  # one source: no per-source list
+
+
 def test_without_watchdog_frame_done_sends_status_only() -> None:
     sent: List[str] = []
     clock = FakeClock()

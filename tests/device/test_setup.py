@@ -23,6 +23,10 @@ class FakeBundle:
         self.manifest: Dict[str, Any] = {}
         self.class_names = ["a", "b"]
         self.model_id = "fake"
+        self.root = Path("fake-bundle")
+
+    def max_batch(self, variant: str = "fp32") -> int:
+        return 1
 
 
 class RecordedSinks(CollectingSink):
@@ -160,6 +164,12 @@ def sources_config(tmp_path: Path, entries: List[Any], **values: Any) -> Any:
         (["x/cam.mp4", "y/cam.mp4"],
          "both resolve to topic jetyolo/dev/cam/detections; give each a distinct `name:`"),
         ([{"source": "a.mp4", "name": "a/b"}], "cannot be an MQTT topic level"),
+        (["a.mp4", {"source": "b.mp4", "classes": ["zebra"]}],
+         r"sources\[1\]: classes: class 'zebra' is not in the bundle \(a, b\); use a class "
+         r"name or an id 0..1"),
+        ([{"source": "a.mp4", "classes": ["2"]}], "class '2' is not in the bundle"),
+        (["a.mp4", {"source": "b.mp4", "report": "max-rate"}],
+         "source 'b': report mode 'max-rate' needs a max rate above 0"),
     ],
 )
 def test_bad_sources_fail_before_anything_opens(
@@ -168,6 +178,39 @@ def test_bad_sources_fail_before_anything_opens(
     with pytest.raises(JetyoloError, match=message):
         setup.run_configured(sources_config(tmp_path, entries), handle_signals=False)
     assert events == []
+
+
+def test_a_batch_above_the_bundles_is_refused_before_anything_opens(
+    events: List[str], tmp_path: Path
+) -> None:
+    with pytest.raises(JetyoloError, match="batch_size 2 is above the engine's batch 1; lower "
+                                           "batch_size to 1 or less, or export a bundle"):
+        setup.run_configured(sources_config(tmp_path, ["a.mp4", "b.mp4"], batch_size=2),
+                             handle_signals=False)
+    assert events == []
+
+
+def test_each_source_gets_its_own_filter_and_report(events: List[str], tmp_path: Path) -> None:
+    from device.pipeline import SourceFilter
+
+    config = sources_config(tmp_path, [
+        {"source": "a.mp4", "conf": 0.7}, {"source": "b.mp4", "classes": ["b"],
+                                           "report": "non-empty"}, "c.mp4"],
+        classes=["a", "1"], batch_timeout_ms=7)
+    built: Dict[str, Any] = {}
+
+    def keep(pipeline: Pipeline, *_: Any) -> None:
+        built["pipeline"] = pipeline
+
+    collector = CollectingSink()
+    with contextlib.ExitStack() as stack:
+        parts = setup.open_parts(config, stack, setup.Notifier(None), collector)
+        assert parts.filters == {"a": SourceFilter(0.7, frozenset({0, 1})),
+                                 "b": SourceFilter(None, frozenset({1})),
+                                 "c": SourceFilter(None, frozenset({0, 1}))}
+    setup.run_configured(config, sinks=collector, handle_signals=False, extensions=[keep])
+    assert built["pipeline"].batch_timeout_s == 0.007
+
 
 
 def test_two_sources_one_backend_each_closed(events: List[str], tmp_path: Path) -> None:
