@@ -215,9 +215,32 @@ def dynamic_tiny(path: Path) -> Path:
     return path
 
 
+def static_tiny(path: Path, batch: int) -> Path:
+    """The tiny detector with a static batch of ``batch`` (an older `--batch N` export)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(TINY))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    for index, init in enumerate(model.graph.initializer):
+        if init.name == "/head/shape":
+            shape = numpy_helper.to_array(init).copy()
+            shape[0] = batch
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(shape, init.name))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def dynamic_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dynamic_tiny(tmp_path_factory.mktemp("dyn") / "tiny_dynamic.onnx")
+
+
+@pytest.fixture(scope="module")
+def static2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return static_tiny(tmp_path_factory.mktemp("static") / "tiny_b2.onnx", 2)
 
 
 def images(count: int, seed: int = 0) -> np.ndarray:
@@ -308,6 +331,15 @@ def test_batched_onnxruntime_gives_the_batch_1_detections(dynamic_model: Path) -
     swapped = detections_by_frame(RowSwapping(dynamic_model, threads=1, max_batch=4),
                                   batch_timeout_ms=50)
     assert not same_detections(reference, swapped)  # the comparison sees mixed-up rows
+
+
+def test_a_static_batch_2_graph_gets_both_rows_and_gives_the_batch_1_detections(
+    static2_model: Path,
+) -> None:
+    reference = detections_by_frame(OnnxRuntimeBackend(TINY, threads=1))
+    static = OnnxRuntimeBackend(static2_model, threads=1, max_batch=2)
+    assert same_detections(reference, detections_by_frame(static, batch_timeout_ms=0))
+    assert not static.dynamic_batch  # every call had both rows (check_feed refuses fewer)
 
 
 def test_a_source_reports_in_its_own_mode() -> None:
