@@ -48,6 +48,8 @@ Extension points (what later capabilities plug into; each is safe to use while `
 - ``add_frame_observer(observer)``: ``observer(image, result)`` runs on the publishing thread
   after the frame was published (latencies complete), with the captured frame; it cannot change
   the result (the HTTP endpoint's metrics and preview). Keep it cheap too.
+- ``add_batch_observer(observer)``: ``observer(frames)`` runs on the publishing thread once per
+  inference call with the number of frames it carried (the HTTP endpoint's batch histogram).
 - ``add_stats(provider)``: ``provider() -> dict`` is merged into every stats message (tracking's
   cumulative line counts and zone occupancy).
 - ``counters()``: a snapshot dict of live figures (frames, batches, dropped, fps since start,
@@ -330,6 +332,7 @@ class Pipeline:
         self.stopped_by = "end of source"
         self._hooks: List[FrameHook] = []
         self._observers: List[FrameObserver] = []
+        self._batch_observers: List[Callable[[int], None]] = []
         self._stats_providers: List[Callable[[], Dict[str, Any]]] = []
         self._times = {stage: StageTime() for stage in TIMED_STAGES}
         self._stop = threading.Event()
@@ -364,6 +367,10 @@ class Pipeline:
         """Run ``observer(image, result)`` on every frame after it was published (latencies
         complete); ``image`` is the captured frame (sources hand out a new array per frame)."""
         self._observers.append(observer)
+
+    def add_batch_observer(self, observer: Callable[[int], None]) -> None:
+        """Run ``observer(frames)`` once per inference call, before its frames are published."""
+        self._batch_observers.append(observer)
 
     def add_stats(self, provider: Callable[[], Dict[str, Any]]) -> None:
         """Merge ``provider()`` (called on the publishing thread) into every stats message."""
@@ -750,6 +757,8 @@ class Pipeline:
         outputs = batch.outputs if batch.outputs is not None else {}
         self._counters.batches += 1
         model = batch.model or self.model
+        for observer in self._batch_observers:  # the call is done: counted before its frames
+            observer(len(batch.works))
         for row, work in enumerate(batch.works):
             if self.max_frames is not None and self._counters.frames >= self.max_frames:
                 self._counters.dropped += 1  # a live frame still in flight past max_frames

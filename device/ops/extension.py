@@ -106,18 +106,15 @@ class HttpExtension:
         info = self._info(pipeline, options)
         metrics = RunMetrics(lambda: self.snapshot(pipeline, info))
         previews = PreviewHub(class_names, max_fps=self.preview_fps)
-        batch: List[int] = []  # the model's batch dimension, read once the backend is active
 
         def observe(image: np.ndarray, result: FrameResult) -> None:
             self._progress(result.source).tick(time.monotonic())
             metrics.observe(result)
-            if not batch:
-                batch.append(int(pipeline.backend.input_spec.shape[0]))
-            metrics.observe_batch(batch[0])  # one inference call per published frame
             if previews.watched(result.source):  # annotations only for a viewer
                 previews.offer(image, result, annotations_of(result, self.regions))
 
         pipeline.add_frame_observer(observe)
+        pipeline.add_batch_observer(metrics.observe_batch)  # frames per inference call
         title = f"jetyolo {getattr(options, 'device_id', '')}".strip()
         view = OpsView(title, metrics, previews, lambda: self.snapshot(pipeline, info),
                        lambda: getattr(pipeline.sinks, "last_stats", None), health_window_s())

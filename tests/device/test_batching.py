@@ -96,7 +96,12 @@ def test_four_sources_share_batches_and_each_keeps_its_frames_in_order(dynamic: 
     backend = BatchEchoBackend(4, dynamic=dynamic, delay_s=0.01)
     sink = CollectingSink()
     multi = MultiSource([(f"cam{s}", TaggedSource(10, tag=s)) for s in range(4)])
-    pipeline = batched(backend, multi, sink, batch_timeout_ms=50)
+    calls: List[int] = []
+    pipeline = Pipeline(backend, multi, (SIZE, SIZE), PostprocessConfig(0.25, 0.45, 10), sink,
+                        batch_timeout_ms=50)
+    pipeline.add_batch_observer(calls.append)
+    pipeline.run()
+    assert sum(calls) == 40 and (calls == backend.rows or not dynamic)  # frames per call
     for tag in range(4):
         mine = per_source(sink, f"cam{tag}")
         assert [r.frame_index for r in mine] == list(range(10))
