@@ -1,8 +1,8 @@
 """What batching gives ONNX Runtime on the CPU: ``jetyolo bench B1 B2 B4 --ort-batch``.
 
-Each BUNDLE is one batch size (``jetyolo export --batch N``; the batch is the fp32 input's dim
-0 in the manifest). For every thread count (``--threads``, default 1 and all cores) the raw
-session (jetyolo's own ONNX Runtime backend: the pipeline's session options, outputs bound to
+Each BUNDLE is one batch size (``jetyolo export --batch N``: ``Bundle.max_batch``, dim 0 of the
+fp32 input in the manifest). For every thread count (``--threads``, default 1 and all cores) the
+raw session (jetyolo's own ONNX Runtime backend: the pipeline's session options, outputs bound to
 preallocated arrays, one worker) runs ``--frames`` calls on one prepared batch, the bundles
 alternating within each run; the figure is the median over runs of milliseconds per image
 (call time / batch) and its ratio to batch 1. A convolutional network's cost does not depend on
@@ -47,18 +47,9 @@ TENSORRT_EXPECTATION = (
 )
 
 
-def batch_of(bundle: Bundle) -> int:
-    shape = bundle.variant("fp32").get("input", {}).get("shape") or []
-    if not shape or not isinstance(shape[0], int) or shape[0] < 1:
-        raise JetyoloError(f"{bundle.root}: the fp32 input has no batch size in its manifest "
-                           f"(shape {shape}); re-export it with `jetyolo export --batch N`")
-    return int(shape[0])
-
-
 def open_session(bundle: Bundle, threads: int) -> OnnxRuntimeBackend:
-    shape = tuple(bundle.variant("fp32")["input"]["shape"])
     backend = OnnxRuntimeBackend(bundle.model_path("fp32"), threads=threads,
-                                 input_shapes={bundle.variant("fp32")["input"]["name"]: shape})
+                                 max_batch=bundle.max_batch())
     return backend.activate()  # type: ignore[return-value]
 
 
@@ -94,7 +85,7 @@ def measure(bundles: Sequence[Bundle], thread_counts: Sequence[int], runs: int, 
             progress: Callable[[str], None]) -> List[Dict[str, Any]]:
     samples: Dict[int, Dict[int, List[float]]] = {}
     for threads in thread_counts:
-        sessions = {batch_of(bundle): open_session(bundle, threads) for bundle in bundles}
+        sessions = {bundle.max_batch(): open_session(bundle, threads) for bundle in bundles}
         try:
             for run_index in range(runs):
                 for batch, backend in sessions.items():
@@ -127,7 +118,7 @@ def markdown(report: Dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
     bundles = [Bundle.load(path) for path in args.bundles]
-    batches = [batch_of(bundle) for bundle in bundles]
+    batches = [bundle.max_batch() for bundle in bundles]
     if len(set(batches)) != len(batches):
         raise JetyoloError(f"--ort-batch: give one bundle per batch size, got batches {batches}")
     if args.backend != "onnxruntime":
