@@ -125,8 +125,8 @@ bench-multicam: $(STAMP)
 	  --imgsz 320 --batch $$b --force || exit 1; done
 	$(JY) bench $(BENCH_MC)/b1 $(BENCH_MC)/b2 $(BENCH_MC)/b4 --ort-batch --runs 9 --frames 12 \
 	  --out $(BENCH_MC)/ort
-	$(JY) bench $(BENCH_MC)/b1 --sources 1,2,4 --live 30 --frames 90 --runs 2 \
-	  --out $(BENCH_MC)/results
+	$(JY) bench $(BENCH_MC)/b1 --multi-bundle $(BENCH_MC)/b4 --sources 1,2,4 --live 30 \
+	  --frames 60 --runs 2 --out $(BENCH_MC)/results
 
 # Stage jetyolo into a Jetson rootfs (Linux_for_Tegra/rootfs before flash.sh, or / on a Jetson).
 # An L4T rootfs belongs to root: sudo make rootfs-install ROOTFS=... BUNDLE=...

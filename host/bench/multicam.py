@@ -6,6 +6,7 @@ machine slows them alike):
 
   one      one `jetyolo run` pipeline with N sources (``--multi-bundle`` / ``--batch-size`` when
            given: the batched engine), default settings otherwise
+  one1     only beside a batched ``one``: the same N sources on BUNDLE, unbatched
   procs    N single-source pipelines in parallel, default settings (what a user runs today)
   procs1t  N single-source pipelines in parallel, one ONNX Runtime thread each
            (``--threads 1 --infer-workers 1``)
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 CONFIGS = {
     "one": "one process, N sources",
+    "one1": "one process, N sources, BUNDLE unbatched",
     "procs": "N processes, default settings",
     "procs1t": "N processes, 1 ORT thread each",
 }
@@ -99,9 +101,11 @@ def parse_counts(text: str) -> List[int]:
 
 
 def configurations(count: int, batched: bool) -> List[str]:
+    """``one1`` (the N-source process on BUNDLE, no --batch-size) only beside a batched ``one``:
+    what batching gives in the pipeline. At N = 1 it is ``procs``."""
     if count == 1:
         return (["one"] if batched else []) + ["procs", "procs1t"]
-    return list(CONFIGS)
+    return ["one"] + (["one1"] if batched else []) + ["procs", "procs1t"]
 
 
 def key(phase: str, config: str, count: int) -> str:
@@ -237,6 +241,8 @@ def jobs_for(settings: MulticamSettings, phase: str, config: str, count: int,
     if config == "one":
         extra = ["--batch-size", str(settings.batch_size)] if settings.batch_size else []
         groups = [(settings.multi_bundle or settings.bundle, named, common + extra)]
+    elif config == "one1":
+        groups = [(settings.bundle, named, common)]
     else:
         extra = ONE_THREAD if config == "procs1t" else []
         groups = [(settings.bundle, [pair], common + extra) for pair in named]
@@ -391,10 +397,16 @@ def configuration_rows(report: Dict[str, Any]) -> List[str]:
     return rows
 
 
-def target_rows(checks: Sequence[Dict[str, Any]]) -> List[str]:
+def target_rows(checks: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> List[str]:
     rows = ["| ratio | value | target | result |", "|---|---|---|---|"]
     rows += [f"| {check['label']} | {_num(check['value'], 3)} | {check['op']} {check['bound']} | "
              f"**{check['status']}** |" for check in checks]
+    for name, figures in summary.items():
+        unbatched = summary.get(name.replace("/one-", "/one1-"), {}).get("fps")
+        if "/one-" in name and unbatched and figures["fps"]:
+            rows.append(f"| {name.split('/')[0]}, {name.rsplit('-', 1)[1]} sources: batched / "
+                        f"unbatched one process, aggregate FPS | {figures['fps'] / unbatched:.3f} "
+                        "| - | info |")
     return rows
 
 
@@ -425,7 +437,7 @@ def markdown(report: Dict[str, Any]) -> str:
     if report.get("plot"):
         lines.append(f"- Plot: `{report['plot']}`")
     return "\n".join([*lines, "", *configuration_rows(report), "",
-                      *target_rows(report["targets"])]) + "\n"
+                      *target_rows(report["targets"], report["configurations"])]) + "\n"
 
 
 def write_plot(report: Dict[str, Any], path: Path) -> bool:
@@ -448,7 +460,7 @@ def write_plot(report: Dict[str, Any], path: Path) -> bool:
                       if name.startswith(f"{phase}/{config}-")]
             if points:
                 xs, ys = zip(*sorted(points))
-                axis.bar([x + (offset - 1) * 0.25 for x in xs], ys, width=0.25,
+                axis.bar([x + (offset - 1.5) * 0.2 for x in xs], ys, width=0.2,
                          label=CONFIGS[config])
         axis.set_xticks(range(len(counts)), [str(count) for count in counts])
         axis.set_xlabel("sources (N)")

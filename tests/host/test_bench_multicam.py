@@ -89,6 +89,14 @@ def test_targets_pass_and_miss_at_each_count() -> None:
     assert checks["live_p99_4"].value == pytest.approx(2.25)
 
 
+def test_the_batched_process_is_compared_with_the_unbatched_one() -> None:
+    summary = {"file/one-4": {"fps": 30.0}, "file/one1-4": {"fps": 24.0},
+               "file/one-2": {"fps": 20.0}}
+    rows = multicam.target_rows([], summary)
+    assert rows[2:] == ["| file, 4 sources: batched / unbatched one process, aggregate FPS | "
+                        "1.250 | - | info |"]
+
+
 def test_targets_without_a_single_source_baseline_have_no_live_check() -> None:
     keys = [target.key for target in multicam.targets([2, 4], live=True)]
     assert "live_p99_2" not in keys and "rss_2" in keys and "fps_vs_default_4" in keys
@@ -99,6 +107,7 @@ def test_configurations_and_the_childrens_commands(tmp_path: Path) -> None:
     assert multicam.configurations(1, batched=False) == ["procs", "procs1t"]
     assert multicam.configurations(1, batched=True) == ["one", "procs", "procs1t"]
     assert multicam.configurations(4, batched=False) == ["one", "procs", "procs1t"]
+    assert multicam.configurations(4, batched=True) == ["one", "one1", "procs", "procs1t"]
     settings = multicam.MulticamSettings(
         bundle=Path("b1"), counts=[2], videos=[Path("v.mp4")], frames=30, runs=1, out=tmp_path,
         multi_bundle=Path("b4"), batch_size=4)
@@ -108,6 +117,8 @@ def test_configurations_and_the_childrens_commands(tmp_path: Path) -> None:
     assert command[command.index("--frames") + 1] == "60"  # 30 per source, 2 sources
     assert command[command.index("--batch-size") + 1] == "4"
     assert [command[i + 1] for i, arg in enumerate(command) if arg == "--name"] == ["cam0", "cam1"]
+    ((unbatched, _, _),) = multicam.jobs_for(settings, "file", "one1", 2, ["a", "b"], tmp_path)
+    assert unbatched[unbatched.index("--bundle") + 1] == "b1" and "--batch-size" not in unbatched
     singles = multicam.jobs_for(settings, "live", "procs1t", 2, ["u0", "u1"], tmp_path)
     assert len(singles) == 2
     for index, (single, _, _) in enumerate(singles):
