@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import typing
-from dataclasses import Field, asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -44,6 +44,7 @@ class Rule:
     flags: Tuple[str, ...] = ()  # extra flag spellings beside --the-key
     check: Optional[Callable[[Any, str], Any]] = None  # a dict section's own checker
     entries: Optional[type] = None  # a list of these (strings or mappings), e.g. SourceEntry
+    auto: bool = False  # "auto" is a value: the key's auto rule, as when unset (None)
 
 
 def key(
@@ -56,11 +57,12 @@ def key(
     flags: Tuple[str, ...] = (),
     check: Optional[Callable[[Any, str], Any]] = None,
     entries: Optional[type] = None,
+    auto: bool = False,
 ) -> Any:
     """A ``RunConfig`` (or ``SourceEntry``) field with its rule: the one place a key is
     declared."""
     rule = {"help": help, "choices": choices, "low": low, "high": high, "flags": flags,
-            "check": check, "entries": entries}
+            "check": check, "entries": entries, "auto": auto}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=rule)
     return field(default=default, metadata=rule)
@@ -139,11 +141,13 @@ class RunConfig:
                                    "fallback (Xavier, Orin AGX/NX), as `jetyolo build --dla N`",
                              low=0, high=1)
     threads: Optional[int] = key(None, "ONNX Runtime intra-op threads, shared by the "
-                                       "infer_workers (default: one per core)", low=1, high=256)
+                                       "infer_workers; auto: the rule in docs/runtime.md "
+                                       "(Threads auto)", low=1, high=256, auto=True)
     infer_workers: Optional[int] = key(None, "ONNX Runtime inferences run at once on consecutive "
                                              "frames, frame order kept; threads are shared among "
-                                             "them (default: one per core, at most 2, each with "
-                                             "one thread; 1 when threads is set)", low=1, high=16)
+                                             "them; auto: one per core, at most 2 (1 when "
+                                             "threads is set; docs/runtime.md, Threads auto)",
+                                       low=1, high=16, auto=True)
     report: str = key("every", "which frames are published: every frame, frames with "
                                "detections, at most report_max_rate_hz per source, or none "
                                "(events: only tracking events and zone counts)",
@@ -239,6 +243,8 @@ def docs_table() -> str:
         if rule.entries is not None:
             kind = "list of sources"
         default = "(required)" if name in REQUIRED_KEYS else _shown(rule.default)
+        if rule.auto and rule.default is None:
+            default = "auto"
         meaning = rule.help + (f". Flag: `{rule.flags[0]}`" if rule.flags else "")
         rows.append(f"| `{name}` | {kind} | `{default}` | {_allowed(rule)} | {meaning} |")
     return "\n".join(rows) + "\n"
@@ -251,6 +257,8 @@ def _shown(default: Any) -> str:
 
 
 def _allowed(rule: Rule) -> str:
+    if rule.auto:
+        return "auto, " + _allowed(replace(rule, auto=False))
     if rule.choices:
         return ", ".join(rule.choices)
     if rule.low is not None and rule.high is not None:
@@ -258,6 +266,22 @@ def _allowed(rule: Rule) -> str:
     if rule.low is not None:
         return f">= {rule.low:g}"
     return ""
+
+
+def flag_type(rule: Rule) -> Callable[[str], Any]:
+    """How a key's flag value is read: booleans as ``parse_flag_bool``, ``auto`` kept as the
+    word for keys that take it (so it overrides a file's value; ``check_value`` makes it
+    None), else the key's type."""
+    if rule.kind is bool:
+        return parse_flag_bool
+    if not rule.auto:
+        return rule.kind
+
+    def parse(text: str) -> Any:
+        return "auto" if text.strip().lower() == "auto" else rule.kind(text)
+
+    parse.__name__ = f"{rule.kind.__name__} or auto"  # argparse's "invalid ... value"
+    return parse
 
 
 def parse_flag_bool(text: str) -> bool:
@@ -286,6 +310,8 @@ def check_value(
 ) -> Any:
     """``value`` converted to the key's type (int -> float allowed), or a JetyoloError."""
     rule = (rules or FIELD_RULES)[key]
+    if rule.auto and isinstance(value, str) and value.strip().lower() == "auto":
+        value = None
     if value is None:
         if rule.optional:
             return None
@@ -299,8 +325,9 @@ def check_value(
         return _check_list(origin, key, value)
     if rule.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if rule.kind is str and rule.choices and isinstance(value, int) and str(value) in rule.choices:
-        value = str(value)  # `decode_scale: 2` in YAML
+    if rule.kind is str and rule.choices and isinstance(value, int) \
+            and not isinstance(value, bool):
+        value = str(value)  # `decode_scale: 2` in YAML; one not allowed is named with the choices
     if not isinstance(value, rule.kind) or (rule.kind is not bool and isinstance(value, bool)):
         raise _reject(origin, key, f"must be {rule.kind.__name__}, got {value!r} ({rule.help})")
     if isinstance(value, float) and not math.isfinite(value) and not (

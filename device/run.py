@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Any, Dict
 
-from device.config import FIELD_RULES, RunConfig, load_config, parse_flag_bool
+from device.config import FIELD_RULES, RunConfig, flag_type, load_config
 from device.ops.extension import http_extensions
 from device.reload import Reloader, crash_guard
 from device.sdnotify import Notifier
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         parser.add_argument(
             "--" + key.replace("_", "-"), *rule.flags, dest=key,
-            type=parse_flag_bool if rule.kind is bool else rule.kind,
+            type=flag_type(rule),
             choices=rule.choices or None, help=rule.help.replace("%", "%%"),
         )
 

@@ -272,3 +272,25 @@ def test_a_source_entry_overrides_conf_classes_and_report_with_the_top_level_rul
     for key in ("conf", "classes", "report", "capture_fps"):  # one declaration, one rule
         assert SOURCE_RULES[key] is FIELD_RULES[key]
     assert SOURCE_RULES["name"] is FIELD_RULES["source_name"]
+
+
+def test_threads_auto_is_a_value_that_overrides_the_file(tmp_path: Path) -> None:
+    import argparse
+
+    from device.run import add_arguments, config_from_args
+
+    config_file = write(tmp_path / "run.yaml",
+                        "bundle: b\nsource: s\nthreads: 2\ninfer_workers: auto\ndecode_scale: 4\n")
+    assert load_config(config_file, {}).threads == 2
+    assert load_config(config_file, {}).infer_workers is None  # auto: the rule decides
+    assert load_config(config_file, {}).decode_scale == "4"  # a YAML number, one of the choices
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--config", str(config_file), "--threads", "auto"])
+    assert config_from_args(args).threads is None  # the flag's auto beats the file's 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--threads", "many"])  # neither a number nor auto
+    with pytest.raises(JetyoloError, match="threads: 'many' is not int|must be int"):
+        load_config(write(tmp_path / "bad.yaml", "bundle: b\nsource: s\nthreads: many\n"), {})
+    with pytest.raises(JetyoloError, match="decode_scale: '3' is not allowed"):
+        load_config(write(tmp_path / "bad3.yaml", "bundle: b\nsource: s\ndecode_scale: 3\n"), {})
