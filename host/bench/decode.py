@@ -3,8 +3,9 @@
     python -m host.bench.decode BUNDLE --source v1080.mp4 [--frames 60] [--rounds 5]
 
 The video's frames are JPEG-encoded as the ``--live`` camera serves them (quality 90). Per
-reduction (1, 2, 4, 8): ``cv2.imdecode`` ms per frame and decode + letterbox ms per frame
-(medians of ``--rounds`` rounds, the reductions alternating within each round), then the
+reduction (1, 2, 4, 8): ``cv2.imdecode`` ms per frame and decode + letterbox ms per frame, as
+thread CPU time (one thread does both; a busy machine stretches wall time, much less CPU time),
+medians of ``--rounds`` rounds, the reductions alternating within each round; then the
 detection agreement of each reduction with the full decode through the bundle's CPU graph
 (same class at IoU >= 0.5, one to one; matched / max(count)) and the largest box-corner
 difference in source pixels of the matched pairs. Last, the CPU time of one read from OpenCV's
@@ -61,19 +62,19 @@ def decode(jpeg: np.ndarray, factor: int) -> np.ndarray:
 
 
 def timings(jpegs: List[np.ndarray], input_size: Tuple[int, int], rounds: int) -> Dict[str, Any]:
-    """ms per frame: imdecode alone, and imdecode + letterbox into the uint8 input."""
+    """Thread CPU ms per frame: imdecode alone, and imdecode + letterbox into the uint8 input."""
     decode_ms: Dict[int, List[float]] = {factor: [] for factor in FACTORS}
     with_letterbox_ms: Dict[int, List[float]] = {factor: [] for factor in FACTORS}
     preprocess = Preprocessor(input_size, "uint8")
     for round_index in range(rounds):
         order = FACTORS if round_index % 2 == 0 else tuple(reversed(FACTORS))
         for factor in order:
-            started = time.perf_counter()
+            started = time.thread_time()
             images = [decode(jpeg, factor) for jpeg in jpegs]
-            middle = time.perf_counter()
+            middle = time.thread_time()
             for image in images:
                 preprocess(image)
-            done = time.perf_counter()
+            done = time.thread_time()
             decode_ms[factor].append((middle - started) * 1000.0 / len(jpegs))
             with_letterbox_ms[factor].append((done - started) * 1000.0 / len(jpegs))
     return {f"1/{factor}": {"decode_ms": round(statistics.median(decode_ms[factor]), 2),

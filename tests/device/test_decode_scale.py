@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import cv2
 import numpy as np
@@ -113,13 +113,22 @@ class Collect:
         pass
 
 
-def served_results(bundle_dir: Path, url: str, decode_scale: str) -> Dict[int, FrameResult]:
+def served_results(
+    bundle_dir: Path, url: str, decode_scale: str
+) -> Tuple[Dict[int, FrameResult], Set[tuple]]:
+    """The published results by frame index, and the shapes of the images the pipeline had."""
     config = config_from_mapping({"bundle": str(bundle_dir), "source": url,
                                   "backend": "onnxruntime", "decode_scale": decode_scale,
                                   "tracker": "none"})
     sink = Collect()
-    run_configured(config, sinks=sink, max_frames=FRAMES, handle_signals=False)
-    return {result.frame_index: result for result in sink.results}
+    shapes: Set[tuple] = set()
+
+    def observe_shapes(pipeline: Any, *_: Any) -> None:
+        pipeline.add_frame_observer(lambda image, _result: shapes.add(image.shape))
+
+    run_configured(config, sinks=sink, max_frames=FRAMES, handle_signals=False,
+                   extensions=[observe_shapes])
+    return {result.frame_index: result for result in sink.results}, shapes
 
 
 def unscaled(detections: Detections, factor: int) -> Detections:
@@ -130,8 +139,9 @@ def unscaled(detections: Detections, factor: int) -> Detections:
 def test_reduced_decode_agrees_with_the_full_decode_on_a_served_stream(
     bundle_dir: Path, camera: PacedMjpegServer
 ) -> None:
-    full = served_results(bundle_dir, camera.url, "1")
-    reduced = served_results(bundle_dir, camera.url, "auto")
+    full, full_shapes = served_results(bundle_dir, camera.url, "1")
+    reduced, reduced_shapes = served_results(bundle_dir, camera.url, "auto")
+    assert full_shapes == {(1080, 1920, 3)} and reduced_shapes == {(270, 480, 3)}
     common = set(full) & set(reduced)
     assert len(common) >= FRAMES // 2, (sorted(full), sorted(reduced))
     assert all(reduced[i].frame_size == (1920, 1080) for i in common)  # source pixels
