@@ -67,8 +67,9 @@ def ort_threading(threads: Optional[int], infer_workers: Optional[int],
     - neither set: one worker per core, at most ``MAX_AUTO_WORKERS`` (2), the cores shared among
       them: on 2 cores two 1-thread calls at once, 1.12x the FPS of one 2-thread call at 320 px
       (a 2-thread call's threads wait at each operator barrier while decode or preprocess hold a
-      core). 6-12 core Orins get 2 workers of cores // 2 threads: not measured (no such machine
-      here); ``infer_workers`` and ``threads`` set it by hand.
+      core). On 2 cores busy with other work (load 7-8) it measured 0.82x: ``infer_workers: 1``
+      on a shared host. 6-12 core Orins get 2 workers of cores // 2 threads: not measured (no
+      such machine here); ``infer_workers`` and ``threads`` set it by hand.
     - ``threads`` set alone: one worker with that many threads (the count was chosen for one
       call, as the bench's ``--threads`` is).
     - ``infer_workers`` set: that many, ``threads`` (default: the cores) shared among them.

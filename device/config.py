@@ -169,7 +169,7 @@ class RunConfig:
     decode_scale: str = key("auto", "MJPEG streams (http://): decode at 1/2, 1/4 or 1/8 of the "
                                     "frame size, boxes still in source pixels; auto: the "
                                     "largest reduction that keeps the frame at least its "
-                                    "letterboxed size (docs/runtime.md, Decoding)",
+                                    "letterboxed size (docs/runtime.md, Sources)",
                             choices=DECODE_SCALES)
     rtsp_latency_ms: int = key(200, "RTSP jitter buffer on the Jetson GStreamer path", low=0)
     reconnect_max_s: float = key(30.0, "longest wait between reconnect attempts of a live "
