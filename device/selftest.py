@@ -39,6 +39,10 @@ DEFAULT_RUNS = 50
 WARMUP_RUNS = 5
 TRTEXEC_PATHS = ("trtexec", "/usr/src/tensorrt/bin/trtexec")
 REPORT_MD, REPORT_JSON = "selftest.md", "selftest.json"
+# The frame variant's engine is built for one camera frame size (docs/tensorrt.md, "Optimisation
+# profiles"); the acceptance run builds and times it for a 1080p camera, the service for its own
+# capture size.
+SELFTEST_FRAME_SIZE = (1920, 1080)
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,8 @@ class Toolkit:
         from device.engine import BuildRequest, ensure_engine
 
         request = BuildRequest(precision=case.precision, int8_from=case.int8_from,
-                               variant="fp32" if case.variant == "int8-qdq" else case.variant)
+                               variant="fp32" if case.variant == "int8-qdq" else case.variant,
+                               frame_size=SELFTEST_FRAME_SIZE)
         return Path(ensure_engine(bundle, request, self.tensorrt_ops(), lambda line: None).plan)
 
     def verify(self, bundle: Bundle, backend: str, case: Case, plan: Optional[Path]) -> Any:
@@ -112,7 +117,7 @@ class Toolkit:
         from device.backends import open_backend
 
         opened = open_backend(backend, bundle, case.precision, case.variant,
-                              int8_from=case.int8_from)
+                              int8_from=case.int8_from, frame_size=lambda: SELFTEST_FRAME_SIZE)
         with opened as active:
             feed = {name: np.zeros(spec.shape, spec.dtype)
                     for name, spec in active.input_specs.items()}

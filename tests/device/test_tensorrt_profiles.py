@@ -258,3 +258,32 @@ def test_jetyolo_build_config_builds_the_batched_and_the_frame_engine(
     assert world.builds[-1]["profiles"] == {"frame": [[1, 720, 1280, 3]] * 3}
     assert main(["build", "--config", str(framed)]) == 0  # the key check: nothing rebuilt
     assert len(world.builds) == 2
+
+
+@pytest.mark.parametrize("version", ["8.6.2", "11"])
+def test_verify_runs_the_batched_engine_against_the_reference(
+    version: str, monkeypatch: pytest.MonkeyPatch, batch_bundle_dir: Path, tmp_path: Path
+) -> None:
+    """The reference feeds each image N times (entry 0 is the reference): a full batch."""
+    from device.verify import verify
+
+    world = install(monkeypatch, version)
+    report = verify(batch_bundle_dir, backend="tensorrt", cache_dir=tmp_path / "engines")
+    assert report.passed, report.format_text()
+    assert world.builds[-1]["profiles"]["images"][2] == [N, 3, 320, 320]
+
+
+def test_selftest_builds_and_times_the_frame_variant_for_a_1080p_camera(
+    monkeypatch: pytest.MonkeyPatch, frame_bundle_dir: Path, tmp_path: Path
+) -> None:
+    from device import selftest
+
+    world = install(monkeypatch, "10.3")
+    monkeypatch.setenv("JETYOLO_ENGINE_CACHE", str(tmp_path / "engines"))
+    bundle = Bundle.load(frame_bundle_dir)
+    case = selftest.Case("frame", "fp16")
+    assert case in selftest.tensorrt_cases(bundle, "10.3.0")
+    toolkit = selftest.Toolkit()
+    assert toolkit.build(bundle, case).name == "fp16-frame-1920x1080.plan"
+    figures = toolkit.bench(bundle, "tensorrt", case, runs=2)
+    assert figures["backend"] == "tensorrt:fp16-frame-1920x1080.plan" and len(world.builds) == 1
