@@ -287,3 +287,41 @@ def test_selftest_builds_and_times_the_frame_variant_for_a_1080p_camera(
     assert toolkit.build(bundle, case).name == "fp16-frame-1920x1080.plan"
     figures = toolkit.bench(bundle, "tensorrt", case, runs=2)
     assert figures["backend"] == "tensorrt:fp16-frame-1920x1080.plan" and len(world.builds) == 1
+
+
+def detections_by_frame(path: Path) -> Dict[Any, Any]:
+    import json
+
+    found = {}
+    for line in path.read_text().splitlines():
+        message = json.loads(line)["payload"]
+        if isinstance(message, dict) and message.get("type") == "detections":
+            found[(message["source"], message["frame_index"])] = [
+                (item["class_id"], [round(v) for v in item["box"]])
+                for item in message["detections"]]
+    return found
+
+
+def test_jetyolo_run_batches_two_cameras_through_the_engine_as_the_cpu_does(
+    monkeypatch: pytest.MonkeyPatch, batch_bundle_dir: Path, synth_video: Path, tmp_path: Path
+) -> None:
+    """Two sources on the batch-3 engine: every call is a partial batch (k <= 2 of 3) through
+    the pipeline's batching and the runner's set_input_shape; the detections equal ONNX
+    Runtime's on the same bundle, frame by frame."""
+    from device.cli import main
+
+    install(monkeypatch, "10.3")
+    monkeypatch.setenv("JETYOLO_ENGINE_CACHE", str(tmp_path / "engines"))
+    second = tmp_path / "yard.mp4"
+    shutil.copyfile(synth_video, second)
+    found = {}
+    for backend in ("tensorrt", "onnxruntime"):
+        out = tmp_path / f"{backend}.jsonl"
+        assert main(["run", str(batch_bundle_dir), "--source", str(synth_video), "--source",
+                     str(second), "--backend", backend, "--variant", "fp32", "--max-frames",
+                     "12", "--sink", f"jsonl:{out}"]) == 0
+        found[backend] = detections_by_frame(out)
+    shared = set(found["tensorrt"]) & set(found["onnxruntime"])
+    assert len(shared) >= 8 and {source for source, _ in shared} == {"synth", "yard"}
+    assert all(found["tensorrt"][key] == found["onnxruntime"][key] for key in shared)
+    assert sum(len(found["tensorrt"][key]) for key in shared) > 0, shared
