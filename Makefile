@@ -69,14 +69,16 @@ demo: $(STAMP)
 	@$(STEP) "6/10 accuracy: FP32 vs INT8 Q/DQ on the val split"
 	$(JY) eval $(DEMO_BUNDLE) --data $(DEMO_DATA) --variant fp32 --plots $(DEMO)/curves-fp32
 	$(JY) eval $(DEMO_BUNDLE) --data $(DEMO_DATA) --variant int8-qdq --plots $(DEMO)/curves-int8
-	@$(STEP) "7/10 device loop on the CPU backend, two cameras on one engine: detections to a local MQTT broker"
+	@$(STEP) "7/10 device loop on the CPU backend, two cameras batched on one engine (a batch-2 export): detections to a local MQTT broker"
+	$(JY) export $(DEMO)/runs/demo/weights/best.pt --out $(DEMO)/bundle-b2 --name synth-demo-b2 --imgsz 320 \
+	  --uint8-input --batch 2
 	port=$$($(BIN)/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
 	sub=""; mosquitto -p $$port > $(DEMO)/mosquitto.log 2>&1 & broker=$$!; \
 	trap 'kill $$broker $$sub 2>/dev/null || true' EXIT; \
 	timeout 10 bash -c "until (exec 3<>/dev/tcp/127.0.0.1/$$port) 2>/dev/null; do sleep 0.1; done"; \
 	mosquitto_sub -h 127.0.0.1 -p $$port -q 1 -t 'jetyolo/#' -v > $(DEMO)/subscriber.log & sub=$$!; sleep 0.5; \
 	cp $(DEMO_VIDEO) $(DEMO)/yard.mp4; \
-	$(JY) run $(DEMO_BUNDLE) --source $(DEMO_VIDEO) --source $(DEMO)/yard.mp4 --backend onnxruntime --device-id demo \
+	$(JY) run $(DEMO)/bundle-b2 --source $(DEMO_VIDEO) --source $(DEMO)/yard.mp4 --backend onnxruntime --device-id demo \
 	  --config docs/tracking-demo.yaml \
 	  --sink mqtt://127.0.0.1:$$port --sink jsonl:$(DEMO)/detections.jsonl --spool-dir $(DEMO)/spool \
 	  --stats-interval 1; \
