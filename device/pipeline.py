@@ -404,7 +404,7 @@ class Pipeline:
             "frames": counters.frames,
             "batches": counters.batches,
             "batch_size": self.batch_size,
-            "dropped_frames": counters.dropped,
+            "dropped_frames": self._dropped(),
             "decode_errors": self.source.decode_errors,
             "reconnects": self.source.reconnects,
             "fps_since_start": round(counters.frames / seconds, 2) if seconds > 0 else 0.0,
@@ -414,7 +414,7 @@ class Pipeline:
             "backend_swaps": counters.backend_swaps,
             "source": self.source_name,
             "stages": {stage: t.as_dict() for stage, t in self._times.items()},
-            "queues": {"captured": self._captured.qsize(),
+            "queues": {"captured": self._captured_depth(),
                        "preprocessed": self._preprocessed.qsize(),
                        "inferred": self._inferred.qsize()},
         }
@@ -911,14 +911,14 @@ class Pipeline:
             "fps": round(fps, 2),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "frames": self._counters.frames,
-            "dropped_frames": self._counters.dropped,
+            "dropped_frames": self._dropped(),
             "decode_errors": self.source.decode_errors,
             "reconnects": self.source.reconnects,
             "backend": self.backend.kind,
             "source": self.source_name,
             "model_id": self.model.model_id,
             "latency_ms": self.stats.percentiles(last=max(1, int(fps * self.stats_interval_s))),
-            "queues": {"captured": self._captured.qsize(),
+            "queues": {"captured": self._captured_depth(),
                        "preprocessed": self._preprocessed.qsize(),
                        "inferred": self._inferred.qsize()},
         }
@@ -932,6 +932,15 @@ class Pipeline:
         for provider in self._stats_providers:
             message.update(provider())
         return message
+
+    def _dropped(self) -> int:
+        """Frames dropped here and, with several sources, in their own queues."""
+        sources = self._pulled.feeds if self._pulled is not None else []
+        return self._counters.dropped + sum(feed.dropped for feed in sources)
+
+    def _captured_depth(self) -> int:
+        sources = self._pulled.feeds if self._pulled is not None else []
+        return self._captured.qsize() + sum(feed.waiting.qsize() for feed in sources)
 
     def _per_source(self, sections: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
         """Each source's section with its published fps since the last stats message and its
@@ -958,7 +967,7 @@ class Pipeline:
             seconds=seconds,
             fps=counters.frames / seconds if seconds > 0 else 0.0,
             latency_ms=self.stats.percentiles(),
-            dropped=counters.dropped,
+            dropped=self._dropped(),
             decode_errors=self.source.decode_errors,
             reconnects=self.source.reconnects,
             backend=self.backend.kind,

@@ -152,6 +152,8 @@ def test_a_fast_camera_does_not_starve_a_slow_one_in_batches() -> None:
     # each batch takes the slow camera's frame when it has one: it loses few, the fast one many
     assert len(per_source(sink, "slow")) >= 9 and counts["slow"]["dropped_frames"] <= 6
     assert counts["fast"]["dropped_frames"] > 0
+    summary = holder["p"].summary()  # the totals count each source's own drops
+    assert summary.dropped == sum(section["dropped_frames"] for section in counts.values())
 
 
 def frame_waits_ms(timeout_ms: float) -> List[float]:
