@@ -334,6 +334,9 @@ class Pipeline:
         self._observers: List[FrameObserver] = []
         self._batch_observers: List[Callable[[int], None]] = []
         self._stats_providers: List[Callable[[], Dict[str, Any]]] = []
+        # source name -> its tracking step (device.setup puts them here; the HTTP preview
+        # outlines their zones and lines)
+        self.tracking: Dict[str, Any] = {}
         self._times = {stage: StageTime() for stage in TIMED_STAGES}
         self._stop = threading.Event()
         self._abort = threading.Event()

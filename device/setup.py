@@ -350,15 +350,19 @@ def attach_source_tracking(config: RunConfig, parts: RunParts, pipeline: Pipelin
     """Each source's tracker (one per source: track ids never cross cameras)."""
     names = parts.source_name.split(",")
     if len(names) == 1:
-        attach_tracking(pipeline, config.tracker, config.tracking, parts.bundle.class_names,
-                        parts.source.live)
+        stage = attach_tracking(pipeline, config.tracker, config.tracking,
+                                parts.bundle.class_names, parts.source.live)
+        if stage is not None:
+            pipeline.tracking[names[0]] = stage
         return
     stats: List[Callable[[], Dict[str, Any]]] = []
     live = {feed.name: feed.source.live for feed in getattr(parts.source, "feeds", [])}
     for name in names:
-        attach_tracking(_OneSource(pipeline, name, stats), config.tracker,
-                        config.tracking, parts.bundle.class_names, live.get(name, False),
-                        run_sources=names)
+        stage = attach_tracking(_OneSource(pipeline, name, stats), config.tracker,
+                                config.tracking, parts.bundle.class_names, live.get(name, False),
+                                run_sources=names)
+        if stage is not None:
+            pipeline.tracking[name] = stage
     if stats:
         pipeline.add_stats(lambda: {"tracking": {source: figures for provider in stats
                                                  for source, figures in

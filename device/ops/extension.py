@@ -76,6 +76,17 @@ def preview_regions(regions: Any) -> List[Region]:
     return outlines
 
 
+def tracking_regions(tracking: Dict[str, Any]) -> RegionsFn:
+    """The outlines of each source's tracking step (``Pipeline.tracking``: its zones and lines
+    with their live counts); called on the publishing thread, as the tracking step is."""
+
+    def regions(source: str, frame_size: Tuple[int, int]) -> Sequence[Region]:
+        stage = tracking.get(source)
+        return preview_regions(stage.regions(frame_size)) if stage is not None else ()
+
+    return regions
+
+
 def annotations_of(result: FrameResult, regions: RegionsFn = no_regions) -> Annotations:
     """Track ids (when a tracker set them on the detections) and the source's regions."""
     track_id = result.detections.track_id
@@ -87,9 +98,10 @@ class HttpExtension:
     """``extension(pipeline, config, stack)``: observer + server for one run."""
 
     def __init__(self, plan: AccessPlan, config: RunConfig,
-                 regions: RegionsFn = no_regions) -> None:
+                 regions: Optional[RegionsFn] = None) -> None:
         self.plan = plan
-        self.regions = regions  # zones/lines to outline: (source, frame size) -> regions
+        # zones/lines to outline: (source, frame size) -> regions; None: the run's tracking
+        self.regions = regions
         self.preview_fps = config.http_preview_fps
         self.variant = config.variant or "default"
         self.progress: Dict[str, _Progress] = {}
@@ -106,12 +118,13 @@ class HttpExtension:
         info = self._info(pipeline, options)
         metrics = RunMetrics(lambda: self.snapshot(pipeline, info))
         previews = PreviewHub(class_names, max_fps=self.preview_fps)
+        regions = self.regions or tracking_regions(pipeline.tracking)
 
         def observe(image: np.ndarray, result: FrameResult) -> None:
             self._progress(result.source).tick(time.monotonic())
             metrics.observe(result)
             if previews.watched(result.source):  # annotations only for a viewer
-                previews.offer(image, result, annotations_of(result, self.regions))
+                previews.offer(image, result, annotations_of(result, regions))
 
         pipeline.add_frame_observer(observe)
         pipeline.add_batch_observer(metrics.observe_batch)  # frames per inference call

@@ -95,6 +95,58 @@ def test_metrics_match_the_run_counters_frame_for_frame(
         get(*extension.endpoint.address, "/healthz")
 
 
+ZONE = [[96, 60], [864, 60], [864, 480], [96, 480]]  # frame pixels of the 960x540 video
+ELSEWHERE = [[48, 30], [912, 30], [912, 510], [48, 510]]  # no zone there
+
+
+def outline_share(jpeg: bytes, polygon: List[List[int]], frame_width: int) -> float:
+    """The share of points along ``polygon``'s edges (scaled to the preview) where the preview
+    is near white in a 3x3 neighbourhood: the zone outline's colour, absent from the video."""
+    import cv2
+    import numpy as np
+
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    white = cv2.dilate((image.min(axis=2) > 180).astype(np.uint8), np.ones((3, 3), np.uint8))
+    scale = image.shape[1] / frame_width
+    corners = np.array(polygon, float) * scale
+    hits = []
+    for start, end in zip(corners, np.roll(corners, -1, axis=0)):
+        for t in np.linspace(0.05, 0.95, 40):  # away from the corners (the zone's label)
+            x, y = np.round(start + (end - start) * t).astype(int)
+            hits.append(bool(white[y, x]))
+    return sum(hits) / len(hits)
+
+
+def test_the_preview_outlines_the_tracking_zones(bundle_dir: Path, synth_video: Path) -> None:
+    """``jetyolo run``'s preview draws the configured zones (the tracking step's own, with its
+    counts), fetched over HTTP while the run runs."""
+    config = config_from_mapping({
+        "bundle": str(bundle_dir), "source": str(synth_video), "backend": "onnxruntime",
+        "http": "127.0.0.1:0", "tracker": "bytetrack",
+        "tracking": {"zones": {"door": {"polygon": ZONE}}}})
+    (extension,) = http_extensions(config)
+    fetched: Dict[str, Any] = {}
+
+    def probe(pipeline: Any, _config: Any, _stack: Any) -> None:
+        def at_frame(_image: Any, result: Any) -> None:
+            if result.frame_index == 3:  # ask, and hold this frame until the request watches
+                host, port = extension.endpoint.address
+                fetched["thread"] = threading.Thread(target=lambda: fetched.update(
+                    reply=get(host, port, "/preview/synth.jpg")))
+                fetched["thread"].start()
+                assert wait_until(lambda: extension.endpoint.view.previews.watched("synth"), 30)
+            elif result.frame_index == 4:  # frame 4 was offered: let the reply go out first
+                fetched["thread"].join(30)
+
+        pipeline.add_frame_observer(at_frame)
+
+    run_configured(config, sinks=Collect(), extensions=[extension, probe], handle_signals=False)
+    status, _, jpeg = fetched["reply"]
+    assert status == 200 and jpeg[:2] == b"\xff\xd8"
+    assert outline_share(jpeg, ZONE, 960) > 0.8
+    assert outline_share(jpeg, ELSEWHERE, 960) < 0.2  # the measure finds no outline elsewhere
+
+
 # ---- the verb, as a process -------------------------------------------------------------------
 
 
