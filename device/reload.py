@@ -27,7 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Deque, Dict, Optional, Sequence
 
 from device.bundle import Bundle
 from device.config import RunConfig
@@ -188,6 +188,7 @@ class Reloader:
         if pipeline is None:
             return "the pipeline is not running"
         try:
+            check_tracking_classes(self.config, pipeline.source_name.split(","), bundle)
             backend = open_configured_backend(self.config, bundle)
         except JetyoloError as exc:
             return str(exc)
@@ -275,6 +276,16 @@ class Reloader:
         self._baseline = None
         self.store.rollback(reason)
         self.request()
+
+
+def check_tracking_classes(config: RunConfig, sources: Sequence[str], bundle: Bundle) -> None:
+    """Refuse a model lacking a class that a zone or line of ``sources`` filters on (the
+    tracking step maps the others by name at the swap)."""
+    from device.tracking_stage import source_tracking_config
+
+    for source in sources:
+        source_tracking_config(config.tracker, config.tracking, source, bundle.class_names,
+                               "config", sources)
 
 
 def crash_guard(config: RunConfig) -> None:

@@ -16,7 +16,15 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 from device.detections import FrameResult
 from device.tracking import Tracker, make_tracker
 from device.tracking_config import SourceTrackingConfig, parse_tracking
-from device.zones import RegionSpec, SourceRegions, TrackEvent, ZoneCount, bind, check_classes
+from device.zones import (
+    RegionSpec,
+    SourceRegions,
+    TrackEvent,
+    ZoneCount,
+    bind,
+    check_classes,
+    class_ids_of,
+)
 
 TRACK_STAGE = "track"  # its latency_ms key
 
@@ -48,6 +56,7 @@ class SourceTracking:
         self._specs = (tuple(z for z in zones if z.source in mine),
                        tuple(line for line in lines if line.source in mine))
         self._class_names = list(class_names)
+        self._followed: Optional[Sequence[str]] = None  # the last frame's class names, as is
         self._live = live  # live sources drop frames: the Kalman step follows capture time
         self._absent_frames = absent_frames
         self._origin = origin
@@ -66,8 +75,27 @@ class SourceTracking:
             self._bound = (size, regions)
         return self._bound[1]
 
+    def follow_classes(self, class_names: Sequence[str]) -> None:
+        """After a model swap: the zones' and lines' class filters by name in the new model's
+        class ids (the reloader refused a model that lacks a filtered class)."""
+        if class_names is self._followed:  # one tuple per model: the per-frame test is cheap
+            return
+        self._followed = class_names
+        if list(class_names) == self._class_names:
+            return
+        self._class_names = list(class_names)
+        if self._bound is None:
+            return
+        regions, origin = self._bound[1], self._origin
+        for zone, spec in zip(regions.zones, self._specs[0]):
+            zone.class_ids = class_ids_of(spec, class_names, f"{origin}: zones")
+        for line, spec in zip(regions.lines, self._specs[1]):
+            line.class_ids = class_ids_of(spec, class_names, f"{origin}: lines")
+
     def process(self, result: FrameResult) -> TrackedFrame:
         started = time.perf_counter()
+        if result.class_names:  # the model that computed it (it changes at a swap)
+            self.follow_classes(result.class_names)
         detections = self.tracker.update(result.detections,
                                          result.timestamp if self._live else None)
         regions = self.regions(result.frame_size)

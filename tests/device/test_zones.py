@@ -151,6 +151,45 @@ def test_line_outside_its_ends_and_filtered_classes_do_not_count() -> None:
     assert line.counts == {"in": 1, "out": 0}
 
 
+class Passthrough:
+    """A tracker for detections that carry their track ids already."""
+
+    def update(self, detections: Detections, timestamp: Optional[float] = None) -> Detections:
+        return detections
+
+
+def test_class_filters_follow_the_class_names_across_a_model_swap() -> None:
+    from device.detections import FrameResult
+    from device.tracking_stage import SourceTracking
+
+    (door,) = parse_zones({"door": {"polygon": SQUARE, "classes": ["car"]}}, "config")
+    stage = SourceTracking(Passthrough(), "cam", [door], class_names=NAMES)  # car: id 1
+
+    def frame(index: int, names: tuple, *items: tuple) -> FrameResult:
+        return FrameResult("cam", index, float(index), (640, 480), tracked(*items),
+                           class_names=names)
+
+    stage.process(frame(0, ("person", "car"), (7, 1, 200, 200), (8, 0, 210, 210)))
+    assert set(stage.regions((640, 480)).zones[0].inside) == {7}  # the car
+    # the new model numbers its classes the other way round: car is id 0 now
+    stage.process(frame(1, ("car", "person"), (7, 0, 200, 200), (8, 1, 210, 210)))
+    assert set(stage.regions((640, 480)).zones[0].inside) == {7}  # still the car, not 8
+
+
+def test_a_swap_to_a_model_without_a_filtered_class_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from device.config import config_from_mapping
+    from device.reload import check_tracking_classes
+
+    config = config_from_mapping({"bundle": "b", "source": "v.mp4", "tracker": "bytetrack",
+                                  "tracking": {"zones": {"door": {"polygon": SQUARE,
+                                                                  "classes": ["car"]}}}})
+    check_tracking_classes(config, ["cam"], SimpleNamespace(class_names=["person", "car"]))
+    with pytest.raises(JetyoloError, match="'car' is not one"):
+        check_tracking_classes(config, ["cam"], SimpleNamespace(class_names=["person", "bus"]))
+
+
 def test_zones_need_track_ids() -> None:
     with pytest.raises(JetyoloError, match="tracker: bytetrack"):
         _zone().update(Detections(np.array([[0, 0, 5, 5]]), [0.9], [0]), 0.0)
