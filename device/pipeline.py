@@ -21,6 +21,10 @@ waits for a first frame, then adds the frames that arrive within ``batch_timeout
 that for a slow one. A ``dynamic_batch`` backend runs k < N frames as k rows; another one gets
 all N rows and the unused ones are ignored. Batches finish in the order they were submitted and
 rows are published in the order they were taken, so each source's frames keep their order.
+Several live sources: the batching thread also waits for an inference seat (a call that can
+start now, ``backend.concurrency``) before it takes frames, so a full batch never waits behind
+the calls in flight while its cameras deliver newer frames (measured: p50 capture->publish of 4
+paced cameras 890 ms with the seat wait absent, docs/BENCHMARKS.md).
 
 The pipeline receives ready-built parts (``device.setup`` builds them from the config; this
 module imports neither the config nor the bundle) and owns none of them: the caller opens and
@@ -324,6 +328,10 @@ class Pipeline:
         self.source_filters = dict(source_filters or {})  # source name -> its own settings
         # several sources: the batching thread takes their frames (no pipeline capture thread)
         self._pulled = source if isinstance(source, MultiSource) else None
+        # several live sources: inference seats the batching thread waits for (set at activation)
+        self._live_pulled = self._pulled is not None and all(
+            feed.source.live for feed in self._pulled.feeds)
+        self._seats: Optional[threading.Semaphore] = None
         self.started = time.monotonic()
         self.stats = StageStats()
         self.source_stats: Dict[str, StageStats] = {}  # capture -> publish ms, per source
@@ -524,9 +532,11 @@ class Pipeline:
             # hold a free buffer first, then take frames, so a frame never waits for a buffer
             # while newer ones arrive (a standing queue of stale frames)
             slot: _Slot = self._get(self._free_inputs)
+            self._take_seat()
             first = self._first_frame()
             if first is None:
                 self._free_inputs.put(slot)
+                self._give_seat()
                 self._put(self._preprocessed, None)
                 return
             works = [first]
@@ -539,6 +549,16 @@ class Pipeline:
                 self._preprocess(work, slot, len(works))
                 works.append(work)
             self._put(self._preprocessed, _Batch(works, slot))
+
+    def _take_seat(self) -> None:
+        """Several live sources: wait until an inference call can start (see the docstring)."""
+        while self._seats is not None and not self._seats.acquire(timeout=POLL_S):
+            if self._abort.is_set():
+                raise _Aborted
+
+    def _give_seat(self) -> None:
+        if self._seats is not None:
+            self._seats.release()
 
     def _preprocess(self, work: _Work, slot: _Slot, row: int) -> None:
         with _Timed(self._times["preprocess"]) as timed:
@@ -595,6 +615,8 @@ class Pipeline:
         try:
             self._check_input(self.backend)
             check_class_names(self.backend, self.model)
+            if self._live_pulled:  # before the slots exist, so the batching thread sees it
+                self._seats = threading.Semaphore(self.backend.concurrency)
             self._add_generation(self.backend)
             self._ready.set()
             self._infer_frames()
@@ -655,6 +677,7 @@ class Pipeline:
 
     def _finish(self, flight: _InFlight) -> None:
         timing = flight.future.result()  # re-raises what the call raised
+        self._give_seat()
         stage = self._times["infer"]
         stage.calls += 1
         stage.wall_s += timing.wall_s

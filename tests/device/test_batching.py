@@ -173,6 +173,25 @@ def test_the_batch_timeout_bounds_how_long_a_live_frame_waits_for_stragglers() -
     assert max(waiting) >= 280
 
 
+def live_ages_ms(seats: bool) -> List[float]:
+    """Capture -> publish of two fast live cameras on a slow batch-2 engine (0.1 s a call, one
+    call at a time, 3 input buffers): with the seat wait a batch is formed when a call can start;
+    without it, filled buffers queue behind the call in flight while newer frames arrive."""
+    sink = CollectingSink()
+    multi = MultiSource([(name, FakeSource(400, live=True, interval_s=0.005)) for name in "ab"])
+    pipeline = Pipeline(BatchEchoBackend(2, delay_s=0.1), multi, (SIZE, SIZE),
+                        PostprocessConfig(0.25, 0.45, 10), sink, batch_timeout_ms=5)
+    pipeline._live_pulled = seats
+    pipeline.run()
+    return [r.latency_ms["total"] for r in sink.results][4:]  # past the start-up
+
+
+def test_several_live_cameras_wait_for_an_inference_seat_not_in_a_queue() -> None:
+    with_seats, without = live_ages_ms(True), live_ages_ms(False)
+    assert len(with_seats) >= 10 and len(without) >= 10
+    assert float(np.median(with_seats)) < 200 <= float(np.median(without))
+
+
 def test_per_source_threshold_and_class_filter() -> None:
     sink = CollectingSink()
     multi = MultiSource([(name, FakeSource(5)) for name in ("none", "high", "all")])
