@@ -442,13 +442,8 @@ def markdown(report: Dict[str, Any]) -> str:
 
 def write_plot(report: Dict[str, Any], path: Path) -> bool:
     """Aggregate FPS per N and configuration, one panel per phase; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("bench: matplotlib is not installed; no plot")
+    plt = bench_report.pyplot()
+    if plt is None:
         return False
     phases = sorted({name.split("/")[0] for name in report["configurations"]})
     counts = sorted({int(name.rsplit("-", 1)[1]) for name in report["configurations"]})

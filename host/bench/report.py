@@ -286,8 +286,8 @@ def markdown(report: Dict[str, Any]) -> str:
 # ---- plot --------------------------------------------------------------------------------------
 
 
-def write_plot(report: Dict[str, Any], path: Path) -> bool:
-    """Per-stage latency box plots and FPS bars, one row per bundle; False without matplotlib."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or None (logged) without matplotlib."""
     try:
         import matplotlib
 
@@ -295,6 +295,14 @@ def write_plot(report: Dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("bench: matplotlib is not installed; no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def write_plot(report: Dict[str, Any], path: Path) -> bool:
+    """Per-stage latency box plots and FPS bars, one row per bundle; False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return False
     records = report["bundles"]
     figure, axes = plt.subplots(len(records), 2, figsize=(13, 4.2 * len(records)), squeeze=False,

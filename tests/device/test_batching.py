@@ -13,6 +13,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import pytest
+from test_multisource import fast_and_slow
 from test_pipeline import CollectingSink, EchoBackend, FakeSource, decoded_value, frame_value
 
 from device.backends.base import TensorSpec
@@ -135,24 +136,12 @@ def test_a_batch_size_above_the_engines_is_refused() -> None:
 
 
 def test_a_fast_camera_does_not_starve_a_slow_one_in_batches() -> None:
-    fast = FakeSource(5000, live=True, interval_s=0.002)  # always has a frame waiting
-    slow = FakeSource(15, live=True, interval_s=0.03)
-    multi = MultiSource([("fast", fast), ("slow", slow)])
-    holder: Dict[str, Pipeline] = {}
-
-    def stop_when_slow_is_done(_count: int) -> None:
-        if slow.captured == 15 and not holder["p"]._stop.is_set():
-            holder["p"].request_stop("test")
-
-    sink = CollectingSink(on_frame=stop_when_slow_is_done)
-    holder["p"] = Pipeline(BatchEchoBackend(2, delay_s=0.03), multi, (SIZE, SIZE),
-                           PostprocessConfig(0.25, 0.45, 10), sink, batch_timeout_ms=5)
-    holder["p"].run()
+    multi, pipeline, sink = fast_and_slow(BatchEchoBackend(2, delay_s=0.03), batch_timeout_ms=5)
     counts = multi.per_source()
     # each batch takes the slow camera's frame when it has one: it loses few, the fast one many
     assert len(per_source(sink, "slow")) >= 9 and counts["slow"]["dropped_frames"] <= 6
     assert counts["fast"]["dropped_frames"] > 0
-    summary = holder["p"].summary()  # the totals count each source's own drops
+    summary = pipeline.summary()  # the totals count each source's own drops
     assert summary.dropped == sum(section["dropped_frames"] for section in counts.values())
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Set, Tuple
+from typing import Any, Dict, Iterator, Set, Tuple
 
 import cv2
 import numpy as np
 import pytest
+from test_run_e2e import Collect
 
 from device.config import config_from_mapping
 from device.decode_scale import Reduction, auto_factor, decode_factor, reduced_size
@@ -100,17 +101,6 @@ def test_stream_source_hands_out_reduced_frames_of_the_size_it_announces(
         assert next(full.frames(threading.Event())).reduction is None
     finally:
         full.close()
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.results: List[FrameResult] = []
-
-    def publish_frame(self, result: FrameResult) -> None:
-        self.results.append(result)
-
-    def publish_stats(self, stats: Dict[str, object]) -> None:
-        pass
 
 
 def served_results(

@@ -5,7 +5,7 @@ ends when every source has ended, frames carry their source's name."""
 from __future__ import annotations
 
 import threading
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from test_pipeline import CollectingSink, EchoBackend, FakeSource, decoded_value, frame_value
 
@@ -36,7 +36,11 @@ def test_every_frame_of_every_file_source_keeps_its_name_and_order() -> None:
     assert {"dropped_frames", "reconnects", "last_frame_age_s", "up"} <= set(stats["left"])
 
 
-def test_a_fast_camera_does_not_starve_a_slow_one() -> None:
+def fast_and_slow(
+    backend: object, **kwargs: object
+) -> Tuple[MultiSource, Pipeline, CollectingSink]:
+    """A camera that always has a frame waiting next to one with 15 frames 30 ms apart, run
+    until the slow one has delivered them all; kwargs go to the Pipeline."""
     fast = FakeSource(5000, live=True, interval_s=0.002)  # always has a frame waiting
     slow = FakeSource(15, live=True, interval_s=0.03)
     multi = MultiSource([("fast", fast), ("slow", slow)])
@@ -47,9 +51,14 @@ def test_a_fast_camera_does_not_starve_a_slow_one() -> None:
             holder["p"].request_stop("test")
 
     sink = CollectingSink(on_frame=stop_when_slow_is_done)
-    holder["p"] = Pipeline(EchoBackend(delay_s=0.02), multi, (SIZE, SIZE),
-                           PostprocessConfig(0.25, 0.45, 10), sink)
+    holder["p"] = Pipeline(backend, multi, (SIZE, SIZE),  # type: ignore[arg-type]
+                           PostprocessConfig(0.25, 0.45, 10), sink, **kwargs)  # type: ignore[arg-type]
     holder["p"].run()
+    return multi, holder["p"], sink
+
+
+def test_a_fast_camera_does_not_starve_a_slow_one() -> None:
+    multi, _, sink = fast_and_slow(EchoBackend(delay_s=0.02))
     slow_results = [r for r in sink.results if r.source == "slow"]
     per_source = multi.per_source()
     # without round-robin the slow camera got 3 of 15 here; the fast one must be the one dropping
