@@ -17,12 +17,14 @@ from preview_check import edge_coverage  # tests/ is on sys.path (tests/device/c
 from test_ops_run import jetyolo_run
 
 from device.ops.preview import DEFAULT_WIDTH, class_colour
+from host.bench.live import PacedMjpegServer
 from host.http_demo import chromium_available, headless_chromium
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / ".work" / "test-artifacts"
 VIDEO_SIZE = (960, 540)
 SHIFT_PX = 25  # a wrong box: the right one moved this far (it must not match)
+CAMERA_FPS, CAMERA_FRAMES = 15.0, 120  # the paced camera loops over these frames
 
 pytestmark = pytest.mark.skipif(
     not chromium_available(),
@@ -32,10 +34,11 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Long enough (360 frames) for a browser to open the page while the run goes on."""
+    """The camera's frames (it serves the first CAMERA_FRAMES, looping)."""
     from host.synth import make_video
 
-    return make_video(tmp_path_factory.mktemp("long") / "yard.mp4", 4, VIDEO_SIZE, 360, seed=3)
+    folder = tmp_path_factory.mktemp("long")
+    return make_video(folder / "yard.mp4", 4, VIDEO_SIZE, CAMERA_FRAMES, seed=3)
 
 
 def element_image(element: Any) -> np.ndarray:
@@ -66,9 +69,18 @@ def test_the_page_shows_a_live_annotated_preview(
     bundle_dir: Path, long_video: Path, tmp_path: Path
 ) -> None:
     jsonl = tmp_path / "out.jsonl"
-    args = [str(bundle_dir), "--source", str(long_video), "--backend", "onnxruntime",
-            "--sink", f"jsonl:{jsonl}", "--spool-dir", str(tmp_path / "spool"),
-            "--stats-interval-s", "1", "--http", "127.0.0.1:0", "--http-preview-fps", "10"]
+    # the video as a paced camera (looping): the run lasts until it is stopped, however long the
+    # browser takes to start (a file source ended first on a loaded machine: connection refused);
+    # decoded at full size so the preview is DEFAULT_WIDTH wide
+    with PacedMjpegServer(long_video, CAMERA_FPS, CAMERA_FRAMES) as camera:
+        args = [str(bundle_dir), "--source", camera.url, "--decode-scale", "1",
+                "--backend", "onnxruntime", "--sink", f"jsonl:{jsonl}",
+                "--spool-dir", str(tmp_path / "spool"), "--stats-interval-s", "1",
+                "--http", "127.0.0.1:0", "--http-preview-fps", "10"]
+        check_preview_page(args, jsonl, tmp_path)
+
+
+def check_preview_page(args: List[str], jsonl: Path, tmp_path: Path) -> None:
     with jetyolo_run(args, tmp_path) as (_run, host, port):
         driver = headless_chromium()
         try:
