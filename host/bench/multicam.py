@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import datetime as dt
 import logging
-import os
 import shlex
 import statistics
 import sys
@@ -465,11 +464,6 @@ def write_plot(report: Dict[str, Any], path: Path) -> bool:
     figure.suptitle(f"jetyolo bench --sources {report['date'][:16]}: "
                     f"{report['machine']['cores']} cores; {report['uptime_start'][-32:]}",
                     fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=80)
-    plt.close(figure)
-    os.replace(temporary, path)
+    bench_report.save_figure(plt, figure, path, dpi=80)
     return True
 

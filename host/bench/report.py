@@ -299,6 +299,16 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(plt: Any, figure: Any, path: Path, dpi: int) -> None:
+    """Lay out, write to a temporary name beside ``path``, then rename (never a partial PNG)."""
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=dpi)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
 def write_plot(report: Dict[str, Any], path: Path) -> bool:
     """Per-stage latency box plots and FPS bars, one row per bundle; False without matplotlib."""
     plt = pyplot()
@@ -314,12 +324,7 @@ def write_plot(report: Dict[str, Any], path: Path) -> bool:
     figure.suptitle(f"jetyolo bench {report['date'][:10]}: {report['machine']['cpu']}, "
                     f"{report['machine']['cores']} cores (load {load:.1f} at start), "
                     f"{report['settings']['threads']} threads, {report['settings']['backend']}")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=90)
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_figure(plt, figure, path, dpi=90)
     return True
 
 

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 from mqtt_broker import MosquittoBroker, Subscriber
 from polling import wait_until
+from test_sdnotify import received
 from update_bundles import renamed, wrong_reference
 
 from device.bundle import MANIFEST, Bundle
@@ -49,19 +50,6 @@ def model_id(path: Path) -> str:
     return Bundle.load(path, verify=False).model_id
 
 
-def datagrams(sock: socket.socket) -> List[str]:
-    out = []
-    sock.setblocking(False)
-    try:
-        while True:
-            out.append(sock.recv(4096).decode())
-    except BlockingIOError:
-        pass
-    finally:
-        sock.settimeout(2)
-    return out
-
-
 class Service:
     """`jetyolo run --config` with systemd's environment (NOTIFY_SOCKET, WATCHDOG_USEC)."""
 
@@ -74,7 +62,7 @@ class Service:
         self.notified: List[str] = []
 
     def poll_notify(self) -> List[str]:
-        self.notified += datagrams(self.sock)
+        self.notified += received(self.sock)
         return self.notified
 
     def wait_ready(self) -> None:
@@ -104,6 +92,15 @@ def write_config(path: Path, device: Path, video: Path, broker: MosquittoBroker)
     return path
 
 
+def installed_a(bundles: Dict[str, Path], video: Path, broker: MosquittoBroker,
+                tmp_path: Path) -> Tuple[Path, Path]:
+    """A device folder with bundle A installed by `jetyolo update`, and the service's config."""
+    device = tmp_path / "device"
+    config = write_config(tmp_path / "config.yaml", device, video, broker)
+    assert update(device, config, bundles["A"]) == 0
+    return device, config
+
+
 def update(device: Path, config: Path, *args: object) -> int:
     return main(["update", "--device-dir", str(device), "--config", str(config), "--nice", "0",
                  "--wait-s", "120", *map(str, args)])
@@ -118,9 +115,7 @@ def test_update_refuse_and_roll_back_a_running_service(
     bundles: Dict[str, Path], long_video: Path, broker: MosquittoBroker,
     notify_socket: Tuple[socket.socket, str], tmp_path: Path, capsys: pytest.CaptureFixture,
 ) -> None:
-    device = tmp_path / "device"
-    config = write_config(tmp_path / "config.yaml", device, long_video, broker)
-    assert update(device, config, bundles["A"]) == 0
+    device, config = installed_a(bundles, long_video, broker, tmp_path)
     subscriber = Subscriber(broker.port)
     service = Service(config, notify_socket)
     ids = {name: model_id(path) for name, path in bundles.items()}
@@ -191,9 +186,7 @@ def test_crash_guard_rolls_back_a_model_that_kills_the_service_at_start(
     bundles: Dict[str, Path], long_video: Path, broker: MosquittoBroker,
     notify_socket: Tuple[socket.socket, str], tmp_path: Path,
 ) -> None:
-    device = tmp_path / "device"
-    config = write_config(tmp_path / "config.yaml", device, long_video, broker)
-    assert update(device, config, bundles["A"]) == 0
+    device, config = installed_a(bundles, long_video, broker, tmp_path)
     store = Store(device)
     bad = crashing(bundles["A"], tmp_path / "crash")
     # What `update` would have refused at verify: activated as if it had passed (a model that
@@ -227,9 +220,7 @@ def test_rate_guard_rolls_back_a_model_whose_detections_collapse(
     bundles: Dict[str, Path], long_video: Path, broker: MosquittoBroker,
     notify_socket: Tuple[socket.socket, str], tmp_path: Path,
 ) -> None:
-    device = tmp_path / "device"
-    config = write_config(tmp_path / "config.yaml", device, long_video, broker)
-    assert update(device, config, bundles["A"]) == 0
+    device, config = installed_a(bundles, long_video, broker, tmp_path)
     subscriber = Subscriber(broker.port)
     service = Service(config, notify_socket)
     store = Store(device)
