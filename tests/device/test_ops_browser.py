@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Tuple
 import cv2
 import numpy as np
 import pytest
-from preview_check import edge_coverage  # tests/ is on sys.path (tests/device/conftest.py)
+from preview_check import colour_near, outline_coverage  # tests/ is on sys.path (conftest)
 from test_ops_run import jetyolo_run
 
 from device.ops.preview import DEFAULT_WIDTH, class_colour
@@ -52,17 +52,49 @@ def frame_messages(path: Path) -> List[Dict[str, Any]]:
     return [p for p in payloads if isinstance(p, dict) and p.get("type") == "detections"]
 
 
-def box_match(image: np.ndarray, message: Dict[str, Any], shift: float = 0.0) -> float:
+class ColourMasks(dict):
+    """class id -> colour_near mask of one image, made on first use."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        super().__init__()
+        self.image = image
+
+    def __missing__(self, class_id: int) -> np.ndarray:
+        self[class_id] = colour_near(self.image, class_colour(class_id))
+        return self[class_id]
+
+
+def box_match(masks: ColourMasks, message: Dict[str, Any], shift: float = 0.0) -> float:
     """The worst edge coverage over the message's boxes, scaled to the preview (0: no boxes)."""
     scale = DEFAULT_WIDTH / VIDEO_SIZE[0]
-    coverages = [edge_coverage(image, np.array(d["box"]) * scale + shift,
-                               class_colour(d["class_id"])) for d in message["detections"]]
+    coverages = [outline_coverage(masks[d["class_id"]], np.array(d["box"]) * scale + shift)
+                 for d in message["detections"]]
     return min(coverages) if coverages else 0.0
 
 
 def best_message(image: np.ndarray, messages: List[Dict[str, Any]]) -> Tuple[float, Dict]:
-    scored = [(box_match(image, m), m) for m in messages if m["detections"]]
+    masks = ColourMasks(image)
+    scored = [(box_match(masks, m), m) for m in messages]
     return max(scored, key=lambda pair: pair[0])
+
+
+def matching_shot(preview: Any, jsonl: Path, wait_s: float = 20.0
+                  ) -> Tuple[float, Dict, np.ndarray]:
+    """Screenshots of the preview until one shows every box of some detections message
+    (score >= 0.8), or ``wait_s`` passed: the best ``(score, message, shot)``. One shot is not
+    enough: where objects overlap, one box's label hides another's edge (seen at 0.63 on a
+    loaded machine), and the shown frame's line may reach the file a moment later."""
+    deadline = time.monotonic() + wait_s
+    best: Tuple[float, Dict, np.ndarray] = (-1.0, {}, np.zeros((1, 1, 3), np.uint8))
+    while best[0] < 0.8 and time.monotonic() < deadline:
+        shot = element_image(preview)
+        time.sleep(0.5)  # the frame shown was published before it was offered
+        messages = [m for m in frame_messages(jsonl) if m["detections"]]
+        if messages:
+            score, message = best_message(shot, messages)
+            best = max(best, (score, message, shot), key=lambda found: found[0])
+    assert best[1], f"no detections message in {jsonl} after {wait_s:.0f} s"
+    return best
 
 
 def test_the_page_shows_a_live_annotated_preview(
@@ -96,11 +128,10 @@ def check_preview_page(args: List[str], jsonl: Path, tmp_path: Path) -> None:
             second = element_image(preview)
             assert first.shape[:2] == (360, 640)
             assert np.abs(first.astype(int) - second.astype(int)).mean() > 1.0  # it moves
-            shot = element_image(preview)
-            time.sleep(0.5)  # the frame shown was published before it was offered
-            score, message = best_message(shot, frame_messages(jsonl))
+            score, message, shot = matching_shot(preview, jsonl)
             assert score >= 0.8, (score, message["frame_index"])
-            assert box_match(shot, message, shift=SHIFT_PX) < 0.4  # a wrong box does not match
+            wrong = box_match(ColourMasks(shot), message, shift=SHIFT_PX)
+            assert wrong < 0.4, wrong  # the same boxes moved by SHIFT_PX do not match
             deadline = time.monotonic() + 15  # the stats table fills from /api/stats
             while "fps" not in driver.find_element("id", "stats").text:
                 assert time.monotonic() < deadline, driver.find_element("id", "stats").text
