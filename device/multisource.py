@@ -5,8 +5,10 @@ One engine serves every camera (one copy of the weights, one CUDA context). Per 
 
 - its own capture thread, so a camera that stalls or reconnects (the source's own back-off)
   holds up nobody else; it shows as ``up: false`` in the stats;
-- its own bounded queue: a live source keeps only its newest frame (drop-oldest, counted per
-  source), a file blocks only itself;
+- its own queue of one frame: a live source keeps only its newest frame (drop-oldest, counted
+  per source), a file blocks only itself (one frame waiting and one in its capture thread's
+  hand are enough to keep the batches full: a second waiting 1080p frame per file cost 25 MiB
+  at 4 files and no FPS);
 - round-robin hand-out: at most one frame per source per turn, so a fast camera cannot starve a
   slow one.
 
@@ -62,7 +64,7 @@ class MultiSource(Source):
 
     def __init__(self, named: Sequence[Tuple[str, Source]]) -> None:
         super().__init__(",".join(name for name, _ in named))
-        self.feeds = [_Feed(name, source, queue.Queue(maxsize=1 if source.live else 2))
+        self.feeds = [_Feed(name, source, queue.Queue(maxsize=1))
                       for name, source in named]
         self._arrived = threading.Event()
         self._turn = 0

@@ -49,9 +49,12 @@ Extension points (what later capabilities plug into; each is safe to use while `
   postprocess and before the sinks, in the order added; it may return the same result, a new
   one (tracker ids, zone events), or raise (the run stops with that error). Keep it cheap: it
   is on the per-frame path.
-- ``add_frame_observer(observer)``: ``observer(image, result)`` runs on the publishing thread
-  after the frame was published (latencies complete), with the captured frame; it cannot change
-  the result (the HTTP endpoint's metrics and preview). Keep it cheap too.
+- ``add_frame_observer(observer, wants_image)``: ``observer(image, result)`` runs on the
+  publishing thread after the frame was published (latencies complete); it cannot change the
+  result (the HTTP endpoint's metrics and preview). Keep it cheap too. ``image`` is the
+  captured frame when ``wants_image(source)`` said so as the frame was letterboxed, else
+  ``RELEASED`` (zero-size): a full-size frame is let go as soon as it was letterboxed, so the
+  frames in flight (batches, queues) do not each hold 6 MB of 1080p pixels.
 - ``add_batch_observer(observer)``: ``observer(frames)`` runs on the publishing thread once per
   inference call with the number of frames it carried (the HTTP endpoint's batch histogram).
 - ``add_stats(provider)``: ``provider() -> dict`` is merged into every stats message (tracking's
@@ -115,6 +118,9 @@ SOURCE_WINDOW = 2000  # per-source latency samples kept (the stats window is far
 
 FrameHook = Callable[[FrameResult], FrameResult]
 FrameObserver = Callable[[np.ndarray, FrameResult], None]
+# What an observer gets instead of the frame it did not want (see add_frame_observer).
+RELEASED = np.empty((0, 0, 3), np.uint8)
+RELEASED.flags.writeable = False
 
 
 class FrameSink(Protocol):
@@ -340,6 +346,7 @@ class Pipeline:
         self.stopped_by = "end of source"
         self._hooks: List[FrameHook] = []
         self._observers: List[FrameObserver] = []
+        self._image_wanted: List[Callable[[str], bool]] = []  # per observer: for this source?
         self._batch_observers: List[Callable[[int], None]] = []
         self._stats_providers: List[Callable[[], Dict[str, Any]]] = []
         # source name -> its tracking step (device.setup puts them here; the HTTP preview
@@ -374,9 +381,13 @@ class Pipeline:
         """Run ``hook(result) -> result`` on every frame after postprocess, before publishing."""
         self._hooks.append(hook)
 
-    def add_frame_observer(self, observer: FrameObserver) -> None:
+    def add_frame_observer(self, observer: FrameObserver,
+                           wants_image: Callable[[str], bool] = lambda _source: True) -> None:
         """Run ``observer(image, result)`` on every frame after it was published (latencies
-        complete); ``image`` is the captured frame (sources hand out a new array per frame)."""
+        complete); ``image`` is the captured frame (sources hand out a new array per frame)
+        when ``wants_image(source name)`` was true as the frame was letterboxed, else
+        ``RELEASED``."""
+        self._image_wanted.append(wants_image)
         self._observers.append(observer)
 
     def add_batch_observer(self, observer: Callable[[int], None]) -> None:
@@ -533,7 +544,7 @@ class Pipeline:
             # while newer ones arrive (a standing queue of stale frames)
             slot: _Slot = self._get(self._free_inputs)
             self._take_seat()
-            first = self._first_frame()
+            first = self._first_decoded()
             if first is None:
                 self._free_inputs.put(slot)
                 self._give_seat()
@@ -543,7 +554,7 @@ class Pipeline:
             self._preprocess(first, slot, 0)
             deadline = time.perf_counter() + self.batch_timeout_s
             while len(works) < self.batch_size:
-                work = self._more_frame(deadline)
+                work = self._more_decoded(deadline)
                 if work is None:
                     break
                 self._preprocess(work, slot, len(works))
@@ -564,6 +575,31 @@ class Pipeline:
         with _Timed(self._times["preprocess"]) as timed:
             work.geometry = slot.preprocessors[row](work.frame.image, work.frame.reduction)
         work.latency_ms["preprocess"] = timed.ms
+        source = work.frame.source or self.source_name
+        if not any(wanted(source) for wanted in self._image_wanted):
+            work.frame.image = RELEASED  # measured: docs/BENCHMARKS.md, "frames in flight"
+
+    def _first_decoded(self) -> Optional[_Work]:
+        while True:
+            work = self._first_frame()
+            if work is None or self._decoded(work):
+                return work
+
+    def _more_decoded(self, deadline: float) -> Optional[_Work]:
+        while True:
+            work = self._more_frame(deadline)
+            if work is None or self._decoded(work):
+                return work
+
+    @staticmethod
+    def _decoded(work: _Work) -> bool:
+        """Decode a frame its source handed out undecoded (a live MJPEG stream: see
+        ``device.sources.Frame``), timed as part of its capture; False: it does not decode
+        (its source counted it) and is skipped."""
+        started = time.perf_counter()
+        decodes = work.frame.decode()
+        work.latency_ms["capture"] += _ms(started)
+        return decodes
 
     def _first_frame(self) -> Optional[_Work]:
         """The next frame, waiting as long as it takes; None at the end."""

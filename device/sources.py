@@ -54,13 +54,54 @@ MAX_CONSECUTIVE_DECODE_ERRORS = 30  # a file that fails this often in a row is o
 JETSON_RELEASE_FILE = Path("/etc/nv_tegra_release")
 
 
-@dataclass
+# An image decoded later (Frame.deferred): the image, None when the bytes do not decode.
+Decoded = Tuple[Optional[np.ndarray], Optional[Reduction]]
+
+
 class Frame:
-    index: int
-    timestamp: float  # capture time, seconds since the epoch
-    image: np.ndarray  # BGR, (h, w, 3) uint8
-    source: Optional[str] = None  # the source's name when several share one pipeline
-    reduction: Optional[Reduction] = None  # decoded smaller than the source sent it
+    """A captured frame: ``image`` is BGR, (h, w, 3) uint8; ``source`` the source's name when
+    several share one pipeline; ``reduction`` set when decoded smaller than the source sent it.
+
+    A live MJPEG stream hands its frames out undecoded (``Frame.deferred``): the JPEG is decoded
+    by whoever first needs the pixels (the pipeline, when it takes the frame), so a frame dropped
+    as stale in a queue is never decoded (4 cameras at 30 FPS in one process: 958 frames decoded
+    for 240 inferred before; docs/BENCHMARKS.md)."""
+
+    __slots__ = ("_decode", "_image", "index", "reduction", "source", "timestamp")
+
+    def __init__(self, index: int, timestamp: float, image: Optional[np.ndarray],
+                 source: Optional[str] = None, reduction: Optional[Reduction] = None) -> None:
+        self.index = index
+        self.timestamp = timestamp  # capture time, seconds since the epoch
+        self.source = source
+        self.reduction = reduction
+        self._image = image
+        self._decode: Optional[Callable[[], Decoded]] = None
+
+    @classmethod
+    def deferred(cls, index: int, timestamp: float, decode: Callable[[], Decoded]) -> Frame:
+        frame = cls(index, timestamp, None)
+        frame._decode = decode
+        return frame
+
+    def decode(self) -> bool:
+        """Decode now if not yet done; False when the bytes do not decode (the source counted
+        it as a decode error)."""
+        if self._image is None and self._decode is not None:
+            decode, self._decode = self._decode, None  # the bytes are not needed after
+            self._image, self.reduction = decode()
+        return self._image is not None
+
+    @property
+    def image(self) -> np.ndarray:
+        if not self.decode() or self._image is None:
+            raise JetyoloError(f"frame {self.index} of {self.source or 'its source'} "
+                               "does not decode")
+        return self._image
+
+    @image.setter
+    def image(self, image: np.ndarray) -> None:
+        self._image, self._decode = image, None
 
 
 @dataclass(frozen=True)
@@ -422,19 +463,38 @@ class MjpegReducedDecode(FullDecode):
             LOG.info("%s", line)
         self._said = line
 
+    @property
+    def deferred(self) -> bool:
+        return self.factor > 1 and self.source_size is not None
+
     def read(self, capture: cv2.VideoCapture) -> DecodedRead:
-        if self.factor == 1 or self.source_size is None:
+        if not self.deferred:
             return super().read(capture)
-        ok, packet = capture.read()
-        if not ok or packet is None:
+        packet = self.read_packet(capture)
+        if packet is None:
             return False, None, None
-        image = cv2.imdecode(packet, REDUCED_FLAGS[self.factor])
-        if image is None:
-            return True, None, None  # a corrupt JPEG: skipped, the stream goes on
-        source_size = self.source_size
-        if (image.shape[1], image.shape[0]) != reduced_size(source_size, self.factor):
-            source_size = (image.shape[1] * self.factor, image.shape[0] * self.factor)
-        return True, image, Reduction(self.factor, source_size)
+        image, reduction = self.decoder(packet)()
+        return True, image, reduction  # image None: a corrupt JPEG, skipped
+
+    def read_packet(self, capture: cv2.VideoCapture) -> Optional[np.ndarray]:
+        """The next JPEG, undecoded (``deferred`` decoders only); None: the read failed."""
+        ok, packet = capture.read()
+        return packet if ok and packet is not None else None
+
+    def decoder(self, packet: np.ndarray) -> Callable[[], Decoded]:
+        """Decodes ``packet`` at this capture's factor when called (a reopen may change it)."""
+        factor, expected = self.factor, self.source_size or (0, 0)
+
+        def decode() -> Decoded:
+            image = cv2.imdecode(packet, REDUCED_FLAGS[factor])
+            if image is None:
+                return None, None
+            source_size = expected
+            if (image.shape[1], image.shape[0]) != reduced_size(expected, factor):
+                source_size = (image.shape[1] * factor, image.shape[0] * factor)
+            return image, Reduction(factor, source_size)
+
+        return decode
 
     def frame_size(self, capture: Optional[cv2.VideoCapture]) -> Optional[Tuple[int, int]]:
         if self.factor == 1 or self.source_size is None:
@@ -471,20 +531,39 @@ class LiveSource(Source):
                 self._capture = self._reopen(stop, delay)
                 delay = min(delay * 2, self.reconnect_max_s)
                 continue
-            ok, image, reduction = self._decoder.read(self._capture)
-            if ok and image is not None:
+            decoder = self._decoder
+            if isinstance(decoder, MjpegReducedDecode) and decoder.deferred:
+                packet = decoder.read_packet(self._capture)  # decoded when taken: see Frame
+                frame = (self._deferred_frame(index, decoder.decoder(packet))
+                         if packet is not None else None)
+            else:
+                ok, image, reduction = self._decoder.read(self._capture)
+                frame = Frame(index, time.time(), image, reduction=reduction) if ok else None
+                if ok and image is None:
+                    self._undecodable()
+                    continue
+            if frame is not None:
                 delay = FIRST_RETRY_S
-                yield Frame(index, time.time(), image, reduction=reduction)
+                yield frame
                 index += 1
-                continue
-            if ok:
-                self.decode_errors += 1
-                LOG.warning("source: %s sent a frame that does not decode; skipped", self.name)
                 continue
             LOG.warning("source: %s read failed; reconnecting in %.1f s", self.name, delay)
             self._capture.release()
             self._capture = None
             self.reconnects += 1
+
+    def _deferred_frame(self, index: int, decode: Callable[[], Decoded]) -> Frame:
+        def decode_or_count() -> Decoded:
+            image, reduction = decode()
+            if image is None:
+                self._undecodable()
+            return image, reduction
+
+        return Frame.deferred(index, time.time(), decode_or_count)
+
+    def _undecodable(self) -> None:
+        self.decode_errors += 1
+        LOG.warning("source: %s sent a frame that does not decode; skipped", self.name)
 
     def _reopen(self, stop: threading.Event, delay: float) -> Optional[cv2.VideoCapture]:
         if stop.wait(delay):

@@ -117,6 +117,11 @@ class OnnxRuntimeBackend(Backend):
             # (docs/BENCHMARKS.md: 2-3x the FPS on 2 cores with spinning off).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if self.max_batch is not None and self.max_batch > 1:
+            # A batch-N graph's planned buffers are sized for N rows per call in flight: off,
+            # one process with 4 cameras peaked 10-25 MiB lower, FPS within run-to-run noise
+            # (batch 1: 8 MiB less but 1-4 % slower, so it stays on; docs/BENCHMARKS.md).
+            options.enable_mem_pattern = False
         try:
             self._session = ort.InferenceSession(
                 str(self.model_path), options, providers=["CPUExecutionProvider"]

@@ -123,10 +123,12 @@ class HttpExtension:
         def observe(image: np.ndarray, result: FrameResult) -> None:
             self._progress(result.source).tick(time.monotonic())
             metrics.observe(result)
-            if previews.watched(result.source):  # annotations only for a viewer
+            # annotations only for a viewer; a viewer who came after the frame was
+            # letterboxed gets the next one (this one's pixels were let go: RELEASED)
+            if image.size and previews.watched(result.source):
                 previews.offer(image, result, annotations_of(result, regions))
 
-        pipeline.add_frame_observer(observe)
+        pipeline.add_frame_observer(observe, previews.watched)
         pipeline.add_batch_observer(metrics.observe_batch)  # frames per inference call
         title = f"jetyolo {getattr(options, 'device_id', '')}".strip()
         view = OpsView(title, metrics, previews, lambda: self.snapshot(pipeline, info),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, Set, Tuple
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import cv2
 import numpy as np
@@ -164,3 +164,46 @@ def test_a_stream_that_is_not_mjpeg_decodes_at_full_size(video_1080: Path) -> No
     finally:
         server.shutdown()
     assert frame.image.shape == (1080, 1920, 3) and frame.reduction is None
+
+
+def counting_imdecode(monkeypatch: pytest.MonkeyPatch) -> List[int]:
+    """Counts cv2.imdecode calls (one per JPEG decoded) from here on."""
+    calls: List[int] = []
+    real = cv2.imdecode
+
+    def imdecode(buffer: Any, flags: int) -> Any:
+        calls.append(flags)
+        return real(buffer, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", imdecode)
+    return calls
+
+
+def test_a_stream_frame_is_decoded_only_when_its_pixels_are_used(
+    camera: PacedMjpegServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = counting_imdecode(monkeypatch)
+    source = open_source(camera.url, CaptureOptions(model_input=(320, 320)))
+    try:
+        frames = source.frames(threading.Event())
+        taken = [next(frames) for _ in range(4)]
+    finally:
+        source.close()
+    assert calls == []  # read, not decoded: a frame dropped as stale costs no decode
+    used = [taken[1].image, taken[3].image]
+    assert calls == [cv2.IMREAD_REDUCED_COLOR_4] * 2
+    assert all(image.shape == (270, 480, 3) for image in used)
+    assert taken[1].reduction == Reduction(4, (1920, 1080)) and taken[0].reduction is None
+
+
+def test_a_frame_that_does_not_decode_when_taken_is_counted_and_skipped(
+    bundle_dir: Path, video_1080: Path
+) -> None:
+    with PacedMjpegServer(video_1080, 30.0, 8) as broken:
+        broken.jpegs[2] = b"\xff\xd8" + bytes(2000) + b"\xff\xd9"  # a JPEG of zeros
+        config = config_from_mapping({"bundle": str(bundle_dir), "source": broken.url,
+                                      "backend": "onnxruntime", "tracker": "none"})
+        sink = Collect()
+        summary = run_configured(config, sinks=sink, max_frames=10, handle_signals=False)
+    assert summary.decode_errors >= 1
+    assert summary.frames == 10 and all(r.frame_size == (1920, 1080) for r in sink.results)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from device.backends.base import Backend, TensorSpec
 from device.detections import FrameResult
 from device.errors import JetyoloError
-from device.pipeline import Pipeline
+from device.pipeline import RELEASED, Pipeline
 from device.postprocess import PostprocessConfig
 from device.sources import Frame, Source
 
@@ -555,3 +556,42 @@ def test_max_frames_counts_published_frames_on_a_live_source_too() -> None:
     summary = make_pipeline(source, EchoBackend(delay_s=0.02), sink, max_frames=6).run()
     assert len(sink.results) == summary.frames == 6 and summary.stopped_by == "max frames"
     assert summary.dropped > 0 and source.captured > 6
+
+
+class WeakSource(FakeSource):
+    """FakeSource keeping a weak reference to each frame's image (to see when it is freed)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.images: Dict[int, weakref.ref] = {}
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        for frame in super().frames(stop):
+            self.images[frame.index] = weakref.ref(frame.image)
+            yield frame
+
+
+def alive_at_publish(wants_image: bool) -> Tuple[List[bool], List[Tuple[int, ...]]]:
+    """Per frame: was its full image still alive when its result was published, and the image
+    shapes an observer got (wanting the images or not)."""
+    source, sink = WeakSource(6), CollectingSink()
+    pipeline = make_pipeline(source, EchoBackend(delay_s=0.01), sink)
+    alive: List[bool] = []
+    shapes: List[Tuple[int, ...]] = []
+
+    def at_publish(result: FrameResult) -> FrameResult:
+        alive.append(source.images[result.frame_index]() is not None)
+        return result
+
+    pipeline.add_frame_hook(at_publish)
+    pipeline.add_frame_observer(lambda image, _result: shapes.append(image.shape),
+                                lambda _source: wants_image)
+    pipeline.run()
+    return alive, shapes
+
+
+def test_a_frame_nobody_wants_to_see_is_let_go_once_letterboxed() -> None:
+    alive, shapes = alive_at_publish(wants_image=False)
+    assert alive == [False] * 6 and shapes == [RELEASED.shape] * 6
+    alive, shapes = alive_at_publish(wants_image=True)  # a preview viewer: kept for it
+    assert alive == [True] * 6 and shapes == [(SIZE, SIZE, 3)] * 6
