@@ -171,8 +171,10 @@ def summarize(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     return summary
 
 
-def targets(counts: Sequence[int], live: bool) -> List[Target]:
-    """Issue 12's targets at every N >= 2 in the list (the issue states them at N = 4)."""
+def targets(counts: Sequence[int], live: bool, batched: bool = False) -> List[Target]:
+    """Issue 12's targets at every N >= 2 in the list (the issue states them at N = 4); with
+    ``batched``, the memory and live-latency ones for the unbatched process too (on a CPU
+    backend the batch-1 bundle is the one that keeps latency down)."""
     found: List[Target] = []
     for count in (n for n in counts if n >= 2):
         one, procs, single = key("file", "one", count), key("file", "procs", count), None
@@ -190,6 +192,21 @@ def targets(counts: Sequence[int], live: bool) -> List[Target]:
             found.append(Target(f"live_p99_{count}", f"{count} live sources in one process: "
                                 "worst source's p99 / the single-source p99", "p99_max_ms",
                                 key("live", "one", count), single, "<=", LIVE_P99_BOUND))
+        if batched:
+            found += unbatched_targets(count, live and 1 in counts)
+    return found
+
+
+def unbatched_targets(count: int, live: bool) -> List[Target]:
+    one1 = key("file", "one1", count)
+    found = [Target(f"rss_unbatched_{count}", f"{count} sources: one process (BUNDLE "
+                    f"unbatched) / {count} default processes, summed peak RSS", "rss_mib",
+                    one1, key("file", "procs", count), "<=", RSS_BOUND)]
+    if live:
+        found.append(Target(f"live_p99_unbatched_{count}", f"{count} live sources in one "
+                            "process (BUNDLE unbatched): worst source's p99 / the single-source "
+                            "p99", "p99_max_ms", key("live", "one1", count),
+                            key("live", "procs", 1), "<=", LIVE_P99_BOUND))
     return found
 
 
@@ -352,7 +369,8 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
         "note": args.note,
     }
     summary = measure(settings, progress)
-    checks = check_targets(summary, targets(settings.counts, bool(settings.live_fps)))
+    checks = check_targets(summary, targets(settings.counts, bool(settings.live_fps),
+                                                 settings.batched))
     report.update(uptime_end=uptime(), configurations=summary,
                   targets=[asdict(check) for check in checks])
     plot = args.plot or settings.out / "multicam.png"

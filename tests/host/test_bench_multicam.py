@@ -209,3 +209,13 @@ def test_a_tiny_ort_batch_run(bundle_dir: Path, tmp_path: Path) -> None:
     (row,) = report["rows"]
     assert row["threads"] == 1 and row["batch"] == 1 and row["speedup_vs_batch1"] == 1.0
     assert len(row["runs_ms"]) == 2 and row["ms_per_image"] > 0
+
+
+def test_a_batched_bench_judges_the_unbatched_process_too() -> None:
+    keys = [target.key for target in multicam.targets([1, 4], live=True, batched=True)]
+    assert keys[-2:] == ["rss_unbatched_4", "live_p99_unbatched_4"]
+    summary = {"file/one1-4": {"rss_mib": 300.0}, "file/procs-4": {"rss_mib": 800.0},
+               "live/one1-4": {"p99_max_ms": 90.0}, "live/procs-1": {"p99_max_ms": 40.0}}
+    checks = {check.key: check.status for check in bench.check_targets(
+        summary, multicam.unbatched_targets(4, live=True))}
+    assert checks == {"rss_unbatched_4": "PASS", "live_p99_unbatched_4": "MISS"}  # 0.375, 2.25
