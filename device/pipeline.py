@@ -577,7 +577,7 @@ class Pipeline:
         work.latency_ms["preprocess"] = timed.ms
         source = work.frame.source or self.source_name
         if not any(wanted(source) for wanted in self._image_wanted):
-            work.frame.image = RELEASED  # measured: docs/BENCHMARKS.md, "frames in flight"
+            work.frame.image = RELEASED  # docs/BENCHMARKS.md: "Several cameras after less memory…"
 
     def _first_decoded(self) -> Optional[_Work]:
         while True:

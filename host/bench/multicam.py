@@ -464,7 +464,7 @@ def write_plot(report: Dict[str, Any], path: Path) -> bool:
         return False
     phases = sorted({name.split("/")[0] for name in report["configurations"]})
     counts = sorted({int(name.rsplit("-", 1)[1]) for name in report["configurations"]})
-    figure, axes = plt.subplots(1, len(phases), figsize=(6 * len(phases), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(phases), figsize=(7 * len(phases), 4), squeeze=False)
     for axis, phase in zip(axes[0], phases):
         for offset, config in enumerate(CONFIGS):
             points = [(counts.index(int(name.rsplit("-", 1)[1])), figures["fps"] or 0.0)
@@ -478,7 +478,8 @@ def write_plot(report: Dict[str, Any], path: Path) -> bool:
         axis.set_xlabel("sources (N)")
         axis.set_ylabel("aggregate FPS (median of runs)")
         axis.set_title(f"{phase} sources")
-        axis.legend(fontsize=8)
+        axis.set_ylim(0, axis.get_ylim()[1] * 1.3)  # room above the bars for the legend
+        axis.legend(fontsize=7, loc="upper left", ncol=2)
     figure.suptitle(f"jetyolo bench --sources {report['date'][:16]}: "
                     f"{report['machine']['cores']} cores; {report['uptime_start'][-32:]}",
                     fontsize=9)
