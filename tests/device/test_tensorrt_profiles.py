@@ -317,11 +317,13 @@ def test_jetyolo_run_batches_two_cameras_through_the_engine_as_the_cpu_does(
     found = {}
     for backend in ("tensorrt", "onnxruntime"):
         out = tmp_path / f"{backend}.jsonl"
+        # to the end of both files (never --max-frames: how the first N frames split between
+        # two files depends on which decode is ready first, so the two runs would share fewer)
         assert main(["run", str(batch_bundle_dir), "--source", str(synth_video), "--source",
-                     str(second), "--backend", backend, "--variant", "fp32", "--max-frames",
-                     "12", "--sink", f"jsonl:{out}"]) == 0
+                     str(second), "--backend", backend, "--variant", "fp32",
+                     "--sink", f"jsonl:{out}"]) == 0
         found[backend] = detections_by_frame(out)
     shared = set(found["tensorrt"]) & set(found["onnxruntime"])
-    assert len(shared) >= 8 and {source for source, _ in shared} == {"synth", "yard"}
+    assert shared == {(source, index) for source in ("synth", "yard") for index in range(40)}
     assert all(found["tensorrt"][key] == found["onnxruntime"][key] for key in shared)
     assert sum(len(found["tensorrt"][key]) for key in shared) > 0, shared
