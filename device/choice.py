@@ -176,5 +176,9 @@ class BackendChoice:
     def onnxruntime_threading(self, cores: Optional[int] = None) -> OrtThreading:
         return ort_threading(self.threads, self.infer_workers, cores)
 
-    def onnxruntime_precision(self) -> str:
-        return "int8" if self.is_qdq else "fp32"
+    def onnxruntime_precision(self, float_dtype: Optional[str] = None) -> str:
+        """The arithmetic ONNX Runtime runs: a Q/DQ model's int8, a float16 variant's fp16
+        (its manifest's ``float_dtype``), else fp32."""
+        if self.is_qdq:
+            return "int8"
+        return "fp16" if float_dtype == "float16" else "fp32"

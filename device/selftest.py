@@ -102,14 +102,12 @@ class Toolkit:
         return Path(ensure_engine(bundle, request, self.tensorrt_ops(), lambda line: None).plan)
 
     def verify(self, bundle: Bundle, backend: str, case: Case, plan: Optional[Path]) -> Any:
-        from device.verify import DEFAULT_GATES, verify
+        from device.verify import verify
 
         if backend == "onnxruntime" and case.precision == "fp16":
-            # ONNX Runtime runs the fp16 graph as stored (no build setting): judge it by the
-            # FP16 gates under its stored-graph label
-            half = asdict(DEFAULT_GATES["fp16"])
-            half.pop("precision")
-            return verify(bundle.root, backend, case.variant, "fp32", None, overrides=half)
+            # no FP16 build setting on ONNX Runtime: the fp16 variant's float16 graph is judged
+            # by the FP16 gates, the precision the backend says it runs
+            return verify(bundle.root, backend, case.variant, None, None)
         return verify(bundle.root, backend, case.variant, case.precision, plan)
 
     def bench(self, bundle: Bundle, backend: str, case: Case, runs: int) -> Dict[str, Any]:

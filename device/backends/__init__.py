@@ -113,7 +113,7 @@ def open_chosen(
         input_shapes={FRAME_INPUT: frame_shape} if frame_shape is not None else None,
         max_batch=bundle.max_batch(chosen),
     )
-    backend.precision = choice.onnxruntime_precision()
+    backend.precision = choice.onnxruntime_precision(bundle.variant(chosen).get("float_dtype"))
     return backend
 
 

@@ -269,6 +269,7 @@ def test_the_cpu_runs_the_uint8_graph_when_the_bundle_has_one(
         ({}, "fp32"),
         ({"precision": "fp16"}, "fp32"),  # ONNX Runtime runs the float graph as stored
         ({"variant": "int8-qdq"}, "int8"),  # the Q/DQ model
+        ({"variant": "fp16"}, "fp16"),  # the float16 graph (its manifest's float_dtype)
     ],
 )
 def test_a_backend_says_the_precision_it_runs(bundle_dir: Path, tmp_path: Path,

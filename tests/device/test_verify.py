@@ -283,3 +283,12 @@ def test_verify_imports_nothing_from_the_host_side(verify_bundle: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_fp16_variant_on_onnxruntime_is_judged_by_the_fp16_gates(verify_bundle: Path) -> None:
+    fp16 = verify(verify_bundle, backend="onnxruntime", variant="fp16")
+    assert fp16.gates.precision == "fp16" and "fp16" in fp16.runner
+    assert fp16.passed, fp16.format_text()
+    # the fp32 gates (what it was judged by before) fail the same float16 arithmetic
+    as_fp32 = verify(verify_bundle, backend="onnxruntime", variant="fp16", precision="fp32")
+    assert not as_fp32.passed and not gate(as_fp32, "tensor boxes"), as_fp32.format_text()
