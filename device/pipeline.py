@@ -73,6 +73,7 @@ Extension points (what later capabilities plug into; each is safe to use while `
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
@@ -544,7 +545,7 @@ class Pipeline:
             # while newer ones arrive (a standing queue of stale frames)
             slot: _Slot = self._get(self._free_inputs)
             self._take_seat()
-            first = self._first_decoded()
+            first = self._next_decoded(self._first_frame)
             if first is None:
                 self._free_inputs.put(slot)
                 self._give_seat()
@@ -554,7 +555,7 @@ class Pipeline:
             self._preprocess(first, slot, 0)
             deadline = time.perf_counter() + self.batch_timeout_s
             while len(works) < self.batch_size:
-                work = self._more_decoded(deadline)
+                work = self._next_decoded(functools.partial(self._more_frame, deadline))
                 if work is None:
                     break
                 self._preprocess(work, slot, len(works))
@@ -579,15 +580,10 @@ class Pipeline:
         if not any(wanted(source) for wanted in self._image_wanted):
             work.frame.image = RELEASED  # docs/BENCHMARKS.md: "Several cameras after less memory…"
 
-    def _first_decoded(self) -> Optional[_Work]:
+    def _next_decoded(self, take: Callable[[], Optional[_Work]]) -> Optional[_Work]:
+        """The next frame from ``take`` whose pixels decode; None when ``take`` has none."""
         while True:
-            work = self._first_frame()
-            if work is None or self._decoded(work):
-                return work
-
-    def _more_decoded(self, deadline: float) -> Optional[_Work]:
-        while True:
-            work = self._more_frame(deadline)
+            work = take()
             if work is None or self._decoded(work):
                 return work
 

@@ -62,9 +62,10 @@ class Frame:
     """A captured frame: ``image`` is BGR, (h, w, 3) uint8; ``source`` the source's name when
     several share one pipeline; ``reduction`` set when decoded smaller than the source sent it.
 
-    A live MJPEG stream hands its frames out undecoded (``Frame.deferred``): the JPEG is decoded
-    by whoever first needs the pixels (the pipeline, when it takes the frame), so a frame dropped
-    as stale in a queue is never decoded (4 cameras at 30 FPS in one process: 958 frames decoded
+    Live sources hand their frames out as ``Frame.deferred``: the pixels come from a call made
+    by whoever first needs them (the pipeline, when it takes the frame). An MJPEG stream decoded
+    at reduced scale decodes its JPEG only then, so a frame dropped as stale in a queue is never
+    decoded (4 cameras at 30 FPS in one process: 958 frames decoded
     for 240 inferred before; docs/BENCHMARKS.md)."""
 
     __slots__ = ("_decode", "_image", "index", "reduction", "source", "timestamp")
@@ -125,8 +126,8 @@ class CaptureOptions:
     model_input: Optional[Tuple[int, int]] = None  # (h, w) the frames are letterboxed into
 
 
-# A live read: (read ok, the decoded image or None when it did not decode, its reduction).
-DecodedRead = Tuple[bool, Optional[np.ndarray], Optional[Reduction]]
+# A live read whose decode may wait: (read ok, the call that decodes it; None: nothing to decode).
+DeferredRead = Tuple[bool, Optional[Callable[[], Decoded]]]
 # Called before each pause while a live source waits at start: (source name, pause seconds).
 WaitCallback = Callable[[str, float], None]
 FIRST_RETRY_S = 0.5
@@ -406,9 +407,13 @@ class FullDecode:
     def prepare(self, capture: cv2.VideoCapture) -> cv2.VideoCapture:
         return capture
 
-    def read(self, capture: cv2.VideoCapture) -> DecodedRead:
+    def read_deferred(self, capture: cv2.VideoCapture) -> DeferredRead:
+        """The next frame as (read ok, the call that gives its pixels; None: it does not
+        decode). Here OpenCV decoded it already; MjpegReducedDecode defers the decode."""
         ok, image = capture.read()
-        return ok, image, None
+        if not ok or image is None:
+            return ok, None
+        return True, lambda: (image, None)
 
     def frame_size(self, capture: Optional[cv2.VideoCapture]) -> Optional[Tuple[int, int]]:
         return _capture_size(capture)
@@ -463,27 +468,21 @@ class MjpegReducedDecode(FullDecode):
             LOG.info("%s", line)
         self._said = line
 
-    @property
-    def deferred(self) -> bool:
-        return self.factor > 1 and self.source_size is not None
-
-    def read(self, capture: cv2.VideoCapture) -> DecodedRead:
-        if not self.deferred:
-            return super().read(capture)
-        packet = self.read_packet(capture)
-        if packet is None:
-            return False, None, None
-        image, reduction = self.decoder(packet)()
-        return True, image, reduction  # image None: a corrupt JPEG, skipped
-
-    def read_packet(self, capture: cv2.VideoCapture) -> Optional[np.ndarray]:
-        """The next JPEG, undecoded (``deferred`` decoders only); None: the read failed."""
+    def read_deferred(self, capture: cv2.VideoCapture) -> DeferredRead:
+        """Reduced: the JPEG as read (raw mode: ``read`` would hand out the bytes as the
+        image), decoded only when its pixels are needed."""
+        if self.factor == 1 or self.source_size is None:
+            return super().read_deferred(capture)
         ok, packet = capture.read()
-        return packet if ok and packet is not None else None
+        if not ok or packet is None:
+            return False, None
+        return True, self._decoder(packet, self.factor, self.source_size)
 
-    def decoder(self, packet: np.ndarray) -> Callable[[], Decoded]:
-        """Decodes ``packet`` at this capture's factor when called (a reopen may change it)."""
-        factor, expected = self.factor, self.source_size or (0, 0)
+    @staticmethod
+    def _decoder(packet: np.ndarray, factor: int,
+                 expected: Tuple[int, int]) -> Callable[[], Decoded]:
+        """Decodes ``packet`` at ``factor`` when called (this capture's: a reopen may change
+        the decoder's own)."""
 
         def decode() -> Decoded:
             image = cv2.imdecode(packet, REDUCED_FLAGS[factor])
@@ -531,21 +530,14 @@ class LiveSource(Source):
                 self._capture = self._reopen(stop, delay)
                 delay = min(delay * 2, self.reconnect_max_s)
                 continue
-            decoder = self._decoder
-            if isinstance(decoder, MjpegReducedDecode) and decoder.deferred:
-                packet = decoder.read_packet(self._capture)  # decoded when taken: see Frame
-                frame = (self._deferred_frame(index, decoder.decoder(packet))
-                         if packet is not None else None)
-            else:
-                ok, image, reduction = self._decoder.read(self._capture)
-                frame = Frame(index, time.time(), image, reduction=reduction) if ok else None
-                if ok and image is None:
-                    self._undecodable()
-                    continue
-            if frame is not None:
+            ok, decode = self._decoder.read_deferred(self._capture)  # decoded when taken
+            if decode is not None:
                 delay = FIRST_RETRY_S
-                yield frame
+                yield self._deferred_frame(index, decode)
                 index += 1
+                continue
+            if ok:
+                self._undecodable()
                 continue
             LOG.warning("source: %s read failed; reconnecting in %.1f s", self.name, delay)
             self._capture.release()
