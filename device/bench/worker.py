@@ -28,13 +28,15 @@ takes around its predictor's stages.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import cProfile
 import pstats
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional
 
 from device.bench.common import start_time
 
@@ -42,6 +44,7 @@ T0 = start_time()
 
 import numpy as np  # noqa: E402 - everything below counts as import time (IMPORTS_DONE - T0)
 
+from device.backends.base import Backend, InferTiming  # noqa: E402
 from device.bench.common import (  # noqa: E402
     common_result,
     process_cpu_s,
@@ -172,19 +175,17 @@ def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
         preprocess = FrameCopier(bundle.input_size, buffer) if spec.name == FRAME_INPUT \
             else Preprocessor(bundle.input_size, spec.dtype.name, buffer=buffer)
         preprocess(image)
-        outputs = backend.allocate_outputs()
-        feed = {spec.name: buffer}
-        backend.infer(feed, out=outputs)
+        # one input and one set of outputs per call in flight, as the pipeline's seats
+        feeds = [{spec.name: buffer if seat == 0 else buffer.copy()}
+                 for seat in range(backend.concurrency)]
+        outputs = [backend.allocate_outputs() for _ in feeds]
+        backend.infer(feeds[0], out=outputs[0])
         cold_start = time.time() - T0
         for _ in range(WARMUP_CALLS):
-            backend.infer(feed, out=outputs)
-        samples = np.empty(frames, dtype=np.float64)
+            backend.infer(feeds[0], out=outputs[0])
         cpu_before = process_cpu_s()
         started = time.perf_counter()
-        for index in range(frames):
-            call_started = time.perf_counter()
-            backend.infer(feed, out=outputs)
-            samples[index] = (time.perf_counter() - call_started) * 1000.0
+        samples = calls_in_flight(backend, feeds, outputs, frames)
         seconds = time.perf_counter() - started
         cpu_s = process_cpu_s() - cpu_before
     result = common_result("ceiling", frames, seconds, cpu_s, IMPORTS_DONE - T0)
@@ -197,8 +198,33 @@ def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
         backend_name=backend.name,
         plan_path=str(getattr(backend, "plan_path", "") or ""),
         ort_spinning=getattr(backend, "spin", None),
+        threading=threading_label(backend),
     )
     return result
+
+
+def threading_label(backend: Backend) -> Optional[str]:
+    """How an ONNX Runtime backend runs its calls ("2 at once x 1 thread"); None otherwise."""
+    threads = getattr(backend, "intra_op_threads", None)
+    if threads is None:
+        return None
+    return f"{backend.concurrency} at once x {threads() or 'ORT default'} thread(s)"
+
+
+def calls_in_flight(backend: Backend, feeds: List[Dict[str, np.ndarray]],
+                    outputs: List[Dict[str, np.ndarray]], frames: int) -> np.ndarray:
+    """``frames`` calls with ``len(feeds)`` in flight (the backend's ``concurrency``: the
+    pipeline's own session settings, e.g. two 1-thread ONNX Runtime calls at once on 2 cores);
+    each call's wall milliseconds."""
+    pending: Deque[Future[InferTiming]] = collections.deque()
+    samples: List[float] = []
+    for index in range(frames):
+        if len(pending) == len(feeds):
+            samples.append(pending.popleft().result().wall_s * 1000.0)
+        seat = index % len(feeds)  # its previous call has finished: it left ``pending``
+        pending.append(backend.submit(feeds[seat], outputs[seat]))
+    samples.extend(future.result().wall_s * 1000.0 for future in pending)
+    return np.asarray(samples, dtype=np.float64)
 
 
 def measure_pipeline(config: RunConfig, frames: int, profile: bool) -> Dict[str, Any]:
@@ -236,6 +262,7 @@ def measure_pipeline(config: RunConfig, frames: int, profile: bool) -> Dict[str,
         run_summary=summary.as_dict(),
         backend=summary.backend,
         graph=pipelines[0].backend.name,
+        threading=threading_label(pipelines[0].backend),
     )
     if profiles is not None:
         result["profile"] = profiles.summary(done)

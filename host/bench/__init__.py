@@ -6,10 +6,14 @@ Examples:
   jetyolo bench b640/ --source v.mp4 --backend tensorrt --precision int8   # on a Jetson
 
 Each measurement runs in its own fresh process (peak RSS and cold start are per contender):
-  ceiling      the backend call on one prepared input, nothing else (ORT / TensorRT)
-  pipeline     `jetyolo run`'s pipeline over the video with a JSONL sink
+  ceiling      the backend call on one prepared input, nothing else (ORT / TensorRT), with the
+               pipeline's own session settings and as many calls in flight as the pipeline
+               keeps (two 1-thread ONNX Runtime calls at once on 2 cores by default)
+  pipeline     `jetyolo run`'s pipeline over the video with a JSONL sink, at its defaults
+               (the bundle's CPU graph, the threads auto rule) unless --variant/--threads
   ultralytics  YOLO(model.onnx).predict(source=video, stream=True) with the same model, image
-               size, thresholds and threads (the bundle's graph with its output Concat restored)
+               size and thresholds (the bundle's graph with its output Concat restored), at
+               ONNX Runtime's default threads unless --threads
 Contenders alternate within each run, so a busy machine slows them alike. Prints frames,
 seconds, FPS (median of --runs), per-stage p50/p90/p99, pre+post CPU per frame, peak RSS, cold
 start, the ratios and PASS/MISS per target; writes OUT/bench.json, OUT/bench.md, a PNG plot, and
@@ -187,7 +191,7 @@ def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         summary["stage_cpu_ms_per_frame"] = {
             key: statistics.median(row[key] for row in stage_cpu) for key in stage_cpu[0]
         }
-    for key in ("detections", "backend", "plan_path", "graph"):
+    for key in ("detections", "backend", "plan_path", "graph", "threading"):
         if key in runs[0]:
             summary[key] = runs[0][key]
     return summary
@@ -201,7 +205,7 @@ class Settings:
     source: Path
     frames: int
     runs: int
-    threads: int
+    threads: Optional[int]  # None: each contender's own default (jetyolo run's auto rule)
     backend: str
     precision: Optional[str]
     variant: Optional[str]
@@ -233,12 +237,12 @@ def worker_command(
             *command, "--model", str(ultralytics_model), "--source", source,
             "--frames", str(settings.frames), "--imgsz", ",".join(map(str, bundle.input_size)),
             "--conf", str(post.get("conf", 0.25)), "--iou", str(post.get("iou", 0.45)),
-            "--max-det", str(post.get("max_det", 300)), "--threads", str(settings.threads),
+            "--max-det", str(post.get("max_det", 300)), *threads_flag(settings.threads),
             "--result", str(result),
         ]
     command += [
         contender, "--bundle", str(bundle.root), "--source", source,
-        "--frames", str(settings.frames), "--threads", str(settings.threads),
+        "--frames", str(settings.frames), *threads_flag(settings.threads),
         "--backend", settings.backend, "--result", str(result), "--work", str(work),
     ]
     for flag, value in (("--precision", settings.precision), ("--variant", settings.variant),
@@ -248,6 +252,10 @@ def worker_command(
         if value:
             command += [flag, value]
     return command + (["--profile"] if profile else [])
+
+
+def threads_flag(threads: Optional[int]) -> List[str]:
+    return [] if threads is None else ["--threads", str(threads)]
 
 
 def run_worker(command: List[str], result: Path, log_path: Path) -> Dict[str, Any]:
@@ -373,7 +381,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the pipeline's decode_scale (MJPEG: with --live; default auto)")
     parser.add_argument("--frames", type=int, help="frames per run (default: the whole video)")
     parser.add_argument("--threads", type=int,
-                        help="inference threads for every contender (default: all cores)")
+                        help="inference threads of one call, for every contender (default: "
+                             "each its own: jetyolo run's threads auto rule for the ceiling "
+                             "and pipeline, ONNX Runtime's for ultralytics)")
     parser.add_argument("--backend", choices=("onnxruntime", "tensorrt", "auto"),
                         default="onnxruntime")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"),
@@ -425,7 +435,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     frames = min(args.frames or video_frames, video_frames)
     return Settings(
         source=args.source.resolve(), frames=frames, runs=args.runs,
-        threads=args.threads or os.cpu_count() or 1,
+        threads=args.threads,
         backend=args.backend, precision=args.precision, variant=args.variant,
         int8_from=args.int8_from, engine_cache_dir=args.engine_cache_dir,
         ultralytics=not args.no_ultralytics, ultralytics_model=args.ultralytics_model,

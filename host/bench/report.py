@@ -199,8 +199,10 @@ def graphs_line(record: Dict[str, Any]) -> str:
     """Which graph each contender ran: ultralytics reads only the single-output fp32 graph; the
     bundle's split (and uint8) graphs compute the same numbers (export checks), so the FPS
     compare the same model, not the same file."""
-    graphs = ", ".join(f"{name} `{figures['graph']}`" for name, figures in
-                       record["contenders"].items() if figures.get("graph"))
+    graphs = ", ".join(
+        f"{name} `{figures['graph']}`" + (f" ({figures['threading']})" if figures.get("threading")
+                                          else "")
+        for name, figures in record["contenders"].items() if figures.get("graph"))
     return (f"Graphs: {graphs}. ultralytics reads only a single-output graph; the bundle's "
             "graphs compute the same outputs (export's parity check), so this compares the same "
             "model and thresholds, not the same file.")
@@ -250,13 +252,18 @@ def trtexec_rows(figures: Optional[Dict[str, Any]]) -> List[str]:
             f"median {gpu.get('median', float('nan')):.2f} ms."]
 
 
+def threads_text(settings: Dict[str, Any]) -> str:
+    threads = settings.get("threads")
+    return "threads: each contender's default" if threads is None else f"{threads} threads"
+
+
 def markdown(report: Dict[str, Any]) -> str:
     machine = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
     settings = report["settings"]
     lines = [
         f"## jetyolo bench, {report['date']} ({settings['backend']}, "
-        f"{settings['threads']} threads)", "",
+        f"{threads_text(settings)})", "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['arch']}, "
         f"{machine['system']}" + (f", {machine['jetson_release']}" if "jetson_release" in machine
                                   else ""),
@@ -323,7 +330,7 @@ def write_plot(report: Dict[str, Any], path: Path) -> bool:
     load = report.get("load_average_start", [0.0])[0]
     figure.suptitle(f"jetyolo bench {report['date'][:10]}: {report['machine']['cpu']}, "
                     f"{report['machine']['cores']} cores (load {load:.1f} at start), "
-                    f"{report['settings']['threads']} threads, {report['settings']['backend']}")
+                    f"{threads_text(report['settings'])}, {report['settings']['backend']}")
     save_figure(plt, figure, path, dpi=90)
     return True
 

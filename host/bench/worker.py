@@ -66,6 +66,13 @@ def limit_threads(threads: Optional[int]) -> None:
     ort.InferenceSession = ThreadLimitedSession
 
 
+def ort_threading_label(model: Path, threads: Optional[int]) -> Optional[str]:
+    """What ultralytics' ONNX Runtime session runs with (its own options: spinning on)."""
+    if Path(model).suffix != ".onnx":
+        return None
+    return f"{threads or 'ORT default'} thread(s), spinning on"
+
+
 def device_for(model: Path) -> Any:
     """An ultralytics TensorRT ``.engine`` (the fair contender on a Jetson) runs on GPU 0."""
     return 0 if model.suffix == ".engine" else "cpu"
@@ -119,6 +126,7 @@ def measure_ultralytics(args: argparse.Namespace) -> Dict[str, Any]:
         backend="ultralytics-onnxruntime",
         model=str(args.model),
         graph=f"ultralytics:{Path(args.model).name}",
+        threading=ort_threading_label(args.model, args.threads),
     )
     return result
 

@@ -14,6 +14,7 @@ from typing import Any, Dict, List
 import numpy as np
 import pytest
 
+from device.choice import ort_threading
 from device.errors import JetyoloError
 from host import bench
 from host.bench import report as bench_report
@@ -177,9 +178,10 @@ def test_bench_writes_json_markdown_and_plot(
     out, md = tmp_path / "out", tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n")
     args = bench_args(bundle_dir, synth_video, out, "--frames", "10", "--runs", "1",
-                      "--threads", "1", "--no-ultralytics", "--append-md", str(md))
+                      "--no-ultralytics", "--append-md", str(md))  # threads: the defaults
     assert bench.run(args) == 0
     report = json.loads((out / "bench.json").read_text())
+    assert report["settings"]["threads"] is None
     assert {"date", "command", "machine", "load_average_start", "load_average_end",
             "settings", "bundles"} <= set(report)
     assert report["machine"]["cores"] >= 1 and "onnxruntime" in report["machine"]["versions"]
@@ -193,6 +195,11 @@ def test_bench_writes_json_markdown_and_plot(
     assert pipeline["peak_rss_mib"] > 0 and pipeline["cold_start_s"] > 0
     assert pipeline["prepost_cpu_ms_per_frame"] > 0
     assert record["contenders"]["ceiling"]["latency_ms"]["infer"]["p50"] > 0
+    # the ceiling runs with the pipeline's own session settings: jetyolo run's auto rule
+    auto = ort_threading(None, None)
+    expected = f"{auto.workers} at once x {auto.threads_per_call or 'ORT default'} thread(s)"
+    assert record["contenders"]["ceiling"]["threading"] == expected
+    assert pipeline["threading"] == expected
     assert pipeline["latency_ms"]["infer"]["p50"] > 0  # measured around the call, not after it
     assert [t["status"] for t in record["targets"]][1:] == ["n/a"] * 4
     for contender in ("ceiling", "pipeline"):  # device children load no torch/ultralytics/host
@@ -201,7 +208,9 @@ def test_bench_writes_json_markdown_and_plot(
     text = md.read_text()
     assert text.startswith("# Benchmarks\n") and "## jetyolo bench" in text
     assert "| pipeline | 10 |" in text and "| pipeline FPS / ceiling FPS |" in text
-    assert "Graphs: ceiling `onnxruntime:model.onnx`, pipeline `onnxruntime:model.onnx`" in text
+    assert (f"Graphs: ceiling `onnxruntime:model.onnx` ({expected}), pipeline "
+            f"`onnxruntime:model.onnx` ({expected})") in text
+    assert "threads: each contender's default" in text
     assert (out / "bench.md").read_text() in text
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "FPS / ceiling FPS" in capsys.readouterr().out
@@ -223,6 +232,8 @@ def test_bench_against_ultralytics(bundle_dir: Path, synth_video: Path, tmp_path
     raw = json.loads((out / bundle_dir.name / "raw" / "ultralytics-1.json").read_text())
     assert "torch" in raw["heavy_modules_loaded"]  # the check does see heavy imports
     assert "| ceiling FPS / ultralytics FPS" in (out / "bench.md").read_text()
+    assert ultralytics["threading"] == "1 thread(s), spinning on"
+    assert pipeline["threading"] == "1 at once x 1 thread(s)"  # --threads 1: one call
     assert (tmp_path / "p.png").is_file()
 
 

@@ -1,0 +1,68 @@
+"""The bench ceiling keeps as many calls in flight as the pipeline does (its own session
+settings), never more, and never hands one seat's buffers to two calls at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, List, Mapping
+
+import numpy as np
+import pytest
+
+from device.backends.base import InferTiming
+from device.bench.worker import calls_in_flight
+
+
+class CountingBackend:
+    """Runs each call on a pool of ``concurrency`` threads and records the overlaps."""
+
+    def __init__(self, concurrency: int, pool_size: int) -> None:
+        self.concurrency = concurrency
+        self._pool = ThreadPoolExecutor(pool_size)
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most_running = 0
+        self.seats_busy: set = set()
+        self.seat_clashes = 0
+        self.calls = 0
+
+    def _call(self, out: Dict[str, np.ndarray]) -> InferTiming:
+        seat = id(out)
+        with self._lock:
+            self.seat_clashes += seat in self.seats_busy
+            self.seats_busy.add(seat)
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        time.sleep(0.002)
+        with self._lock:
+            self.running -= 1
+            self.seats_busy.discard(seat)
+            self.calls += 1
+        return InferTiming(0.002, 0.0)
+
+    def submit(self, feed: Mapping[str, np.ndarray],
+               out: Dict[str, np.ndarray]) -> Future[InferTiming]:
+        return self._pool.submit(self._call, out)
+
+
+def seats(count: int) -> List[Dict[str, np.ndarray]]:
+    return [{"x": np.zeros(1)} for _ in range(count)]
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 3])
+def test_the_ceiling_keeps_the_pipelines_calls_in_flight(concurrency: int) -> None:
+    backend = CountingBackend(concurrency, pool_size=8)  # the pool would take more at once
+    samples = calls_in_flight(backend, seats(concurrency), seats(concurrency), 40)
+    assert backend.calls == 40 and len(samples) == 40
+    assert backend.most_running == concurrency
+    assert backend.seat_clashes == 0
+
+
+def test_a_shared_seat_would_be_seen() -> None:
+    """The clash counter works: two calls on one seat's buffers at once are counted."""
+    backend = CountingBackend(2, pool_size=2)
+    shared = seats(1) * 2  # the same output dict for both seats
+    calls_in_flight(backend, seats(2), shared, 20)
+    assert backend.seat_clashes > 0
