@@ -76,19 +76,23 @@ class SourceTracking:
         return self._bound[1]
 
     def follow_classes(self, class_names: Sequence[str]) -> None:
-        """After a model swap: the zones' and lines' class filters by name in the new model's
-        class ids (the reloader refused a model that lacks a filtered class)."""
+        """After a model swap: the zones' and lines' class filters, and the classes of the tracks
+        already inside a zone, by name in the new model's class ids (the reloader refused a
+        model that lacks a filtered class)."""
         if class_names is self._followed:  # one tuple per model: the per-frame test is cheap
             return
         self._followed = class_names
         if list(class_names) == self._class_names:
             return
+        new_ids = {old: class_names.index(name) for old, name in enumerate(self._class_names)
+                   if name in class_names}
         self._class_names = list(class_names)
         if self._bound is None:
             return
         regions, origin = self._bound[1], self._origin
         for zone, spec in zip(regions.zones, self._specs[0]):
             zone.class_ids = class_ids_of(spec, class_names, f"{origin}: zones")
+            zone.renumber_classes(new_ids)
         for line, spec in zip(regions.lines, self._specs[1]):
             line.class_ids = class_ids_of(spec, class_names, f"{origin}: lines")
 

@@ -307,6 +307,13 @@ class Zone:
     def snapshot(self) -> ZoneCount:
         return ZoneCount(self.name, self.count, self.counts_by_class())
 
+    def renumber_classes(self, new_ids: Mapping[int, int]) -> None:
+        """After a model swap: the tracks inside keep their class by name (``new_ids``: old id
+        -> the new model's id); a class the new model lacks keeps its old id until the track
+        leaves (no new id means the same object)."""
+        self.inside = {track: (new_ids.get(class_id, class_id), entered)
+                       for track, (class_id, entered) in self.inside.items()}
+
     def update(self, detections: Detections, timestamp: float) -> List[TrackEvent]:
         hits = self.trigger(detections)
         tracks = _track_ids(detections)

@@ -176,6 +176,32 @@ def test_class_filters_follow_the_class_names_across_a_model_swap() -> None:
     assert set(stage.regions((640, 480)).zones[0].inside) == {7}  # still the car, not 8
 
 
+def test_tracks_inside_a_zone_keep_their_class_by_name_across_a_model_swap() -> None:
+    from types import SimpleNamespace
+
+    from device.detections import FrameResult
+    from device.events import build_zone_message
+    from device.tracking_stage import SourceTracking
+
+    (door,) = parse_zones({"door": {"polygon": SQUARE}}, "config")
+    stage = SourceTracking(Passthrough(), "cam", [door], class_names=("person", "car"))
+
+    def frame(index: int, names: tuple, *items: tuple) -> FrameResult:
+        return FrameResult("cam", index, float(index), (640, 480), tracked(*items),
+                           class_names=names)
+
+    stage.process(frame(0, ("person", "car"), (7, 1, 200, 200)))  # a car walks in
+    swapped = ("bus", "car", "person")  # the new model: car is id 1 still, person 2
+    after = stage.process(frame(1, ("car", "person", "bus"), (7, 0, 200, 200)))
+    zone = stage.regions((640, 480)).zones[0]
+    assert zone.inside[7][0] == 0  # car in the new numbering (it was 1)
+    context = SimpleNamespace(device_id="dev", model_id="m", class_names=("person", "car"))
+    message = build_zone_message(zone.snapshot(), after.result, 1, context)
+    assert message["counts"] == {"car": 1}  # not "person", the new model's id 1
+    stage.process(frame(2, swapped, (7, 1, 200, 200)))
+    assert zone.inside[7][0] == 1 and zone.snapshot().counts_by_class == {1: 1}
+
+
 def test_a_swap_to_a_model_without_a_filtered_class_is_refused() -> None:
     from types import SimpleNamespace
 
