@@ -125,7 +125,7 @@ bench: $(STAMP)
 BENCH_MC := .work/bench-multicam
 bench-multicam: $(STAMP)
 	for b in 1 2 4; do $(JY) export tests/fixtures/synth_yolo11n.pt --out $(BENCH_MC)/b$$b \
-	  --imgsz 320 --batch $$b --force || exit 1; done
+	  --imgsz 320 --uint8-input --batch $$b --force || exit 1; done
 	$(JY) bench $(BENCH_MC)/b1 $(BENCH_MC)/b2 $(BENCH_MC)/b4 --ort-batch --runs 9 --frames 12 \
 	  --out $(BENCH_MC)/ort
 	$(JY) bench $(BENCH_MC)/b1 --multi-bundle $(BENCH_MC)/b4 --sources 1,2,4 --live 30 \
