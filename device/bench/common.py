@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 T0_ENV = "JETYOLO_BENCH_T0"  # the parent's time.time() just before it started the child
 HEAVY_PACKAGES = ("torch", "torchvision", "ultralytics", "onnx", "onnx_graphsurgeon", "host")
@@ -109,7 +109,8 @@ def heavy_modules_loaded() -> List[str]:
     return sorted({name.split(".")[0] for name in sys.modules} & set(HEAVY_PACKAGES))
 
 
-def write_result(path: Any, contender: str, result: Dict[str, Any], threads: int) -> int:
+def write_result(path: Any, contender: str, result: Dict[str, Any],
+                 threads: Optional[int]) -> int:
     """Finish a worker: record threads and heavy modules, write ``result`` as JSON, say so."""
     from device.files import atomic_write_json
 
