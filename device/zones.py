@@ -309,8 +309,8 @@ class Zone:
 
     def renumber_classes(self, new_ids: Mapping[int, int]) -> None:
         """After a model swap: the tracks inside keep their class by name (``new_ids``: old id
-        -> the new model's id); a class the new model lacks keeps its old id until the track
-        leaves (no new id means the same object)."""
+        -> the new model's id for the same name). A class the new model does not name has no
+        new id, so its tracks keep the old one until they leave."""
         self.inside = {track: (new_ids.get(class_id, class_id), entered)
                        for track, (class_id, entered) in self.inside.items()}
 

@@ -45,6 +45,7 @@ T0 = start_time()
 import numpy as np  # noqa: E402 - everything below counts as import time (IMPORTS_DONE - T0)
 
 from device.backends.base import Backend, InferTiming  # noqa: E402
+from device.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from device.bench.common import (  # noqa: E402
     common_result,
     process_cpu_s,
@@ -205,10 +206,10 @@ def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
 
 def threading_label(backend: Backend) -> Optional[str]:
     """How an ONNX Runtime backend runs its calls ("2 at once x 1 thread"); None otherwise."""
-    threads = getattr(backend, "intra_op_threads", None)
-    if threads is None:
+    if not isinstance(backend, OnnxRuntimeBackend):
         return None
-    return f"{backend.concurrency} at once x {threads() or 'ORT default'} thread(s)"
+    threads = backend.intra_op_threads() or "ORT default"
+    return f"{backend.concurrency} at once x {threads} thread(s)"
 
 
 def calls_in_flight(backend: Backend, feeds: List[Dict[str, np.ndarray]],

@@ -191,14 +191,15 @@ def test_tracks_inside_a_zone_keep_their_class_by_name_across_a_model_swap() -> 
                            class_names=names)
 
     stage.process(frame(0, ("person", "car"), (7, 1, 200, 200)))  # a car walks in
-    swapped = ("bus", "car", "person")  # the new model: car is id 1 still, person 2
-    after = stage.process(frame(1, ("car", "person", "bus"), (7, 0, 200, 200)))
+    second_model = ("car", "person", "bus")  # car is id 0 now
+    after = stage.process(frame(1, second_model, (7, 0, 200, 200)))
     zone = stage.regions((640, 480)).zones[0]
     assert zone.inside[7][0] == 0  # car in the new numbering (it was 1)
     context = SimpleNamespace(device_id="dev", model_id="m", class_names=("person", "car"))
     message = build_zone_message(zone.snapshot(), after.result, 1, context)
     assert message["counts"] == {"car": 1}  # not "person", the new model's id 1
-    stage.process(frame(2, swapped, (7, 1, 200, 200)))
+    third_model = ("bus", "car", "person")  # car is id 1 again
+    stage.process(frame(2, third_model, (7, 1, 200, 200)))
     assert zone.inside[7][0] == 1 and zone.snapshot().counts_by_class == {1: 1}
 
 
