@@ -59,7 +59,7 @@ from device.bundle import Bundle  # noqa: E402
 from device.config import RunConfig, config_from_mapping  # noqa: E402
 from device.detections import FrameResult  # noqa: E402
 from device.errors import JetyoloError  # noqa: E402
-from device.pipeline import Pipeline  # noqa: E402
+from device.pipeline import Pipeline, StageTime  # noqa: E402
 from device.preprocess import FRAME_INPUT, FrameCopier, Preprocessor  # noqa: E402
 from device.setup import open_configured_backend, run_configured  # noqa: E402
 from device.sources import open_source  # noqa: E402
@@ -166,6 +166,21 @@ def first_frame(source: str) -> np.ndarray:
     return frame.image
 
 
+def decode_cpu_ms_per_frame(source: str, frames: int) -> Optional[float]:
+    """Process CPU ms per frame to read (decode) ``frames`` frames of ``source`` and nothing else
+    (FFmpeg's own decode threads included): the pipeline's capture cost on these cores."""
+    opened = open_source(source)
+    read = 0
+    try:
+        cpu_before = process_cpu_s()
+        for _ in zip(range(frames), opened.frames(threading.Event())):
+            read += 1
+        cpu_s = process_cpu_s() - cpu_before
+    finally:
+        opened.close()
+    return cpu_s * 1000.0 / read if read else None
+
+
 def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
     bundle = Bundle.load(config.bundle)
     image = first_frame(config.source)
@@ -200,8 +215,19 @@ def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
         plan_path=str(getattr(backend, "plan_path", "") or ""),
         ort_spinning=getattr(backend, "spin", None),
         threading=threading_label(backend),
+        infer_cpu_ms_per_frame=result["process_cpu_ms_per_frame"],  # nothing else ran
     )
+    # after the figures above (peak RSS included): the decode is the pipeline's, not the call's
+    result["decode_cpu_ms_per_frame"] = decode_cpu_ms_per_frame(config.source, frames)
     return result
+
+
+def infer_cpu_ms_per_frame(backend: Backend, stage: StageTime, frames: int) -> Optional[float]:
+    """The pipeline's inference CPU per frame, from the thread CPU time around each call; None
+    where that misses threads of the call (an ONNX Runtime session with its own thread pool)."""
+    if isinstance(backend, OnnxRuntimeBackend) and backend.intra_op_threads() != 1:
+        return None
+    return stage.cpu_s * 1000.0 / frames if frames else None
 
 
 def threading_label(backend: Backend) -> Optional[str]:
@@ -264,6 +290,8 @@ def measure_pipeline(config: RunConfig, frames: int, profile: bool) -> Dict[str,
         backend=summary.backend,
         graph=pipelines[0].backend.name,
         threading=threading_label(pipelines[0].backend),
+        infer_cpu_ms_per_frame=infer_cpu_ms_per_frame(pipelines[0].backend, times["infer"],
+                                                      done),
     )
     if profiles is not None:
         result["profile"] = profiles.summary(done)

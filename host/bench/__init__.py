@@ -61,7 +61,8 @@ WORKERS = {
 STAGES = ("capture", "preprocess", "infer", "postprocess", "total")
 PERCENTILES = (50, 90, 99)
 MEDIAN_KEYS = ("fps", "seconds", "cold_start_s", "import_s", "peak_rss_mib",
-               "prepost_cpu_ms_per_frame", "process_cpu_ms_per_frame", "frames_served")
+               "prepost_cpu_ms_per_frame", "process_cpu_ms_per_frame", "frames_served",
+               "infer_cpu_ms_per_frame", "decode_cpu_ms_per_frame")
 SERVICE_STAGES = ("capture", "preprocess", "infer", "postprocess")  # one frame, start to end
 LIVE_P99_BOUND = 2.0  # live capture->publish p99 at most twice the single-frame service time
 WORKER_TIMEOUT_S = 1800
@@ -130,6 +131,21 @@ def check_targets(
             status = "PASS" if value <= target.bound else "MISS"
         checks.append(TargetCheck(target.key, target.label, value, target.op, target.bound, status))
     return checks
+
+
+def decode_bound(summary: Dict[str, Dict[str, Any]], cores: int) -> Optional[float]:
+    """The most pipeline FPS / ceiling FPS can be when the pipeline decodes and pre- and
+    post-processes on the cores its calls run on: each frame costs at least the ceiling's CPU plus
+    the decode's and pre+post's, and ``cores`` CPU-seconds per second is all there is. None when
+    a figure is missing."""
+    ceiling = summary.get("ceiling", {})
+    parts = (ceiling.get("process_cpu_ms_per_frame"), ceiling.get("decode_cpu_ms_per_frame"),
+             summary.get("pipeline", {}).get("prepost_cpu_ms_per_frame"))
+    fps = ceiling.get("fps")
+    if not fps or any(part is None for part in parts):
+        return None
+    cpu_ms = sum(float(part) for part in parts if part is not None)
+    return min(1.0, cores * 1000.0 / cpu_ms / float(fps)) if cpu_ms > 0 else None
 
 
 def live_check(summary: Dict[str, Dict[str, Any]]) -> TargetCheck:
@@ -344,6 +360,7 @@ def bench_bundle(
     record: Dict[str, Any] = {
         "bundle": name, "input_size": list(bundle.input_size), "frames": settings.frames,
         "contenders": summary, "targets": [asdict(check) for check in checks],
+        "decode_bound": decode_bound(summary, len(os.sched_getaffinity(0))),
         "samples_ms": {c: pooled_samples(results) for c, results in runs.items()},
     }
     if settings.profile and any(check.status == "MISS" for check in checks):

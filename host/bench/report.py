@@ -208,6 +208,24 @@ def graphs_line(record: Dict[str, Any]) -> str:
             "model and thresholds, not the same file.")
 
 
+def cpu_lines(record: Dict[str, Any]) -> List[str]:
+    """Where the pipeline's CPU per frame goes, against the ceiling's (which is all inference);
+    empty when the figures are missing (an older result, or a multi-thread ORT session)."""
+    ceiling = record["contenders"].get("ceiling", {})
+    pipeline = record["contenders"].get("pipeline", {})
+    figures = (pipeline.get("process_cpu_ms_per_frame"), pipeline.get("infer_cpu_ms_per_frame"),
+               pipeline.get("prepost_cpu_ms_per_frame"), ceiling.get("decode_cpu_ms_per_frame"),
+               ceiling.get("infer_cpu_ms_per_frame"))
+    if any(figure is None for figure in figures):
+        return []
+    total, infer, prepost, decode, alone = (float(figure) for figure in figures)
+    rest = total - infer - prepost - decode
+    return [f"CPU ms per frame (medians): the ceiling's call alone {alone:.1f}; the pipeline "
+            f"{total:.1f} = inference {infer:.1f} + decode {decode:.1f} (measured alone, in the "
+            f"ceiling's process) + pre+post {prepost:.2f} + threads, queues and the sink "
+            f"{rest:.1f}.", ""]
+
+
 def target_rows(record: Dict[str, Any]) -> List[str]:
     rows = ["| ratio | value | target | result |", "|---|---|---|---|"]
     for check in record["targets"]:
@@ -217,6 +235,10 @@ def target_rows(record: Dict[str, Any]) -> List[str]:
     if bound is not None:
         rows.append(f"| ceiling FPS / ultralytics FPS (the most the pipeline can reach against "
                     f"ultralytics on this backend) | {bound:.2f} | - | info |")
+    if record.get("decode_bound") is not None:
+        rows.append("| the most pipeline FPS / ceiling FPS can be while the decode and pre+post "
+                    "share the call's cores (cores / (ceiling + decode + pre+post CPU per frame) "
+                    f"/ ceiling FPS) | {record['decode_bound']:.2f} | - | info |")
     return rows
 
 
@@ -282,7 +304,8 @@ def markdown(report: Dict[str, Any]) -> str:
     for record in report["bundles"]:
         height, width = record["input_size"]
         lines += ["", f"### {record['bundle']} ({width}x{height}, batch 1)", ""]
-        lines += [*contender_rows(record), "", graphs_line(record), "", *target_rows(record)]
+        lines += [*contender_rows(record), "", graphs_line(record), "", *cpu_lines(record),
+                  *target_rows(record)]
         if record.get("profile"):
             lines += ["", *profile_rows(record["profile"])]
         if "trtexec" in record:

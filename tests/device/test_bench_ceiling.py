@@ -1,18 +1,21 @@
 """The bench ceiling keeps as many calls in flight as the pipeline does (its own session
-settings), never more, and never hands one seat's buffers to two calls at once."""
+settings), never more, and never hands one seat's buffers to two calls at once; the pipeline's
+inference CPU is reported only where it can be measured."""
 
 from __future__ import annotations
 
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 import pytest
 
 from device.backends.base import InferTiming
-from device.bench.worker import calls_in_flight
+from device.backends.onnxruntime import OnnxRuntimeBackend
+from device.bench.worker import calls_in_flight, infer_cpu_ms_per_frame
+from device.pipeline import StageTime
 
 
 class CountingBackend:
@@ -66,3 +69,18 @@ def test_a_shared_seat_would_be_seen() -> None:
     shared = seats(1) * 2  # the same output dict for both seats
     calls_in_flight(backend, seats(2), shared, 20)
     assert backend.seat_clashes > 0
+
+
+@pytest.mark.parametrize(("threads", "workers", "measured"), [
+    (2, 2, True),  # two 1-thread calls: each runs on its calling thread, whose CPU time is read
+    (1, 1, True),
+    (2, 1, False),  # one 2-thread call: ORT's own pool thread would be missed
+    (None, 1, False),  # ORT's default threads, the same
+])
+def test_inference_cpu_is_reported_only_where_the_calling_thread_does_all_of_it(
+    threads: Optional[int], workers: int, measured: bool
+) -> None:
+    backend = OnnxRuntimeBackend("model.onnx", threads=threads, workers=workers)
+    stage = StageTime(calls=10, wall_s=0.4, cpu_s=0.3)
+    value = infer_cpu_ms_per_frame(backend, stage, 10)
+    assert value == (pytest.approx(30.0) if measured else None)

@@ -172,6 +172,35 @@ def test_fps_bound_is_ceiling_over_ultralytics() -> None:
     assert bench_report.fps_bound({"ceiling": {"fps": 10.0}}) is None
 
 
+CPU_FIGURES = {
+    "ceiling": {"fps": 50.0, "process_cpu_ms_per_frame": 30.0, "infer_cpu_ms_per_frame": 30.0,
+                "decode_cpu_ms_per_frame": 8.0},
+    "pipeline": {"prepost_cpu_ms_per_frame": 2.0, "process_cpu_ms_per_frame": 45.0,
+                 "infer_cpu_ms_per_frame": 33.0},
+}
+
+
+def test_decode_bound_is_what_the_cores_leave_after_decode_and_prepost() -> None:
+    # 2 cores / (30 + 8 + 2) ms = 50 FPS of CPU, the ceiling's own 50 FPS: at most 1.0 of it
+    assert bench.decode_bound(CPU_FIGURES, 2) == pytest.approx(1.0)
+    # one core: 25 FPS of CPU against a 50 FPS ceiling
+    assert bench.decode_bound(CPU_FIGURES, 1) == pytest.approx(0.5)
+    # never above 1: the pipeline cannot outrun its own backend call, however many cores
+    assert bench.decode_bound(CPU_FIGURES, 8) == 1.0
+    no_decode = {**CPU_FIGURES, "ceiling": {"fps": 50.0, "process_cpu_ms_per_frame": 30.0}}
+    assert bench.decode_bound(no_decode, 2) is None
+
+
+def test_cpu_line_splits_the_pipelines_cpu_per_frame() -> None:
+    (line, _) = bench_report.cpu_lines({"contenders": CPU_FIGURES})
+    assert ("the ceiling's call alone 30.0; the pipeline 45.0 = inference 33.0 + decode 8.0"
+            in line) and "pre+post 2.00 + threads, queues and the sink 2.0." in line
+    # a 2-thread ONNX Runtime session's inference CPU is not measured: no line, no guess
+    unmeasured = {**CPU_FIGURES, "pipeline": {**CPU_FIGURES["pipeline"],
+                                              "infer_cpu_ms_per_frame": None}}
+    assert bench_report.cpu_lines({"contenders": unmeasured}) == []
+
+
 def test_bench_writes_json_markdown_and_plot(
     bundle_dir: Path, synth_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -201,6 +230,10 @@ def test_bench_writes_json_markdown_and_plot(
     assert record["contenders"]["ceiling"]["threading"] == expected
     assert pipeline["threading"] == expected
     assert pipeline["latency_ms"]["infer"]["p50"] > 0  # measured around the call, not after it
+    ceiling = record["contenders"]["ceiling"]
+    assert ceiling["decode_cpu_ms_per_frame"] > 0 and pipeline["infer_cpu_ms_per_frame"] > 0
+    assert ceiling["infer_cpu_ms_per_frame"] == ceiling["process_cpu_ms_per_frame"]
+    assert 0 < record["decode_bound"] <= 1
     assert [t["status"] for t in record["targets"]][1:] == ["n/a"] * 4
     for contender in ("ceiling", "pipeline"):  # device children load no torch/ultralytics/host
         raw = json.loads((out / bundle_dir.name / "raw" / f"{contender}-1.json").read_text())
@@ -208,6 +241,8 @@ def test_bench_writes_json_markdown_and_plot(
     text = md.read_text()
     assert text.startswith("# Benchmarks\n") and "## jetyolo bench" in text
     assert "| pipeline | 10 |" in text and "| pipeline FPS / ceiling FPS |" in text
+    assert "CPU ms per frame (medians): the ceiling's call alone" in text
+    assert "| the most pipeline FPS / ceiling FPS can be while the decode" in text
     assert (f"Graphs: ceiling `onnxruntime:model.onnx` ({expected}), pipeline "
             f"`onnxruntime:model.onnx` ({expected})") in text
     assert "threads: each contender's default" in text
