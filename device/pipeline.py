@@ -162,6 +162,7 @@ class _Work:
     captured_at: float  # perf_counter when the frame was in hand
     latency_ms: Dict[str, float]
     geometry: Optional[Letterbox] = None
+    feed: Optional[np.ndarray] = None  # the frame itself as the input (FrameCopier.in_place)
 
 
 @dataclass
@@ -573,8 +574,11 @@ class Pipeline:
             self._seats.release()
 
     def _preprocess(self, work: _Work, slot: _Slot, row: int) -> None:
+        preprocessor, image = slot.preprocessors[row], work.frame.image
         with _Timed(self._times["preprocess"]) as timed:
-            work.geometry = slot.preprocessors[row](work.frame.image, work.frame.reduction)
+            work.geometry = preprocessor(image, work.frame.reduction)
+            if isinstance(preprocessor, FrameCopier) and preprocessor.feeds_itself(image):
+                work.feed = image[None]  # not copied: the call reads the frame where it is
         work.latency_ms["preprocess"] = timed.ms
         source = work.frame.source or self.source_name
         if not any(wanted(source) for wanted in self._image_wanted):
@@ -703,6 +707,8 @@ class Pipeline:
         buffer = batch.slot.buffer
         if self.backend.dynamic_batch:  # k frames run as k rows; else all N (extra ignored)
             buffer = buffer[: len(batch.works)]
+        if len(batch.works) == 1 and batch.works[0].feed is not None:
+            buffer = batch.works[0].feed
         submitted_at = time.perf_counter()  # before: a synchronous backend runs in submit()
         future = self.backend.submit({self._input_spec.name: buffer}, outputs)
         return _InFlight(batch, outputs, future, submitted_at)
@@ -718,6 +724,7 @@ class Pipeline:
         infer_ms = _ms(flight.submitted_at)
         for work in batch.works:
             work.latency_ms["infer"] = infer_ms
+            work.feed = None  # read: the frame may go (unless an observer holds its image)
         self._return_slot(batch.slot)
         batch.outputs = flight.outputs
         self._put(self._inferred, batch)
@@ -743,8 +750,9 @@ class Pipeline:
         self._input_spec = spec
         for buffer in backend.allocate_inputs(self.buffers):
             rows = [buffer[row:row + 1] for row in range(len(buffer))]
+            in_place = backend.reads_host_arrays and len(rows) == 1
             preprocessors: List[Union[Preprocessor, FrameCopier]] = [
-                FrameCopier(self.input_size, row) if spec.name == FRAME_INPUT
+                FrameCopier(self.input_size, row, in_place) if spec.name == FRAME_INPUT
                 else Preprocessor(self.input_size, spec.dtype.name, buffer=row)
                 for row in rows
             ]

@@ -153,15 +153,20 @@ class FrameCopier:
     """Preprocessing for the frame-input variant (``jetyolo export --frame-input``): the graph
     letterboxes, so the frame is only copied into ``self.buffer`` (uint8 [1, h, w, 3] BGR, the
     frame size the engine was built for); the geometry is still computed here, to map boxes
-    back. Same interface as ``Preprocessor``."""
+    back. Same interface as ``Preprocessor``.
 
-    def __init__(self, input_size: Tuple[int, int], buffer: np.ndarray) -> None:
+    ``in_place``: the backend reads host arrays where they are (ONNX Runtime), so a frame it can
+    read as it is (``feeds_itself``) is not copied at all; the caller feeds ``frame[None]``."""
+
+    def __init__(self, input_size: Tuple[int, int], buffer: np.ndarray,
+                 in_place: bool = False) -> None:
         if buffer.dtype != np.uint8 or buffer.ndim != 4 or buffer.shape[0] != 1 \
                 or buffer.shape[3] != 3 or not buffer.flags.c_contiguous:
             raise ValueError(f"frame buffer must be C-contiguous uint8 [1,h,w,3], got "
                              f"{buffer.shape} {buffer.dtype}")
         self.input_size = input_size
         self.buffer = buffer
+        self.in_place = in_place
         self.frame_size = (int(buffer.shape[2]), int(buffer.shape[1]))
         self._fitted = Letterbox.fit(self.frame_size, input_size)
         self._geometry = self._fitted
@@ -173,10 +178,15 @@ class FrameCopier:
                 f"frames, the source delivered {frame.shape[1]}x{frame.shape[0]}; fix the "
                 "camera's capture size or use another variant"
             )
-        np.copyto(self.buffer[0], frame)
+        if not self.feeds_itself(frame):
+            np.copyto(self.buffer[0], frame)
         if self._geometry.frame_size != _source_size(frame, reduction):
             self._geometry = self._fitted.decoded_at(reduction)
         return self._geometry
+
+    def feeds_itself(self, frame: np.ndarray) -> bool:
+        """True when ``frame[None]`` is the input as it is: nothing to copy (``in_place``)."""
+        return self.in_place and frame.dtype == np.uint8 and frame.flags.c_contiguous
 
 
 def _source_size(frame: np.ndarray, reduction: Optional[Reduction]) -> Tuple[int, int]:

@@ -72,6 +72,10 @@ class Backend:
     kind = "base"  # "onnxruntime", "tensorrt": what logs and summaries call the backend
     concurrency = 1  # calls that may be in flight at once through submit()
     dynamic_batch = False  # feeds of 1..N frames accepted (see the module docstring)
+    # True: a call reads the caller's own C-contiguous host array where it is, so a frame can be
+    # fed without copying it into an ``allocate_inputs`` buffer (TensorRT copies from its own
+    # page-locked buffers).
+    reads_host_arrays = False
 
     def __init__(self, name: str) -> None:
         self.name = name

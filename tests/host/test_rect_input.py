@@ -18,7 +18,7 @@ from device.bundle import Bundle
 from device.detections import Detections
 from device.errors import JetyoloError
 from device.postprocess import PostprocessConfig, postprocess
-from device.preprocess import Letterbox, Preprocessor
+from device.preprocess import FRAME_INPUT, Letterbox, Preprocessor
 from host.export import export_bundle, parse_frame_size, parse_imgsz, rectangle_for
 from host.parity import match_detections
 
@@ -220,6 +220,33 @@ def test_jetyolo_run_on_the_frame_variant_agrees_with_the_cpu_letterbox(
     total = sum(max(len(cpu[i]), len(graph[i])) for i in cpu)
     assert total > 40
     assert sum(match_detections(cpu[i], graph[i]) for i in cpu) / total >= 0.99
+
+
+def test_the_frame_variant_on_onnxruntime_feeds_each_frame_without_a_copy(
+    rect_bundle: Bundle, synth_video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calls read the frames themselves, none of the input buffers; the detections are the
+    same as when each frame is copied into a buffer first (as on TensorRT)."""
+    from device.backends.onnxruntime import OnnxRuntimeBackend
+
+    fed_buffers: List[bool] = []
+    original = OnnxRuntimeBackend.infer_impl
+
+    def spy(self: OnnxRuntimeBackend, feed: Dict[str, np.ndarray], out: Optional[dict]) -> dict:
+        buffers = {buffer.ctypes.data for buffer in self._input_buffers}
+        fed_buffers.append(feed[FRAME_INPUT].ctypes.data in buffers)
+        return original(self, feed, out)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "infer_impl", spy)
+    in_place = run_detections(rect_bundle, synth_video, "frame", tmp_path / "in_place.jsonl")
+    assert len(fed_buffers) >= 40 and not any(fed_buffers)
+    fed_buffers.clear()
+    monkeypatch.setattr(OnnxRuntimeBackend, "reads_host_arrays", False)
+    copied = run_detections(rect_bundle, synth_video, "frame", tmp_path / "copied.jsonl")
+    assert len(fed_buffers) >= 40 and all(fed_buffers)
+    assert sorted(in_place) == sorted(copied)
+    for index, detections in in_place.items():
+        assert np.array_equal(detections.xyxy, copied[index].xyxy)
 
 
 def test_the_frame_variant_refuses_an_unknown_frame_size(rect_bundle: Bundle) -> None:
