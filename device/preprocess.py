@@ -53,12 +53,13 @@ class Letterbox:
 
     def to_frame(self, xyxy: np.ndarray) -> np.ndarray:
         """Map boxes from input pixels back to frame pixels, clipped to the frame."""
-        boxes = np.asarray(xyxy, dtype=np.float32).copy()
-        boxes[:, [0, 2]] -= self.pad_left
-        boxes[:, [1, 3]] -= self.pad_top
+        boxes = np.array(xyxy, dtype=np.float32)  # a copy; x and y columns as strided views
+        xs, ys = boxes[:, 0::2], boxes[:, 1::2]
+        xs -= self.pad_left
+        ys -= self.pad_top
         boxes /= self.scale
-        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, self.frame_size[0])
-        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, self.frame_size[1])
+        np.clip(xs, 0, self.frame_size[0], out=xs)
+        np.clip(ys, 0, self.frame_size[1], out=ys)
         return boxes
 
     def to_input(self, xyxy: np.ndarray) -> np.ndarray:

@@ -132,3 +132,43 @@ def test_unknown_output_layout_is_refused_naming_it() -> None:
     geometry = Letterbox.fit((320, 320), (320, 320))
     with pytest.raises(JetyoloError, match=r"model outputs \['output0'\] are no output layout"):
         postprocess({"output0": np.zeros((1, 300, 6), np.float32)}, geometry, CONFIG)
+
+
+def test_each_box_gets_its_best_class_and_a_tie_goes_to_the_lower_id() -> None:
+    # anchor 0: class 2 best; anchor 1: classes 0 and 1 tie at 0.8 -> class 0 (argmax's first)
+    outputs = split_head([((50, 50, 20, 20), 2, 0.9), ((200, 200, 20, 20), 1, 0.8)])
+    outputs["scores"][0, 0, 1] = 0.8
+    outputs["scores"][0, 1, 0] = 0.5  # a runner-up class on anchor 0 does not win
+    found = decode_split_head(outputs["boxes"], outputs["scores"], PostprocessConfig())
+    assert found.class_id.tolist() == [2, 0]
+    assert found.confidence.tolist() == pytest.approx([0.9, 0.8])
+
+
+def test_split_head_matches_the_argmax_of_every_anchor_on_random_outputs() -> None:
+    """The decode takes the max first and the argmax of the passing anchors only: the same
+    detections as the argmax of every anchor (the reference here), ties included."""
+    rng = np.random.default_rng(3)
+    anchors = 400
+    boxes = np.stack([rng.uniform(20, 300, anchors), rng.uniform(20, 300, anchors),
+                      rng.uniform(5, 60, anchors), rng.uniform(5, 60, anchors)])[None]
+    scores = rng.uniform(0, 0.5, (1, NUM_CLASSES, anchors)).round(2)  # rounded: many ties
+    scores[0, :, ::7] += 0.45
+    boxes, scores = boxes.astype(np.float32), scores.astype(np.float32)
+    config = PostprocessConfig(conf=0.3, iou=0.5)
+    found = decode_split_head(boxes, scores, config)
+    class_id = scores[0].argmax(axis=0)
+    confidence = scores[0].max(axis=0)
+    keep = confidence > config.conf
+    reference = decode_split_head(boxes[:, :, keep], _one_hot(class_id[keep], confidence[keep]),
+                                  config)
+    assert len(found) > 20
+    assert found.class_id.tolist() == reference.class_id.tolist()
+    assert np.array_equal(found.xyxy, reference.xyxy)
+    assert np.array_equal(found.confidence, reference.confidence)
+
+
+def _one_hot(class_id: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """Scores [1, nc, k] where each anchor scores only its class: no argmax choice left."""
+    scores = np.zeros((1, NUM_CLASSES, len(class_id)), np.float32)
+    scores[0, class_id, np.arange(len(class_id))] = confidence
+    return scores
