@@ -88,6 +88,14 @@ def steady_fps(result_times: List[float]) -> float:
     return (len(result_times) - 1) / seconds if seconds > 0 else 0.0
 
 
+def steady_cpu_ms_per_frame(cpu_at_results: List[float]) -> Optional[float]:
+    """Process CPU ms per result after the first, as ``steady_fps`` counts: model loading, the
+    bundle's checks and the first call are start-up (cold start), not per-frame cost."""
+    if len(cpu_at_results) < 2:
+        return None
+    return (cpu_at_results[-1] - cpu_at_results[0]) * 1000.0 / (len(cpu_at_results) - 1)
+
+
 def common_result(
     contender: str, frames: int, seconds: float, cpu_s: float, import_s: float
 ) -> Dict[str, Any]:

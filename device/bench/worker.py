@@ -51,6 +51,7 @@ from device.bench.common import (  # noqa: E402
     process_cpu_s,
     run_worker,
     stage_cpu_ms,
+    steady_cpu_ms_per_frame,
     steady_fps,
     steady_seconds,
     write_result,
@@ -76,6 +77,7 @@ class RecordingSinks:
         self.inner = inner
         self.first_result_wall: Optional[float] = None
         self.result_times: List[float] = []
+        self.result_cpu: List[float] = []  # process CPU seconds at each result
         # per source, time.time() of each result: comparable across processes
         self.result_walls: Dict[str, List[float]] = {}
         self.latencies: List[Dict[str, float]] = []
@@ -88,6 +90,7 @@ class RecordingSinks:
         if self.first_result_wall is None:
             self.first_result_wall = wall
         self.result_times.append(now)
+        self.result_cpu.append(process_cpu_s())
         self.result_walls.setdefault(result.source, []).append(round(wall, 4))
         self.latencies.append(dict(result.latency_ms))
         self.capture_to_publish_ms.setdefault(result.source, []).append(
@@ -266,19 +269,18 @@ def measure_pipeline(config: RunConfig, frames: int, profile: bool) -> Dict[str,
         pipelines.append(pipeline)
 
     profiles = ThreadProfiles() if profile else None
-    cpu_before = process_cpu_s()
     with profiles if profiles is not None else contextlib.nullcontext():
         summary = run_configured(config, wrap_sinks=record, extensions=[keep],
                                  max_frames=frames)
-    cpu_s = process_cpu_s() - cpu_before
     recorder = recorders[0]
     done = len(recorder.result_times)
     seconds = steady_seconds(recorder.result_times)
     times = pipelines[0].stage_times()
     stage_cpu = stage_cpu_ms(times["preprocess"].cpu_s, times["postprocess"].cpu_s, done)
-    result = common_result("pipeline", done, seconds, cpu_s, IMPORTS_DONE - T0)
+    result = common_result("pipeline", done, seconds, 0.0, IMPORTS_DONE - T0)
     result.update(
         fps=steady_fps(recorder.result_times),
+        process_cpu_ms_per_frame=steady_cpu_ms_per_frame(recorder.result_cpu),
         cold_start_s=(recorder.first_result_wall or time.time()) - T0,
         samples_ms=_columns(recorder.latencies),
         result_walls=recorder.result_walls,

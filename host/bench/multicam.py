@@ -136,7 +136,9 @@ def run_figures(results: Sequence[Dict[str, Any]], served: Optional[int] = None
     streams = [walls for result in results for walls in result["result_walls"].values()]
     fps, window = window_fps(streams)
     frames = sum(result["frames"] for result in results)
-    cpu_ms = sum(result["process_cpu_ms_per_frame"] * result["frames"] for result in results)
+    measured = [result for result in results if result["process_cpu_ms_per_frame"] is not None]
+    cpu_ms = sum(result["process_cpu_ms_per_frame"] * result["frames"] for result in measured)
+    cpu_frames = sum(result["frames"] for result in measured)
     latency: Dict[str, List[float]] = {}
     for result in results:
         for source, samples in result["capture_to_publish_ms"].items():
@@ -144,7 +146,7 @@ def run_figures(results: Sequence[Dict[str, Any]], served: Optional[int] = None
     return {
         "processes": len(results), "frames": frames, "fps": fps, "window_s": window,
         "rss_mib": sum(result["peak_rss_mib"] for result in results),
-        "cpu_ms_per_frame": cpu_ms / frames if frames else None,
+        "cpu_ms_per_frame": cpu_ms / cpu_frames if cpu_frames else None,
         "latency_samples_ms": latency, "frames_served": served,
     }
 

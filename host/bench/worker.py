@@ -34,6 +34,7 @@ from device.bench.common import (
     run_worker,
     stage_cpu_ms,
     start_time,
+    steady_cpu_ms_per_frame,
     steady_fps,
     steady_seconds,
     write_result,
@@ -97,9 +98,10 @@ def measure_ultralytics(args: argparse.Namespace) -> Dict[str, Any]:
     speeds: Dict[str, List[float]] = {stage: [] for stage in SPEED_STAGES.values()}
     detections = 0
     first_result_wall: Optional[float] = None
-    cpu_before = process_cpu_s()
+    result_cpu: List[float] = []
     for prediction in stream:
         result_times.append(time.perf_counter())
+        result_cpu.append(process_cpu_s())
         if first_result_wall is None:
             first_result_wall = time.time()
         for key, stage in SPEED_STAGES.items():
@@ -107,17 +109,17 @@ def measure_ultralytics(args: argparse.Namespace) -> Dict[str, Any]:
         detections += len(prediction.boxes)
         if len(result_times) >= args.frames:
             break
-    cpu_s = process_cpu_s() - cpu_before
     stream.close()
     frames = len(result_times)
     if frames == 0:
         raise JetyoloError(f"ultralytics produced no result for {args.source}")
     gaps = [round((b - a) * 1000.0, 3) for a, b in zip(result_times, result_times[1:])]
     seconds = steady_seconds(result_times)
-    result = common_result("ultralytics", frames, seconds, cpu_s, imports_done - T0)
+    result = common_result("ultralytics", frames, seconds, 0.0, imports_done - T0)
     cpu_ms = stage_cpu_ms(pre.seconds, post.seconds, frames)
     result.update(
         fps=steady_fps(result_times),
+        process_cpu_ms_per_frame=steady_cpu_ms_per_frame(result_cpu),
         cold_start_s=(first_result_wall or time.time()) - T0,
         samples_ms={**speeds, "total": gaps},
         prepost_cpu_ms_per_frame=cpu_ms["prepost"],

@@ -84,3 +84,11 @@ def test_inference_cpu_is_reported_only_where_the_calling_thread_does_all_of_it(
     stage = StageTime(calls=10, wall_s=0.4, cpu_s=0.3)
     value = infer_cpu_ms_per_frame(backend, stage, 10)
     assert value == (pytest.approx(30.0) if measured else None)
+
+
+def test_steady_cpu_per_frame_leaves_start_up_out() -> None:
+    from device.bench.common import steady_cpu_ms_per_frame
+
+    # 2.0 s of start-up before the first result, then 0.5 s per result
+    assert steady_cpu_ms_per_frame([2.0, 2.5, 3.0, 3.5]) == pytest.approx(500.0)
+    assert steady_cpu_ms_per_frame([2.0]) is None  # one result: no interval to divide
