@@ -70,7 +70,7 @@ class OnnxRuntimeBackend(Backend):
     kind = "onnxruntime"
     # IOBinding.bind_cpu_input (and run) wrap a C-contiguous numpy array of the input's dtype
     # without a copy: a change to the array after binding shows in the outputs (onnxruntime
-    # 1.32.0, checked in tests/device/test_frame_in_place.py).
+    # 1.32.0, checked in tests/device/test_ort_session_facts.py).
     reads_host_arrays = True
 
     def __init__(
@@ -82,6 +82,7 @@ class OnnxRuntimeBackend(Backend):
         workers: int = 1,
         input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
         max_batch: Optional[int] = None,
+        qdq_in_float: bool = False,
     ) -> None:
         super().__init__(f"onnxruntime:{Path(model_path).name}")
         if workers < 1:
@@ -92,6 +93,7 @@ class OnnxRuntimeBackend(Backend):
         self.spin = spin
         self.workers = workers
         self.concurrency = workers
+        self.qdq_in_float = qdq_in_float
         self.input_shapes = dict(input_shapes or {})  # name -> shape pinning dynamic dims
         self.max_batch = max_batch  # the manifest's N: pins a symbolic batch dim
         self._session: Any = None
@@ -116,6 +118,13 @@ class OnnxRuntimeBackend(Backend):
         if self.intra_op_threads() is not None:
             options.intra_op_num_threads = self.intra_op_threads()
         options.inter_op_num_threads = 1
+        if self.qdq_in_float:
+            # Q/DQ pairs run as they are (exact int8 rounding and clipping), the ops between them
+            # in float. ORT's fused int8 kernels use VPMADDUBSW on x86 CPUs without VNNI, whose
+            # int16 sums saturate (onnxruntime docs, quantization, "When and why do I need to try
+            # U8U8?"); TensorRT's int8 does not. Measured on an AVX2-only VM: the INT8 cache
+            # simulation lost 4.7 mAP50-95 points fused, and passed the 1-point gate unfused.
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         if not self.spin:
             # Spinning workers burn the cores that decode and preprocess need in the pipeline
             # (docs/BENCHMARKS.md: 2-3x the FPS on 2 cores with spinning off).

@@ -1,19 +1,24 @@
-"""The frame-input variant on ONNX Runtime feeds each camera frame as it is: no copy into an
-input buffer. What that rests on (ORT reads a bound array where it is) and what it must keep
-(a frame that cannot be read as it is still gets copied)."""
+"""What jetyolo relies on in ONNX Runtime's CPU sessions: the frame-input variant feeds each
+camera frame as it is (ORT reads a bound array where it is; a frame that cannot be read as it is
+still gets copied), and Q/DQ graphs can be scored without the fused int8 kernels."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper
 
+from device.backends.onnxruntime import OnnxRuntimeBackend
 from device.preprocess import FrameCopier, Letterbox
 
 FRAME_HW = (54, 96)
 
 
-def cast_session() -> ort.InferenceSession:
+def cast_model() -> onnx.ModelProto:
     """x (uint8 frame) -> float32 x: the output shows what the call read."""
     shape = [1, *FRAME_HW, 3]
     graph = helper.make_graph(
@@ -22,7 +27,12 @@ def cast_session() -> ort.InferenceSession:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return model
+
+
+def cast_session() -> ort.InferenceSession:
+    return ort.InferenceSession(cast_model().SerializeToString(),
+                                providers=["CPUExecutionProvider"])
 
 
 def test_onnxruntime_reads_a_bound_frame_where_it_is() -> None:
@@ -57,3 +67,20 @@ def test_a_frame_that_cannot_be_fed_as_it_is_is_still_copied() -> None:
     contiguous = np.ascontiguousarray(strided)
     copying(contiguous)
     assert not copying.feeds_itself(contiguous) and np.array_equal(copying.buffer[0], contiguous)
+
+
+
+def test_qdq_in_float_turns_off_the_fused_int8_kernels(tmp_path: Path) -> None:
+    """``jetyolo eval`` and the INT8 gate score Q/DQ graphs with the Q/DQ pairs run as they are
+    (OnnxRuntimeBackend.qdq_in_float): the CPU's saturating int8 kernels are not TensorRT's."""
+    path = tmp_path / "cast.onnx"
+    onnx.save(cast_model(), path)
+
+    def disabled(qdq_in_float: bool) -> bool:
+        with OnnxRuntimeBackend(path, qdq_in_float=qdq_in_float) as backend:
+            options = backend._session.get_session_options()
+            return options.get_session_config_entry("session.disable_quant_qdq") == "1"
+
+    assert disabled(True)
+    with pytest.raises(Exception):  # noqa: B017 - ORT raises its own type for a missing key
+        disabled(False)
