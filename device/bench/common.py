@@ -97,15 +97,18 @@ def steady_cpu_ms_per_frame(cpu_at_results: List[float]) -> Optional[float]:
 
 
 def common_result(
-    contender: str, frames: int, seconds: float, cpu_s: float, import_s: float
+    contender: str, frames: int, seconds: float, cpu_ms_per_frame: Optional[float],
+    import_s: float,
 ) -> Dict[str, Any]:
-    """The fields every child reports; ``fps`` is frames / seconds unless a child overrides it."""
+    """The fields every child reports; ``fps`` is frames / seconds unless a child overrides it.
+    ``cpu_ms_per_frame``: process CPU over the measured frames (``steady_cpu_ms_per_frame`` for
+    a streaming contender), None when there is no interval to divide."""
     return {
         "contender": contender,
         "frames": frames,
         "seconds": seconds,
         "fps": frames / seconds if seconds > 0 else 0.0,
-        "process_cpu_ms_per_frame": cpu_s * 1000.0 / max(frames, 1),
+        "process_cpu_ms_per_frame": cpu_ms_per_frame,
         "peak_rss_mib": peak_rss_mib(),
         "import_s": import_s,
         "pid": os.getpid(),

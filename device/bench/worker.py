@@ -207,7 +207,8 @@ def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
         samples = calls_in_flight(backend, feeds, outputs, frames)
         seconds = time.perf_counter() - started
         cpu_s = process_cpu_s() - cpu_before
-    result = common_result("ceiling", frames, seconds, cpu_s, IMPORTS_DONE - T0)
+    result = common_result("ceiling", frames, seconds, cpu_s * 1000.0 / max(frames, 1),
+                           IMPORTS_DONE - T0)
     result.update(
         cold_start_s=cold_start,
         samples_ms={"infer": samples.round(3).tolist()},
@@ -218,7 +219,6 @@ def measure_ceiling(config: RunConfig, frames: int) -> Dict[str, Any]:
         plan_path=str(getattr(backend, "plan_path", "") or ""),
         ort_spinning=getattr(backend, "spin", None),
         threading=threading_label(backend),
-        infer_cpu_ms_per_frame=result["process_cpu_ms_per_frame"],  # nothing else ran
     )
     # after the figures above (peak RSS included): the decode is the pipeline's, not the call's
     result["decode_cpu_ms_per_frame"] = decode_cpu_ms_per_frame(config.source, frames)
@@ -277,10 +277,10 @@ def measure_pipeline(config: RunConfig, frames: int, profile: bool) -> Dict[str,
     seconds = steady_seconds(recorder.result_times)
     times = pipelines[0].stage_times()
     stage_cpu = stage_cpu_ms(times["preprocess"].cpu_s, times["postprocess"].cpu_s, done)
-    result = common_result("pipeline", done, seconds, 0.0, IMPORTS_DONE - T0)
+    result = common_result("pipeline", done, seconds,
+                           steady_cpu_ms_per_frame(recorder.result_cpu), IMPORTS_DONE - T0)
     result.update(
         fps=steady_fps(recorder.result_times),
-        process_cpu_ms_per_frame=steady_cpu_ms_per_frame(recorder.result_cpu),
         cold_start_s=(recorder.first_result_wall or time.time()) - T0,
         samples_ms=_columns(recorder.latencies),
         result_walls=recorder.result_walls,

@@ -139,12 +139,12 @@ def decode_bound(summary: Dict[str, Dict[str, Any]], cores: int) -> Optional[flo
     the decode's and pre+post's, and ``cores`` CPU-seconds per second is all there is. None when
     a figure is missing."""
     ceiling = summary.get("ceiling", {})
-    parts = (ceiling.get("process_cpu_ms_per_frame"), ceiling.get("decode_cpu_ms_per_frame"),
-             summary.get("pipeline", {}).get("prepost_cpu_ms_per_frame"))
+    parts = [ceiling.get("process_cpu_ms_per_frame"), ceiling.get("decode_cpu_ms_per_frame"),
+             summary.get("pipeline", {}).get("prepost_cpu_ms_per_frame")]
     fps = ceiling.get("fps")
-    if not fps or any(part is None for part in parts):
+    if not fps or None in parts:
         return None
-    cpu_ms = sum(float(part) for part in parts if part is not None)
+    cpu_ms = sum(float(part) for part in parts if part is not None)  # (for the type checker)
     return min(1.0, cores * 1000.0 / cpu_ms / float(fps)) if cpu_ms > 0 else None
 
 

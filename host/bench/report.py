@@ -209,13 +209,13 @@ def graphs_line(record: Dict[str, Any]) -> str:
 
 
 def cpu_lines(record: Dict[str, Any]) -> List[str]:
-    """Where the pipeline's CPU per frame goes, against the ceiling's (which is all inference);
-    empty when the figures are missing (an older result, or a multi-thread ORT session)."""
+    """Where the pipeline's CPU per frame goes, against the ceiling's process CPU (all of it the
+    call); empty when the figures are missing (an older result, or a multi-thread ORT session)."""
     ceiling = record["contenders"].get("ceiling", {})
     pipeline = record["contenders"].get("pipeline", {})
     figures = (pipeline.get("process_cpu_ms_per_frame"), pipeline.get("infer_cpu_ms_per_frame"),
                pipeline.get("prepost_cpu_ms_per_frame"), ceiling.get("decode_cpu_ms_per_frame"),
-               ceiling.get("infer_cpu_ms_per_frame"))
+               ceiling.get("process_cpu_ms_per_frame"))
     if any(figure is None for figure in figures):
         return []
     total, infer, prepost, decode, alone = (float(figure) for figure in figures)

@@ -115,11 +115,11 @@ def measure_ultralytics(args: argparse.Namespace) -> Dict[str, Any]:
         raise JetyoloError(f"ultralytics produced no result for {args.source}")
     gaps = [round((b - a) * 1000.0, 3) for a, b in zip(result_times, result_times[1:])]
     seconds = steady_seconds(result_times)
-    result = common_result("ultralytics", frames, seconds, 0.0, imports_done - T0)
+    result = common_result("ultralytics", frames, seconds, steady_cpu_ms_per_frame(result_cpu),
+                           imports_done - T0)
     cpu_ms = stage_cpu_ms(pre.seconds, post.seconds, frames)
     result.update(
         fps=steady_fps(result_times),
-        process_cpu_ms_per_frame=steady_cpu_ms_per_frame(result_cpu),
         cold_start_s=(first_result_wall or time.time()) - T0,
         samples_ms={**speeds, "total": gaps},
         prepost_cpu_ms_per_frame=cpu_ms["prepost"],

@@ -173,8 +173,7 @@ def test_fps_bound_is_ceiling_over_ultralytics() -> None:
 
 
 CPU_FIGURES = {
-    "ceiling": {"fps": 50.0, "process_cpu_ms_per_frame": 30.0, "infer_cpu_ms_per_frame": 30.0,
-                "decode_cpu_ms_per_frame": 8.0},
+    "ceiling": {"fps": 50.0, "process_cpu_ms_per_frame": 30.0, "decode_cpu_ms_per_frame": 8.0},
     "pipeline": {"prepost_cpu_ms_per_frame": 2.0, "process_cpu_ms_per_frame": 45.0,
                  "infer_cpu_ms_per_frame": 33.0},
 }
@@ -232,7 +231,7 @@ def test_bench_writes_json_markdown_and_plot(
     assert pipeline["latency_ms"]["infer"]["p50"] > 0  # measured around the call, not after it
     ceiling = record["contenders"]["ceiling"]
     assert ceiling["decode_cpu_ms_per_frame"] > 0 and pipeline["infer_cpu_ms_per_frame"] > 0
-    assert ceiling["infer_cpu_ms_per_frame"] == ceiling["process_cpu_ms_per_frame"]
+    assert ceiling["process_cpu_ms_per_frame"] > 0
     assert 0 < record["decode_bound"] <= 1
     assert [t["status"] for t in record["targets"]][1:] == ["n/a"] * 4
     for contender in ("ceiling", "pipeline"):  # device children load no torch/ultralytics/host
